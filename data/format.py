@@ -1,0 +1,116 @@
+"""The on-disk format of prepared data: WebDataset tar shards plus one manifest.
+
+A prepared directory holds:
+
+    manifest.json           this file's `Manifest`, written last (its presence means "complete")
+    tokenizer.json          the Hugging Face tokenizer, when the tokenizer is not the built-in byte one
+    shard-000000.tar ...    WebDataset shards
+
+Each sample in a shard is one document:
+
+    <key>.tokens     the token ids as raw little-endian integers of the manifest's dtype, EOS included
+    <key>.json       metadata: {"source": input file, "doc": document index in that file}
+
+Keys are "%09d" of the document's index within its shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME = "tessera-shards"
+FORMAT_VERSION = 1
+TOKENS_EXT = "tokens"
+META_EXT = "json"
+
+
+class DataError(ValueError):
+    """Bad data or a bad data path given by the user (names the file)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerInfo:
+    kind: str  # "bytes" (built-in) or "hf" (tokenizer.json beside the manifest)
+    vocab_size: int
+    eos_id: int
+    file: str | None = None  # relative to the manifest's directory
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardInfo:
+    path: str  # relative to the manifest's directory
+    num_tokens: int
+    num_samples: int
+    sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    tokenizer: TokenizerInfo
+    dtype: str  # "uint16" or "uint32"
+    shards: tuple[ShardInfo, ...]
+    format: str = FORMAT_NAME
+    version: int = FORMAT_VERSION
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.shards)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["num_tokens"] = self.num_tokens
+        out["num_samples"] = self.num_samples
+        return out
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def encode_tokens(ids: np.ndarray, dtype: str) -> bytes:
+    return np.asarray(ids, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
+
+
+def decode_tokens(payload: bytes, dtype: str) -> np.ndarray:
+    return np.frombuffer(payload, dtype=np.dtype(dtype).newbyteorder("<"))
+
+
+def write_manifest(directory: str | os.PathLike, manifest: Manifest) -> Path:
+    """Write the manifest atomically (temp file, fsync, rename): it is the 'complete' marker."""
+    path = Path(directory) / MANIFEST_NAME
+    tmp = path.with_suffix(".json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest.to_json(), f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(directory: str | os.PathLike) -> Manifest:
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        raise DataError(f"{path}: no manifest; is this a directory written by `tessera prepare`?")
+    try:
+        raw = json.loads(path.read_text())
+        if raw.get("format") != FORMAT_NAME:
+            raise DataError(f"{path}: not a Tessera manifest (format={raw.get('format')!r})")
+        return Manifest(
+            tokenizer=TokenizerInfo(**raw["tokenizer"]),
+            dtype=raw["dtype"],
+            shards=tuple(ShardInfo(**s) for s in raw["shards"]),
+            format=raw["format"],
+            version=raw["version"],
+        )
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: malformed manifest ({e})") from e

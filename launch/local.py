@@ -1,0 +1,50 @@
+"""Local launch: N ranks on this machine through torch's elastic launcher (what torchrun runs).
+
+Each rank re-runs `python -m tessera train ...` with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* set, so
+a local launch, `torchrun -m tessera train ...` and (later) srun all reach the same entry point.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import uuid
+
+
+def inside_distributed_launch() -> bool:
+    """True when a launcher (torchrun, our elastic launch, srun wrapper) already set the ranks."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_local(nproc_per_node: int, module_args: list[str]) -> int:
+    """Start `nproc_per_node` ranks of `python -m tessera <module_args>`; returns the exit code."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc_per_node,
+        run_id=f"tessera-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{free_port()}",
+        rdzv_configs={"is_host": True},
+        max_restarts=0,
+        monitor_interval=0.5,
+        start_method="spawn",
+    )
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "tessera", *module_args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        print(f"tessera: rank {rank} failed with exit code {failure.exitcode}; its output is above",
+              file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0

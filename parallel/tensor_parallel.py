@@ -1,0 +1,106 @@
+"""Tensor-parallel pieces: megatron-core layers, and how each local tensor maps to full ones.
+
+Every parameter of a tensor-parallel layer is described by `Part`s: which full ("canonical",
+layout-independent) tensor it is cut from and along which dimension. A fused projection (q, k, v
+in one matrix) lists several parts, concatenated along dim 0 in the local tensor. This one
+description drives initialization (draw the full tensor from the seed, keep this rank's slice, so
+a tp=2 model is the tp=1 model split in two) and, later, checkpoint conversion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Callable
+
+import torch
+from megatron.core import parallel_state
+from megatron.core import tensor_parallel as mcore_tp
+from megatron.core.model_parallel_config import ModelParallelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One full tensor that (a slice of) a local parameter is cut from."""
+
+    name: str  # canonical tensor name, e.g. "layers.3.q.weight"
+    shape: tuple[int, ...]  # the full tensor's shape
+    split_dim: int | None  # dimension split across tensor-parallel ranks; None: replicated
+    padded_rows: int | None = None  # full rows after zero-padding (vocabulary padding)
+
+
+def megatron_config(tp: int, params_dtype: torch.dtype, sequence_parallel: bool) -> ModelParallelConfig:
+    # We initialize every weight ourselves (layout-independent), so megatron-core only allocates.
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        perform_initialization=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def _no_init(weight: torch.Tensor) -> None:
+    pass
+
+
+def column_parallel(config: ModelParallelConfig, in_features: int, out_features: int, *, skip_weight: bool = False):
+    return mcore_tp.ColumnParallelLinear(
+        in_features, out_features, config=config, init_method=_no_init, bias=False,
+        gather_output=False, skip_weight_param_allocation=skip_weight,
+    )
+
+
+def row_parallel(config: ModelParallelConfig, in_features: int, out_features: int):
+    return mcore_tp.RowParallelLinear(
+        in_features, out_features, config=config, init_method=_no_init, bias=False,
+        input_is_parallel=True, skip_bias_add=False,
+    )
+
+
+def vocab_parallel_embedding(config: ModelParallelConfig, padded_vocab_size: int, hidden_size: int):
+    return mcore_tp.VocabParallelEmbedding(
+        padded_vocab_size, hidden_size, init_method=_no_init, config=config
+    )
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token loss from vocabulary-sharded logits (fp32), without gathering the vocabulary."""
+    return mcore_tp.vocab_parallel_cross_entropy(logits.float().contiguous(), labels)
+
+
+def tp_rank_and_size() -> tuple[int, int]:
+    return (
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+    )
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Round the vocabulary up so every tensor-parallel rank holds an equal slice."""
+    return -(-vocab_size // tp) * tp
+
+
+# ---------------------------------------------------------------------------------------------
+# Local tensors from full tensors
+
+
+def local_slice(full: torch.Tensor, part: Part, tp_rank: int, tp: int) -> torch.Tensor:
+    if part.padded_rows is not None and part.padded_rows > full.shape[0]:
+        pad = full.new_zeros((part.padded_rows - full.shape[0], *full.shape[1:]))
+        full = torch.cat([full, pad], dim=0)
+    if part.split_dim is None:
+        return full
+    return full.chunk(tp, dim=part.split_dim)[tp_rank]
+
+
+def local_tensor(parts: list[Part], full_of: Callable[[Part], torch.Tensor], tp_rank: int, tp: int) -> torch.Tensor:
+    pieces = [local_slice(full_of(p), p, tp_rank, tp) for p in parts]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+
+
+def seeded_normal(seed: int, name: str, shape: tuple[int, ...], std: float) -> torch.Tensor:
+    """A full tensor drawn from (seed, name) alone: the same whatever the layout or rank."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.randn(shape, generator=generator, dtype=torch.float32) * std

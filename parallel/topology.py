@@ -1,0 +1,137 @@
+"""One topology (dp x pp x tp = world) shared by megatron-core and DeepSpeed.
+
+Rank order, fastest axis first: tensor, data, pipeline. That is megatron-core's default order
+(tp-cp-ep-dp-pp with cp = ep = 1) and DeepSpeed's PipeModelDataParallelTopology (axes pipe, data,
+model), so both libraries build the same groups from the same ranks.
+megatron-core's `parallel_state` is initialized here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    world_size: int
+    rank: int
+    local_rank: int
+    tp: int
+    pp: int
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.tp * self.pp)
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return (self.rank // self.tp) % self.dp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.tp * self.dp)
+
+    def describe(self) -> str:
+        return f"world={self.world_size} dp={self.dp} pp={self.pp} tp={self.tp}"
+
+
+def env_world() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun-style variables; one process without them."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    return rank, world, local_rank
+
+
+def choose_backend(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(tp: int, pp: int, backend: str = "auto", timeout_s: int = 600) -> Topology:
+    """Create the default process group, megatron-core's groups and return the topology."""
+    rank, world, local_rank = env_world()
+    if world == 1:
+        # A single process still needs a process group for megatron-core and DeepSpeed.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+    backend = choose_backend(backend)
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(
+            dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s)
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        )
+    topo = Topology(world_size=world, rank=rank, local_rank=local_rank, tp=tp, pp=pp)
+    assert parallel_state.get_data_parallel_rank() == topo.dp_rank, "rank order mismatch"
+    assert parallel_state.get_tensor_model_parallel_rank() == topo.tp_rank, "rank order mismatch"
+    return topo
+
+
+def destroy_distributed() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def deepspeed_topology(topo: Topology):
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    return PipeModelDataParallelTopology(num_pp=topo.pp, num_mp=topo.tp, num_dp=topo.dp)
+
+
+class MegatronMPU:
+    """DeepSpeed's `mpu` interface answered by megatron-core's groups (for the non-pipeline engine)."""
+
+    @staticmethod
+    def get_model_parallel_rank() -> int:
+        return parallel_state.get_tensor_model_parallel_rank()
+
+    @staticmethod
+    def get_model_parallel_world_size() -> int:
+        return parallel_state.get_tensor_model_parallel_world_size()
+
+    @staticmethod
+    def get_model_parallel_group():
+        return parallel_state.get_tensor_model_parallel_group()
+
+    @staticmethod
+    def get_data_parallel_rank() -> int:
+        return parallel_state.get_data_parallel_rank()
+
+    @staticmethod
+    def get_data_parallel_world_size() -> int:
+        return parallel_state.get_data_parallel_world_size()
+
+    @staticmethod
+    def get_data_parallel_group():
+        return parallel_state.get_data_parallel_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

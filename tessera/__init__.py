@@ -1,0 +1,3 @@
+"""Tessera: pretraining of decoder-only language models across GPU nodes."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,218 @@
+"""A Llama-style decoder built as a list of layers: embedding, N blocks, final norm + head.
+
+Activations flow as x_SBH (sequence, batch, hidden), megatron-core's layout, so that sequence
+parallelism can split dim 0. Projections are megatron-core tensor-parallel layers; each layer
+states, per local parameter, which full tensors it is cut from (`canonical_parts`), so that
+initialization and conversion never depend on the parallel layout. The rotary embedding follows
+Hugging Face's Llama convention (rotate_half), so weights map to `LlamaForCausalLM` unpermuted.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tessera.parallel import tensor_parallel as tpl
+from tessera.parallel.tensor_parallel import Part
+from tessera.trainer.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_fp32 = x.float()
+        x_fp32 = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x_fp32.to(x.dtype)
+
+
+def rotary_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+    freqs_SD = torch.outer(positions, inv_freq)
+    emb_SD = torch.cat([freqs_SD, freqs_SD], dim=-1)
+    return emb_SD.cos().to(dtype), emb_SD.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x_BNSD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
+    return x_BNSD * cos_SD + _rotate_half(x_BNSD) * sin_SD
+
+
+class Embedding(nn.Module):
+    def __init__(self, cfg: ModelConfig, mp_config, padded_vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.padded_vocab_size = padded_vocab_size
+        self.embed = tpl.vocab_parallel_embedding(mp_config, padded_vocab_size, cfg.hidden_size)
+
+    def forward(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
+        x_BSH = self.embed(input_ids_BS)
+        return x_BSH.transpose(0, 1).contiguous()
+
+    def canonical_parts(self) -> dict[str, list[Part]]:
+        shape = (self.cfg.vocab_size, self.cfg.hidden_size)
+        return {"embed.weight": [Part("embed.weight", shape, 0, self.padded_vocab_size)]}
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: GQA attention (SDPA, causal) and a SwiGLU MLP."""
+
+    def __init__(self, cfg: ModelConfig, mp_config, layer_index: int):
+        super().__init__()
+        _, tp = tpl.tp_rank_and_size()
+        self.cfg = cfg
+        self.prefix = f"layers.{layer_index}."
+        self.num_heads_local = cfg.num_heads // tp
+        self.num_kv_heads_local = cfg.num_kv_heads // tp
+        head_dim, hidden, ffn = cfg.head_dim, cfg.hidden_size, cfg.ffn_hidden_size
+        self.attn_norm = RMSNorm(hidden, cfg.norm_eps)
+        self.qkv = tpl.column_parallel(mp_config, hidden, (cfg.num_heads + 2 * cfg.num_kv_heads) * head_dim)
+        self.o = tpl.row_parallel(mp_config, cfg.num_heads * head_dim, hidden)
+        self.mlp_norm = RMSNorm(hidden, cfg.norm_eps)
+        self.gate_up = tpl.column_parallel(mp_config, hidden, 2 * ffn)
+        self.down = tpl.row_parallel(mp_config, ffn, hidden)
+
+    def forward(self, x_SBH: torch.Tensor) -> torch.Tensor:
+        x_SBH = x_SBH + self._attention(self.attn_norm(x_SBH))
+        h_SBF2, _ = self.gate_up(self.mlp_norm(x_SBH))
+        gate_SBF, up_SBF = h_SBF2.chunk(2, dim=-1)
+        mlp_SBH, _ = self.down(F.silu(gate_SBF) * up_SBF)
+        return x_SBH + mlp_SBH
+
+    def _attention(self, h_SBH: torch.Tensor) -> torch.Tensor:
+        seq_len, batch = h_SBH.shape[0], h_SBH.shape[1]
+        head_dim = self.cfg.head_dim
+        qkv_SBX, _ = self.qkv(h_SBH)
+        q_size = self.num_heads_local * head_dim
+        kv_size = self.num_kv_heads_local * head_dim
+        q, k, v = qkv_SBX.split([q_size, kv_size, kv_size], dim=-1)
+        q_BNSD = q.view(seq_len, batch, -1, head_dim).permute(1, 2, 0, 3)
+        k_BNSD = k.view(seq_len, batch, -1, head_dim).permute(1, 2, 0, 3)
+        v_BNSD = v.view(seq_len, batch, -1, head_dim).permute(1, 2, 0, 3)
+        cos_SD, sin_SD = rotary_cos_sin(seq_len, head_dim, self.cfg.rope_theta, h_SBH.device, q.dtype)
+        q_BNSD = apply_rotary(q_BNSD, cos_SD, sin_SD)
+        k_BNSD = apply_rotary(k_BNSD, cos_SD, sin_SD)
+        out_BNSD = F.scaled_dot_product_attention(
+            q_BNSD, k_BNSD, v_BNSD, is_causal=True,
+            enable_gqa=self.num_kv_heads_local != self.num_heads_local,
+        )
+        out_SBX = out_BNSD.permute(2, 0, 1, 3).reshape(seq_len, batch, q_size)
+        o_SBH, _ = self.o(out_SBX)
+        return o_SBH
+
+    def canonical_parts(self) -> dict[str, list[Part]]:
+        c, p = self.cfg, self.prefix
+        hidden, ffn = c.hidden_size, c.ffn_hidden_size
+        q_rows, kv_rows = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        return {
+            "attn_norm.weight": [Part(p + "attn_norm.weight", (hidden,), None)],
+            "qkv.weight": [
+                Part(p + "q.weight", (q_rows, hidden), 0),
+                Part(p + "k.weight", (kv_rows, hidden), 0),
+                Part(p + "v.weight", (kv_rows, hidden), 0),
+            ],
+            "o.weight": [Part(p + "o.weight", (hidden, q_rows), 1)],
+            "mlp_norm.weight": [Part(p + "mlp_norm.weight", (hidden,), None)],
+            "gate_up.weight": [
+                Part(p + "gate.weight", (ffn, hidden), 0),
+                Part(p + "up.weight", (ffn, hidden), 0),
+            ],
+            "down.weight": [Part(p + "down.weight", (hidden, ffn), 1)],
+        }
+
+
+class Head(nn.Module):
+    """Final norm and the vocabulary-parallel output layer (its weight may be the embedding's)."""
+
+    def __init__(self, cfg: ModelConfig, mp_config, padded_vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.padded_vocab_size = padded_vocab_size
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.head = tpl.column_parallel(
+            mp_config, cfg.hidden_size, padded_vocab_size, skip_weight=cfg.tie_embeddings
+        )
+
+    def forward(self, x_SBH: torch.Tensor, tied_weight: torch.Tensor | None = None) -> torch.Tensor:
+        logits_SBV, _ = self.head(self.final_norm(x_SBH), weight=tied_weight)
+        return self._mask_padding(logits_SBV)
+
+    def _mask_padding(self, logits_SBV: torch.Tensor) -> torch.Tensor:
+        """Padded vocabulary entries get -inf logits: numerically absent from the softmax."""
+        if self.padded_vocab_size == self.cfg.vocab_size:
+            return logits_SBV
+        tp_rank, _ = tpl.tp_rank_and_size()
+        local_vocab = logits_SBV.shape[-1]
+        token_ids = torch.arange(local_vocab, device=logits_SBV.device) + tp_rank * local_vocab
+        return logits_SBV.masked_fill(token_ids >= self.cfg.vocab_size, float("-inf"))
+
+    def canonical_parts(self) -> dict[str, list[Part]]:
+        parts = {"final_norm.weight": [Part("final_norm.weight", (self.cfg.hidden_size,), None)]}
+        if not self.cfg.tie_embeddings:
+            shape = (self.cfg.vocab_size, self.cfg.hidden_size)
+            parts["head.weight"] = [Part("head.weight", shape, 0, self.padded_vocab_size)]
+        return parts
+
+
+def lm_loss(logits_SBV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy over the micro-batch."""
+    return tpl.vocab_parallel_cross_entropy(logits_SBV, labels_BS.t().contiguous()).mean()
+
+
+class Llama(nn.Module):
+    """The layer list run in one pipeline stage (pp=1): embedding, blocks, head."""
+
+    def __init__(self, cfg: ModelConfig, mp_config, padded_vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = Embedding(cfg, mp_config, padded_vocab_size)
+        self.blocks = nn.ModuleList([Block(cfg, mp_config, i) for i in range(cfg.num_layers)])
+        self.head = Head(cfg, mp_config, padded_vocab_size)
+
+    def logits(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
+        x_SBH = self.embedding(input_ids_BS)
+        for block in self.blocks:
+            x_SBH = block(x_SBH)
+        tied = self.embedding.embed.weight if self.cfg.tie_embeddings else None
+        return self.head(x_SBH, tied_weight=tied)
+
+    def forward(self, input_ids_BS: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+        return lm_loss(self.logits(input_ids_BS), labels_BS)
+
+    def layers(self) -> list[nn.Module]:
+        return [self.embedding, *self.blocks, self.head]
+
+
+def build_model(cfg: ModelConfig, tp: int, params_dtype: torch.dtype = torch.float32,
+                sequence_parallel: bool = False) -> tuple[Llama, int]:
+    """The pp=1 model with megatron-core TP layers (uninitialized); returns it and the padded vocab."""
+    assert cfg.vocab_size is not None, "model.vocab_size must be resolved before building"
+    padded = tpl.padded_vocab_size(cfg.vocab_size, tp)
+    mp_config = tpl.megatron_config(tp, params_dtype, sequence_parallel)
+    return Llama(cfg, mp_config, padded), padded
+
+
+@torch.no_grad()
+def init_weights(layers: list[nn.Module], cfg: ModelConfig, seed: int) -> None:
+    """Fill every local parameter from full tensors drawn from the seed (layout-independent)."""
+    tp_rank, tp = tpl.tp_rank_and_size()
+
+    def full_of(part: Part) -> torch.Tensor:
+        if len(part.shape) == 1:  # norm weights
+            return torch.ones(part.shape)
+        return tpl.seeded_normal(seed, part.name, part.shape, cfg.init_std)
+
+    for layer in layers:
+        params = dict(layer.named_parameters())
+        for local_name, parts in layer.canonical_parts().items():
+            param = params[local_name]
+            param.copy_(tpl.local_tensor(parts, full_of, tp_rank, tp).to(param.dtype))

@@ -1,0 +1,47 @@
+"""AdamW parameter groups and the learning-rate schedule (linear warmup, cosine decay)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from tessera.trainer.config import TrainConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: norms and biases (1-D tensors) are not decayed."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        (decay if param.ndim >= 2 else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        param_groups(model, train.weight_decay),
+        lr=train.lr,
+        betas=(train.adam_beta1, train.adam_beta2),
+        eps=train.adam_eps,
+        fused=torch.cuda.is_available(),
+    )
+
+
+def lr_at(step_index: int, train: TrainConfig) -> float:
+    """The learning rate of optimizer step `step_index` (0-based)."""
+    if step_index < train.warmup_steps:
+        return train.lr * (step_index + 1) / train.warmup_steps
+    decay_steps = max(train.steps - train.warmup_steps, 1)
+    progress = min((step_index - train.warmup_steps) / decay_steps, 1.0)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return train.min_lr + (train.lr - train.min_lr) * cosine
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_at(i, train) / train.lr)

@@ -1,0 +1,181 @@
+"""The training job: topology, model, engine, data, then the step loop (run on every rank)."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from tessera.data.loader import ResolvedShard, TrainLoader, default_num_streams, resolve_shards
+from tessera.data.format import read_manifest
+from tessera.parallel import engine as ds_engine
+from tessera.parallel.topology import Topology, destroy_distributed, init_distributed
+from tessera.trainer import checkpoint
+from tessera.trainer.config import Config, ConfigError, save_config, validate, validate_layout
+from tessera.trainer.metrics import MetricsLog
+from tessera.trainer.model import build_model, init_weights
+from tessera.trainer.optim import build_optimizer, build_scheduler, lr_at
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What the loop carries between steps and what a checkpoint restores."""
+
+    step: int = 0  # optimizer steps taken
+    consumed_samples: int = 0  # sequences consumed over all data-parallel ranks
+    num_streams: int = 0
+
+
+def resolve_vocab(cfg: Config, shards: list[ResolvedShard]) -> None:
+    """model.vocab_size defaults to the vocabulary the shards were prepared with."""
+    data_vocab = read_manifest(Path(shards[0].path).parent).tokenizer.vocab_size
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = data_vocab
+    elif cfg.model.vocab_size < data_vocab:
+        raise ConfigError(
+            f"config key 'model.vocab_size': {cfg.model.vocab_size} is smaller than the data's "
+            f"tokenizer vocabulary ({data_vocab})"
+        )
+
+
+def train(cfg: Config) -> TrainState:
+    """Run (or resume) the configured job to `train.steps`; returns the final state."""
+    validate(cfg)
+    if cfg.data.shards is None:
+        raise ConfigError("config key 'data.shards': not set; point it at a `tessera prepare` output")
+    if cfg.parallel.sequence_parallel and not torch.cuda.is_available():
+        raise ConfigError("config key 'parallel.sequence_parallel': needs CUDA (megatron-core's implementation uses CUDA buffers)")
+    shards = resolve_shards(cfg.data.shards)
+    resolve_vocab(cfg, shards)
+    topo = init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.launch.backend)
+    try:
+        validate_layout(cfg, topo.world_size)
+        return _train(cfg, topo, shards)
+    finally:
+        destroy_distributed()
+
+
+def _train(cfg: Config, topo: Topology, shards: list[ResolvedShard]) -> TrainState:
+    run_dir = Path(cfg.run.dir)
+    ckpt_root = run_dir / "checkpoints"
+    if topo.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        print(f"tessera: {topo.describe()}  run.dir={run_dir}", flush=True)
+    _seed_everything(cfg.run.seed)
+
+    model, _ = build_model(cfg.model, topo.tp, sequence_parallel=cfg.parallel.sequence_parallel)
+    init_weights(model.layers(), cfg.model, cfg.run.seed)
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    engine = ds_engine.build_engine(model, optimizer, scheduler, cfg, topo)
+
+    state = TrainState()
+    tag = checkpoint.latest_tag(ckpt_root)
+    if tag is not None:
+        saved = checkpoint.load(engine, ckpt_root, tag)
+        state = TrainState(**saved["train"])
+        # train.steps may have changed since the save (a longer run): follow the current schedule
+        for group in scheduler.optimizer.param_groups:
+            group["lr"] = lr_at(state.step, cfg.train)
+        if topo.rank == 0:
+            print(f"tessera: resumed from {ckpt_root / tag} at step {state.step}", flush=True)
+    if state.num_streams == 0:
+        state.num_streams = cfg.data.streams or default_num_streams(
+            len(shards), cfg.train.global_batch_size, topo.dp
+        )
+
+    loader = TrainLoader(
+        shards,
+        seq_len=cfg.model.seq_len,
+        micro_batch_size=cfg.train.micro_batch_size,
+        global_batch_size=cfg.train.global_batch_size,
+        dp_rank=topo.dp_rank,
+        dp_size=topo.dp,
+        num_streams=state.num_streams,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.run.seed,
+        shuffle=cfg.data.shuffle,
+        start_step=state.step,
+    )
+    if tag is not None:
+        loader.check_resume(saved["data"])
+
+    metrics = MetricsLog(run_dir, enabled=topo.rank == 0)
+    try:
+        _loop(cfg, topo, engine, loader, state, metrics, ckpt_root)
+    finally:
+        metrics.close()
+    return state
+
+
+def _loop(cfg, topo, engine, loader, state: TrainState, metrics: MetricsLog, ckpt_root: Path) -> None:
+    batches = iter(loader)
+    tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
+    last_saved = state.step
+    while state.step < cfg.train.steps:
+        started = time.perf_counter()
+        lr = engine.get_lr()[0]
+        loss, grad_norm = train_step(engine, batches, loader.micro_batches_per_step)
+        step_s = time.perf_counter() - started
+        state.step += 1
+        state.consumed_samples += cfg.train.global_batch_size
+        if state.step % cfg.log.interval == 0 or state.step == cfg.train.steps:
+            metrics.write({
+                "step": state.step, "total_steps": cfg.train.steps, "loss": loss, "lr": lr,
+                "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / step_s, "step_s": step_s,
+                "consumed_samples": state.consumed_samples,
+            })
+        interval = cfg.checkpoint.interval
+        if (interval and state.step % interval == 0) or state.step == cfg.train.steps:
+            _save(engine, ckpt_root, state, loader, cfg)
+            last_saved = state.step
+    if last_saved != state.step:
+        _save(engine, ckpt_root, state, loader, cfg)
+
+
+def train_step(engine, batches, micro_batches: int) -> tuple[float, float]:
+    """Forward/backward over the step's micro-batches and one optimizer step.
+
+    Returns the loss averaged over micro-batches and data-parallel ranks, and the grad norm.
+    """
+    loss_sum = torch.zeros((), device=engine.device)
+    grad_norm = float("nan")
+    own_norm = ds_engine.needs_own_grad_norm(engine)
+    for micro in range(micro_batches):
+        input_ids, labels = next(batches)
+        loss = engine(input_ids.to(engine.device), labels.to(engine.device))
+        engine.backward(loss)
+        if own_norm and micro == micro_batches - 1:
+            grad_norm = ds_engine.pre_step_norm(engine)
+        engine.step()
+        loss_sum += loss.detach().float()
+    if not own_norm:
+        grad_norm = ds_engine.global_grad_norm(engine)
+    mean_loss = loss_sum / micro_batches
+    dist.all_reduce(mean_loss, group=parallel_state.get_data_parallel_group())
+    return mean_loss.item() / parallel_state.get_data_parallel_world_size(), grad_norm
+
+
+def _save(engine, ckpt_root: Path, state: TrainState, loader: TrainLoader, cfg: Config) -> None:
+    payload = {
+        "train": dataclasses.asdict(state),
+        "data": loader.state_dict(state.step),
+        "layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": loader.dp_size,
+                   "zero_stage": cfg.parallel.zero_stage},
+    }
+    directory = checkpoint.save(engine, ckpt_root, state.step, payload, cfg.checkpoint.keep_last)
+    if dist.get_rank() == 0:
+        print(f"tessera: saved {directory}", flush=True)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
