@@ -60,38 +60,38 @@ def choose_backend(requested: str) -> str:
 
 
 def init_distributed(tp: int, pp: int, backend: str = "auto", timeout_s: int = 600) -> Topology:
-    """Create the default process group, megatron-core's groups and return the topology."""
+    """Join (or create) the default process group, build megatron-core's groups for (tp, pp)."""
+    import deepspeed
+
     rank, world, local_rank = env_world()
-    if world == 1:
+    if world == 1 and not dist.is_initialized():
         # A single process still needs a process group for megatron-core and DeepSpeed.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
+        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+            os.environ.setdefault(key, value)
     backend = choose_backend(backend)
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        import deepspeed
-
-        deepspeed.init_distributed(
-            dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s)
-        )
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
-        )
-    topo = Topology(world_size=world, rank=rank, local_rank=local_rank, tp=tp, pp=pp)
+    # Wraps an existing torch process group, or creates one from the environment.
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+    )
+    topo = Topology(
+        world_size=dist.get_world_size(), rank=dist.get_rank(), local_rank=local_rank, tp=tp, pp=pp
+    )
     assert parallel_state.get_data_parallel_rank() == topo.dp_rank, "rank order mismatch"
     assert parallel_state.get_tensor_model_parallel_rank() == topo.tp_rank, "rank order mismatch"
     return topo
 
 
-def destroy_distributed() -> None:
+def destroy_distributed(process_group_too: bool = True) -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
+    if process_group_too and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -20,7 +20,7 @@ from tessera.trainer import checkpoint
 from tessera.trainer.config import Config, ConfigError, save_config, validate, validate_layout
 from tessera.trainer.metrics import MetricsLog
 from tessera.trainer.model import build_model, init_weights
-from tessera.trainer.optim import build_optimizer, build_scheduler, lr_at
+from tessera.trainer.optim import build_optimizer, build_scheduler
 
 
 @dataclasses.dataclass
@@ -53,12 +53,13 @@ def train(cfg: Config) -> TrainState:
         raise ConfigError("config key 'parallel.sequence_parallel': needs CUDA (megatron-core's implementation uses CUDA buffers)")
     shards = resolve_shards(cfg.data.shards)
     resolve_vocab(cfg, shards)
+    owns_process_group = not dist.is_initialized()
     topo = init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.launch.backend)
     try:
         validate_layout(cfg, topo.world_size)
         return _train(cfg, topo, shards)
     finally:
-        destroy_distributed()
+        destroy_distributed(process_group_too=owns_process_group)
 
 
 def _train(cfg: Config, topo: Topology, shards: list[ResolvedShard]) -> TrainState:
@@ -82,8 +83,11 @@ def _train(cfg: Config, topo: Topology, shards: list[ResolvedShard]) -> TrainSta
         saved = checkpoint.load(engine, ckpt_root, tag)
         state = TrainState(**saved["train"])
         # train.steps may have changed since the save (a longer run): follow the current schedule
-        for group in scheduler.optimizer.param_groups:
-            group["lr"] = lr_at(state.step, cfg.train)
+        # (the same product LambdaLR forms, so an unchanged schedule resumes bit for bit)
+        for group, base_lr, factor in zip(
+            scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas
+        ):
+            group["lr"] = base_lr * factor(state.step)
         if topo.rank == 0:
             print(f"tessera: resumed from {ckpt_root / tag} at step {state.step}", flush=True)
     if state.num_streams == 0:

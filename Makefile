@@ -1,0 +1,33 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tessera-installed
+STDLIB = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+DEMO_DATA := runs/demo-data
+
+.PHONY: setup demo test test-quick clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned: pip takes the local CPU build instead of downloading a CUDA one
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+$(DEMO_DATA)/manifest.json: | $(STAMP)
+	$(PY) -m tessera prepare $(STDLIB)/*.py --output $(DEMO_DATA) --train-tokenizer 4096 --shard-bytes 262144 --workers 2
+
+demo: setup $(DEMO_DATA)/manifest.json
+	$(PY) -m tessera train --config configs/demo.yaml
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-quick: setup
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+
+clean:
+	rm -rf runs

@@ -1,0 +1,351 @@
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tessera.data.prepare as prepare_module
+from tessera.data.format import MANIFEST_NAME, DataError, decode_tokens, read_manifest
+from tessera.data.prepare import prepare, prepare_command
+from tessera.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, train_bpe
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Pack my box with five dozen liquor jugs!",
+    "Sphinx of black quartz, judge my vow: naïve café, 日本語, 🎉.",
+    "How vexingly quick daft zebras jump\nacross two lines\n",
+]
+
+
+def write_corpus(root: Path) -> list[tuple[str, int, str]]:
+    """Input files under ROOT; returns the expected (source, doc index, text) in output order."""
+    (root / "b_dir").mkdir(parents=True)
+    (root / "a.txt").write_text(SENTENCES[0] * 3)
+    (root / "b_dir" / "c.jsonl").write_text(
+        "\n".join(json.dumps({"text": s, "id": i}) for i, s in enumerate(SENTENCES))
+        + "\n\n"  # a blank line is not a document
+        + json.dumps({"text": ""})  # an empty document: skipped, but keeps its index
+        + "\n"
+        + json.dumps({"text": "after the empty one"})
+        + "\n"
+    )
+    (root / "b_dir" / "d.txt").write_text("")  # empty: skipped
+    (root / "b_dir" / "notes.md").write_text("not matched by the default globs")
+    (root / "e.txt").write_text("".join(SENTENCES) * 20)
+    c = str(root / "b_dir" / "c.jsonl")
+    return (
+        [(str(root / "a.txt"), 0, SENTENCES[0] * 3)]
+        + [(c, i, s) for i, s in enumerate(SENTENCES)]
+        + [(c, 5, "after the empty one"), (str(root / "e.txt"), 0, "".join(SENTENCES) * 20)]
+    )
+
+
+def read_samples(output: Path) -> list[tuple[dict, np.ndarray]]:
+    """(metadata, tokens) of every sample, in shard order, checking the WebDataset layout."""
+    manifest = read_manifest(output)
+    samples = []
+    for shard in manifest.shards:
+        with tarfile.open(output / shard.path) as tar:
+            members = tar.getmembers()
+            assert len(members) == 2 * shard.num_samples
+            for i in range(shard.num_samples):
+                meta_member, tokens_member = members[2 * i], members[2 * i + 1]
+                assert meta_member.name == f"{i:09d}.json"
+                assert tokens_member.name == f"{i:09d}.tokens"
+                meta = json.loads(tar.extractfile(meta_member).read())
+                tokens = decode_tokens(tar.extractfile(tokens_member).read(), manifest.dtype)
+                samples.append((meta, tokens))
+    return samples
+
+
+def expected_tokens(tokenizer, docs: list[tuple[str, int, str]]) -> np.ndarray:
+    ids: list[int] = []
+    for _source, _index, text in docs:
+        ids += tokenizer.encode(text) + [tokenizer.eos_id]
+    return np.array(ids)
+
+
+def check_manifest_matches_files(output: Path) -> None:
+    manifest = read_manifest(output)
+    samples = read_samples(output)
+    assert manifest.num_samples == len(samples)
+    assert manifest.num_tokens == sum(t.size for _, t in samples)
+    for shard in manifest.shards:
+        assert hashlib.sha256((output / shard.path).read_bytes()).hexdigest() == shard.sha256
+    assert sorted(p.name for p in output.glob("shard-*")) == [s.path for s in manifest.shards]
+    assert not list(output.glob("*.tmp"))
+
+
+def test_byte_tokenizer_shards_hold_every_document_in_order(tmp_path) -> None:
+    docs = write_corpus(tmp_path / "in")
+    output = tmp_path / "out"
+    logged: list[str] = []
+    manifest = prepare([str(tmp_path / "in")], str(output), shard_bytes=200, log=logged.append)
+
+    assert manifest == read_manifest(output)
+    assert manifest.tokenizer == ByteTokenizer().info()
+    assert manifest.dtype == "uint16"
+    assert len(manifest.shards) >= 3
+    assert [s.path for s in manifest.shards] == [
+        f"shard-{i:06d}.tar" for i in range(len(manifest.shards))
+    ]
+    samples = read_samples(output)
+    assert [(m["source"], m["doc"]) for m, _ in samples] == [(s, i) for s, i, _ in docs]
+    all_tokens = np.concatenate([t for _, t in samples])
+    np.testing.assert_array_equal(all_tokens, expected_tokens(ByteTokenizer(), docs))
+    check_manifest_matches_files(output)
+    assert not (output / "tokenizer.json").exists()
+    assert sum(line.startswith("wrote shard-") for line in logged) == len(manifest.shards)
+    assert "documents/s" in logged[-1] and "tokens/s" in logged[-1]
+
+
+def test_shards_close_once_their_payload_reaches_shard_bytes(tmp_path) -> None:
+    (tmp_path / "in").mkdir()
+    for i in range(10):
+        (tmp_path / "in" / f"{i:02d}.txt").write_text("x" * 9)  # 10 tokens, 20 bytes each
+    manifest = prepare([str(tmp_path / "in")], tmp_path / "out", shard_bytes=60, log=lambda _: 0)
+    assert [s.num_samples for s in manifest.shards] == [3, 3, 3, 1]
+    assert [s.num_tokens for s in manifest.shards] == [30, 30, 30, 10]
+
+
+def test_inputs_keep_the_given_order_and_files_bypass_the_glob(tmp_path) -> None:
+    (tmp_path / "z.md").write_text("zed")
+    (tmp_path / "a.txt").write_text("ay")
+    sources = [str(tmp_path / "z.md"), str(tmp_path / "a.txt")]
+    prepare(sources + sources[:1], tmp_path / "out", log=lambda _: 0)
+    assert [m["source"] for m, _ in read_samples(tmp_path / "out")] == sources
+
+
+def test_glob_option_selects_files_under_directories(tmp_path) -> None:
+    write_corpus(tmp_path / "in")
+    manifest = prepare([str(tmp_path / "in")], tmp_path / "out", glob="*.md", log=lambda _: 0)
+    assert manifest.num_samples == 1
+    assert read_samples(tmp_path / "out")[0][0]["source"].endswith("notes.md")
+
+
+def test_text_field_option(tmp_path) -> None:
+    (tmp_path / "d.jsonl").write_text('{"body": "one"}\n{"body": "two"}\n')
+    assert (
+        prepare_command(
+            [str(tmp_path / "d.jsonl"), "--output", str(tmp_path / "out"), "--text-field", "body"]
+        )
+        == 0
+    )
+    assert read_manifest(tmp_path / "out").num_tokens == len("one") + len("two") + 2
+
+
+@pytest.mark.parametrize("tokenizer_kind", ["bytes", "hf"])
+def test_two_workers_write_identical_files(tmp_path, monkeypatch, tokenizer_kind) -> None:
+    write_corpus(tmp_path / "in")
+    monkeypatch.setattr(prepare_module, "BATCH_MAX_DOCS", 2)  # several tasks in flight
+    options: dict = {"shard_bytes": 150, "log": lambda _: 0}
+    if tokenizer_kind == "hf":
+        train_bpe(iter(SENTENCES * 5), 300).save(tmp_path)
+        options["tokenizer"] = tmp_path / "tokenizer.json"
+    one = prepare([str(tmp_path / "in")], tmp_path / "one", workers=1, **options)
+    two = prepare([str(tmp_path / "in")], tmp_path / "two", workers=2, **options)
+
+    assert one == two
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "two").iterdir())
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+def test_train_tokenizer_saves_it_beside_the_shards(tmp_path) -> None:
+    docs = write_corpus(tmp_path / "in")
+    output = tmp_path / "out"
+    assert (
+        prepare_command([str(tmp_path / "in"), "--output", str(output), "--train-tokenizer", "300"])
+        == 0
+    )
+
+    manifest = read_manifest(output)
+    assert manifest.tokenizer.kind == "hf"
+    assert manifest.tokenizer.file == "tokenizer.json"
+    assert (output / "tokenizer.json").is_file()
+    tokenizer = load_tokenizer(manifest.tokenizer, output)
+    assert manifest.tokenizer.vocab_size == tokenizer.vocab_size
+    assert 257 < tokenizer.vocab_size <= 300
+    for _, _, text in docs:
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+    all_tokens = np.concatenate([t for _, t in read_samples(output)])
+    np.testing.assert_array_equal(all_tokens, expected_tokens(tokenizer, docs))
+    assert all_tokens.size < sum(len(t.encode()) + 1 for _, _, t in docs)  # BPE merged
+    check_manifest_matches_files(output)
+
+
+def test_tokenizer_option_uses_a_saved_tokenizer(tmp_path) -> None:
+    docs = write_corpus(tmp_path / "in")
+    (tmp_path / "tok").mkdir()
+    saved = train_bpe(iter(SENTENCES * 5), 280).save(tmp_path / "tok")
+    output = tmp_path / "out"
+    assert (
+        prepare_command([str(tmp_path / "in"), "--output", str(output), "--tokenizer", str(saved)])
+        == 0
+    )
+
+    manifest = read_manifest(output)
+    tokenizer = HFTokenizer.from_file(saved)
+    assert manifest.tokenizer == tokenizer.info()
+    assert (output / "tokenizer.json").is_file()
+    all_tokens = np.concatenate([t for _, t in read_samples(output)])
+    np.testing.assert_array_equal(all_tokens, expected_tokens(tokenizer, docs))
+
+
+def test_stale_temporary_files_are_removed(tmp_path) -> None:
+    (tmp_path / "a.txt").write_text("text")
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "shard-000000.tar.tmp").write_bytes(b"half written")
+    (output / "shard-000007.tar").write_bytes(b"from a run that never finished")
+    prepare([str(tmp_path / "a.txt")], output, log=lambda _: 0)
+    assert sorted(p.name for p in output.iterdir()) == [MANIFEST_NAME, "shard-000000.tar"]
+    check_manifest_matches_files(output)
+
+
+def test_an_error_mid_run_leaves_no_temporary_shard(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(prepare_module, "BATCH_MAX_DOCS", 1)  # a shard is open at the error
+    (tmp_path / "a.txt").write_text("a good document")
+    (tmp_path / "b.jsonl").write_text('{"text": "fine"}\n{"txt": "typo"}\n')
+    output = tmp_path / "out"
+    with pytest.raises(DataError, match="b.jsonl:2: no 'text' field"):
+        prepare([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")], output, log=lambda _: 0)
+    assert list(output.iterdir()) == []
+
+
+def test_tokenizer_and_train_tokenizer_are_exclusive(tmp_path) -> None:
+    (tmp_path / "a.txt").write_text("text")
+    with pytest.raises(DataError, match="not both"):
+        prepare(
+            [str(tmp_path / "a.txt")],
+            tmp_path / "out",
+            tokenizer="t.json",
+            train_tokenizer_vocab=300,
+        )
+
+
+def _bad_missing_input(tmp: Path) -> tuple[list[str], str]:
+    return [str(tmp / "missing.txt")], "missing.txt"
+
+
+def _bad_empty_directory(tmp: Path) -> tuple[list[str], str]:
+    (tmp / "empty_dir").mkdir()
+    return [str(tmp / "empty_dir")], "empty_dir"
+
+
+def _bad_glob_matches_nothing(tmp: Path) -> tuple[list[str], str]:
+    (tmp / "docs").mkdir()
+    (tmp / "docs" / "readme.md").write_text("hello")
+    return [str(tmp / "docs"), "--glob", "*.rst"], "docs"
+
+
+def _bad_empty_input(tmp: Path) -> tuple[list[str], str]:
+    (tmp / "blank.txt").write_text("")
+    (tmp / "blank.jsonl").write_text('{"text": ""}\n\n')
+    return [str(tmp / "blank.txt"), str(tmp / "blank.jsonl")], "empty input"
+
+
+def _bad_utf8_text(tmp: Path) -> tuple[list[str], str]:
+    (tmp / "latin1.txt").write_bytes(b"ok " + "café".encode("latin-1"))
+    return [str(tmp / "latin1.txt")], "latin1.txt: not valid UTF-8 at byte offset 6"
+
+
+def _bad_utf8_jsonl(tmp: Path) -> tuple[list[str], str]:
+    (tmp / "bad.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    return [str(tmp / "bad.jsonl")], "bad.jsonl: not valid UTF-8 at byte offset 30"
+
+
+def _bad_utf8_while_training(tmp: Path) -> tuple[list[str], str]:
+    (tmp / "latin1.txt").write_bytes("café".encode("latin-1"))
+    return [str(tmp / "latin1.txt"), "--train-tokenizer", "300"], "latin1.txt: not valid UTF-8"
+
+
+def _bad_json_line(tmp: Path) -> tuple[list[str], str]:
+    (tmp / "broken.jsonl").write_text('{"text": "fine"}\n{"text": \n')
+    return [str(tmp / "broken.jsonl")], "broken.jsonl:2: invalid JSON"
+
+
+def _bad_missing_field(tmp: Path) -> tuple[list[str], str]:
+    (tmp / "fields.jsonl").write_text('{"text": "fine"}\n\n{"content": "no text"}\n')
+    return [str(tmp / "fields.jsonl")], "fields.jsonl:3: no 'text' field"
+
+
+def _bad_missing_tokenizer(tmp: Path) -> tuple[list[str], str]:
+    (tmp / "a.txt").write_text("text")
+    return [str(tmp / "a.txt"), "--tokenizer", str(tmp / "no_tok.json")], "no_tok.json"
+
+
+def _bad_unparsable_tokenizer(tmp: Path) -> tuple[list[str], str]:
+    (tmp / "a.txt").write_text("text")
+    (tmp / "garbage.json").write_text("not json at all")
+    return [str(tmp / "a.txt"), "--tokenizer", str(tmp / "garbage.json")], "garbage.json"
+
+
+def _bad_output_is_a_file(tmp: Path) -> tuple[list[str], str]:
+    (tmp / "a.txt").write_text("text")
+    (tmp / "out").write_text("I am a file")
+    return [str(tmp / "a.txt")], "out: --output exists and is not a directory"
+
+
+BAD_INPUTS = [
+    _bad_missing_input,
+    _bad_empty_directory,
+    _bad_glob_matches_nothing,
+    _bad_empty_input,
+    _bad_utf8_text,
+    _bad_utf8_jsonl,
+    _bad_utf8_while_training,
+    _bad_json_line,
+    _bad_missing_field,
+    _bad_missing_tokenizer,
+    _bad_unparsable_tokenizer,
+    _bad_output_is_a_file,
+]
+
+
+@pytest.mark.parametrize("make_bad_input", BAD_INPUTS, ids=lambda f: f.__name__[5:])
+def test_bad_input_is_a_one_line_error(tmp_path, capsys, make_bad_input) -> None:
+    args, expected_in_message = make_bad_input(tmp_path)
+    output = tmp_path / "out"
+    rc = prepare_command(args + ["--output", str(output)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("tessera prepare: error: ")
+    assert expected_in_message in err
+    assert not (output / MANIFEST_NAME).exists()
+    if output.is_dir():
+        assert not list(output.glob("*.tmp"))
+
+
+def test_an_already_prepared_output_is_refused(tmp_path, capsys) -> None:
+    (tmp_path / "a.txt").write_text("text")
+    args = [str(tmp_path / "a.txt"), "--output", str(tmp_path / "out")]
+    assert prepare_command(args) == 0
+    before = (tmp_path / "out" / MANIFEST_NAME).read_bytes()
+    capsys.readouterr()
+    assert prepare_command(args) == 2
+    err = capsys.readouterr().err
+    assert "out: already prepared; remove it or choose another --output" in err
+    assert (tmp_path / "out" / MANIFEST_NAME).read_bytes() == before
+
+
+def test_usage_errors_return_non_zero(capsys) -> None:
+    assert prepare_command([]) == 2
+    assert (
+        prepare_command(["x.txt", "--output", "o", "--tokenizer", "t", "--train-tokenizer", "300"])
+        == 2
+    )
+    assert prepare_command(["x.txt", "--output", "o", "--shard-bytes", "0"]) == 2
+    assert "usage: tessera prepare" in capsys.readouterr().err
+
+
+def test_shard_bytes_accepts_binary_suffixes() -> None:
+    parse = prepare_module._byte_size
+    assert parse("1048576") == 2**20
+    assert parse("64M") == parse("64MiB") == 64 * 2**20
+    assert parse("2k") == 2048
