@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 
 from tessera import __version__
 
@@ -14,8 +16,21 @@ COMMANDS = {
 }
 
 
+def quiet_dependencies() -> None:
+    """Silence start-up notices of our dependencies that say nothing to a user of Tessera."""
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="megatron")
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        # Naming the accelerator spares DeepSpeed's "Setting accelerator to CPU" warning.
+        os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    quiet_dependencies()
     if not argv or argv[0] in ("-h", "--help"):
         _print_usage()
         return 0 if argv else 2

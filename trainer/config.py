@@ -250,7 +250,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(t.precision in ("fp32", "bf16"), "train.precision", f"must be fp32 or bf16, got {t.precision!r}")
     _check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 turns clipping off), got {t.grad_clip}")
     _check(0 <= t.min_lr <= t.lr, "train.min_lr", f"{t.min_lr} must lie between 0 and train.lr={t.lr}")
-    _check(0 <= t.warmup_steps <= t.steps, "train.warmup_steps", f"{t.warmup_steps} must lie between 0 and train.steps={t.steps}")
+    _check(t.lr > 0, "train.lr", f"must be positive, got {t.lr}")
+    _check(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     _check(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",
            f"{t.global_batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size}")
     _check(cfg.checkpoint.interval >= 0, "checkpoint.interval", f"must be >= 0, got {cfg.checkpoint.interval}")

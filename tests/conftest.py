@@ -1,0 +1,44 @@
+"""Shared fixtures: a small prepared dataset, made on the spot (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+WORDS = ("the model reads tokens from shards and learns which word follows which in a "
+         "sentence that repeats with small changes so that the loss can fall").split()
+
+
+def synthetic_text(seed: int, num_sentences: int) -> str:
+    """Sentences over a small vocabulary with a fixed word order: learnable in a few steps."""
+    rng = random.Random(seed)
+    sentences = []
+    for _ in range(num_sentences):
+        start = rng.randrange(len(WORDS))
+        length = rng.randrange(6, 20)
+        sentences.append(" ".join(WORDS[(start + i) % len(WORDS)] for i in range(length)) + ".")
+    return "\n".join(sentences)
+
+
+def make_text_files(directory: Path, num_files: int, sentences_per_file: int) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(num_files):
+        path = directory / f"doc-{index:03d}.txt"
+        path.write_text(synthetic_text(index, sentences_per_file))
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def byte_shards(tmp_path_factory) -> Path:
+    """About 40k byte-level tokens in 8 shards, prepared by `tessera prepare`'s own code."""
+    from tessera.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("byte-shards")
+    files = make_text_files(root / "text", num_files=8, sentences_per_file=60)
+    output = root / "prepared"
+    prepare([str(p) for p in files], str(output), shard_bytes=10_000, log=lambda _: None)
+    return output
