@@ -20,13 +20,19 @@ def gradient_accumulation_steps(cfg: Config, dp: int) -> int:
     return cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
 
 
+def clips_own_gradients(cfg: Config) -> bool:
+    """Without ZeRO or bf16, DeepSpeed neither records the grad norm nor counts it right across
+    pipeline stages, so we measure and clip ourselves (`GradNormClipper`)."""
+    return cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32"
+
+
 def deepspeed_config(cfg: Config, dp: int) -> dict:
     t = cfg.train
     return {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps(cfg, dp),
-        "gradient_clipping": t.grad_clip,
+        "gradient_clipping": 0.0 if clips_own_gradients(cfg) else t.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},
         "zero_allow_untested_optimizer": True,
@@ -41,7 +47,9 @@ def quiet_deepspeed() -> None:
     logger.setLevel(logging.WARNING)
 
 
-def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: Config, topo: Topology):
+def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: Config,
+                 topo: Topology):
+    """A DeepSpeed engine; a PipelineModule (pp > 1) brings its own process-group grid."""
     import deepspeed
 
     quiet_deepspeed()
@@ -50,37 +58,55 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, 
         optimizer=optimizer,
         lr_scheduler=scheduler,
         config=deepspeed_config(cfg, topo.dp),
-        mpu=MegatronMPU,
+        mpu=MegatronMPU if topo.pp == 1 else None,
     )
     return engine
 
 
-def global_grad_norm(engine) -> float:
-    """The global gradient norm of the step just taken (before clipping).
+def grad_norm_of(params: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of the whole model's gradients from this rank's parameters.
 
-    ZeRO and bf16 optimizers record it; DeepSpeed's plain fp32 path does not, so there we measure
-    it ourselves with DeepSpeed's tensor-parallel-aware norm before the step (see `pre_step_norm`).
-    """
-    norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else float("nan")
-
-
-def needs_own_grad_norm(engine) -> bool:
-    return not (engine.zero_optimization() or engine.bfloat16_enabled())
-
-
-def pre_step_norm(engine) -> float:
-    """L2 norm of the (data-parallel averaged) gradients over the whole model.
-
-    Tensor-parallel shards add up across the TP group; replicated tensors (norm weights) are
-    counted once, on TP rank 0.
+    Tensor-parallel shards add up across the TP group; tensors replicated across TP (norm weights)
+    count once, on TP rank 0; the tied copy of the embedding on the last stage does not count.
+    Stages add up across the pipeline group.
     """
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    squares = torch.zeros((), device=engine.device, dtype=torch.float32)
-    for param in engine.module.parameters():
-        if param.grad is None:
+    device = params[0].device if params else torch.device("cpu")
+    squares = torch.zeros((), device=device, dtype=torch.float32)
+    for param in params:
+        if param.grad is None or getattr(param, "ds_pipe_replicated", False):
             continue
         if getattr(param, "tensor_model_parallel", False) or tp_rank == 0:
             squares += param.grad.detach().float().pow(2).sum()
     dist.all_reduce(squares, group=parallel_state.get_tensor_model_parallel_group())
-    return squares.sqrt().item()
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(squares, group=parallel_state.get_pipeline_model_parallel_group())
+    return squares.sqrt()
+
+
+class GradNormClipper:
+    """Measures the global grad norm and clips to `max_norm` (0: no clipping) right before each
+    optimizer step; DeepSpeed has reduced the gradients across data-parallel ranks by then."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_norm: float):
+        self.max_norm = max_norm
+        self.last_norm = float("nan")
+        optimizer.register_step_pre_hook(self._before_step)
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        norm = grad_norm_of(params)
+        self.last_norm = norm.item()
+        if self.max_norm > 0 and self.last_norm > self.max_norm:
+            scale = self.max_norm / (self.last_norm + 1e-6)
+            for param in params:
+                if param.grad is not None:
+                    param.grad.mul_(scale)
+
+
+def step_grad_norm(engine, clipper: GradNormClipper | None) -> float:
+    """The global gradient norm (before clipping) of the step just taken."""
+    if clipper is not None:
+        return clipper.last_norm
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")

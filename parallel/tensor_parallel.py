@@ -45,24 +45,37 @@ def _no_init(weight: torch.Tensor) -> None:
     pass
 
 
+def _mark_sharded(weight: torch.Tensor | None, dim: int) -> None:
+    # megatron-core sets these attributes only inside its own initialization, which we skip; they
+    # tell grad-norm code (ours and DeepSpeed's) that each rank holds a different slice.
+    if weight is not None:
+        mcore_tp.set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)
+
+
 def column_parallel(config: ModelParallelConfig, in_features: int, out_features: int, *, skip_weight: bool = False):
-    return mcore_tp.ColumnParallelLinear(
+    layer = mcore_tp.ColumnParallelLinear(
         in_features, out_features, config=config, init_method=_no_init, bias=False,
         gather_output=False, skip_weight_param_allocation=skip_weight,
     )
+    _mark_sharded(layer.weight, dim=0)
+    return layer
 
 
 def row_parallel(config: ModelParallelConfig, in_features: int, out_features: int):
-    return mcore_tp.RowParallelLinear(
+    layer = mcore_tp.RowParallelLinear(
         in_features, out_features, config=config, init_method=_no_init, bias=False,
         input_is_parallel=True, skip_bias_add=False,
     )
+    _mark_sharded(layer.weight, dim=1)
+    return layer
 
 
 def vocab_parallel_embedding(config: ModelParallelConfig, padded_vocab_size: int, hidden_size: int):
-    return mcore_tp.VocabParallelEmbedding(
+    layer = mcore_tp.VocabParallelEmbedding(
         padded_vocab_size, hidden_size, init_method=_no_init, config=config
     )
+    _mark_sharded(layer.weight, dim=0)
+    return layer
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

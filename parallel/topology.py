@@ -73,6 +73,10 @@ def init_distributed(tp: int, pp: int, backend: str = "auto", timeout_s: int = 6
     backend = choose_backend(backend)
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
+    else:
+        # CPU ranks on one host share its cores; more threads than cores only adds contention.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     # Wraps an existing torch process group, or creates one from the environment.
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     if parallel_state.model_parallel_is_initialized():

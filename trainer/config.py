@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import signal
 import types
 import typing
 from pathlib import Path
@@ -53,7 +54,8 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     zero_stage: int = 0
-    sequence_parallel: bool = False
+    sequence_parallel: bool = False  # GPU only (megatron-core's implementation uses CUDA)
+    pipeline_partition: Any = "parameters"  # parameters | uniform | a list of blocks per stage
 
 
 @dataclasses.dataclass
@@ -70,6 +72,7 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
+    activation_checkpointing: str = "none"  # none | full (recompute each block in backward)
 
 
 @dataclasses.dataclass
@@ -99,12 +102,25 @@ class LaunchConfig:
 
 @dataclasses.dataclass
 class SlurmConfig:
-    partition: str | None = None
+    partition: str | None = None  # None: the cluster's default partition
     nodes: int = 1
-    tasks_per_node: int = 1
+    tasks_per_node: int = 1  # srun launcher: one task per GPU; torchrun launcher: must be 1
     gpus_per_node: int = 0  # 0: a CPU job
     time_min: int = 60
-    signal: str = "USR2"
+    signal: str = "USR2"  # sent signal_lead_s before the time limit: save, exit, requeue
+    launcher: str = "srun"  # srun: Slurm starts every rank | torchrun: one task per node
+    # starts launch.nproc_per_node ranks
+    cpus_per_task: int | None = None  # None: Slurm's default
+    mem_gb: float | None = None  # memory per node; None: Slurm's default
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    job_name: str | None = None  # None: tessera-<run name>
+    signal_lead_s: int = 120  # seconds before the time limit that `signal` arrives
+    max_requeues: int = 10  # requeues after a stop on a signal; then the job ends
+    sbatch_options: Any = dataclasses.field(default_factory=dict)  # other #SBATCH flags,
+    # e.g. {exclusive: true, mail-type: END}
+    setup: Any = dataclasses.field(default_factory=list)  # shell lines run before srun
 
 
 @dataclasses.dataclass
@@ -247,6 +263,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(p.pp == 1 or p.zero_stage <= 1, "parallel.zero_stage",
            f"ZeRO stage {p.zero_stage} with pp={p.pp}: DeepSpeed's pipeline engine supports only stages 0 and 1")
     _check(p.pp <= m.num_layers, "parallel.pp", f"pp={p.pp} exceeds model.num_layers={m.num_layers}")
+    _check_partition(cfg)
+    _check(t.activation_checkpointing in ("none", "full"), "train.activation_checkpointing",
+           f"must be none or full, got {t.activation_checkpointing!r}")
     _check(t.precision in ("fp32", "bf16"), "train.precision", f"must be fp32 or bf16, got {t.precision!r}")
     _check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 turns clipping off), got {t.grad_clip}")
     _check(0 <= t.min_lr <= t.lr, "train.min_lr", f"{t.min_lr} must lie between 0 and train.lr={t.lr}")
@@ -261,8 +280,54 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     shards = cfg.data.shards
     _check(shards is None or isinstance(shards, str) or (isinstance(shards, list) and all(isinstance(s, str) for s in shards)),
            "data.shards", f"must be a path, a pattern or a list of them, got {shards!r}")
+    _check_slurm(cfg.slurm)
     if world_size is not None:
         validate_layout(cfg, world_size)
+
+
+# Flags that have their own slurm.* key (or that submitit sets); not accepted in sbatch_options.
+_MANAGED_SBATCH_FLAGS = ("partition", "time", "nodes", "ntasks-per-node", "gpus-per-node",
+                         "cpus-per-task", "mem", "account", "qos", "constraint", "job-name",
+                         "signal", "output", "error")
+
+
+def _check_slurm(s: SlurmConfig) -> None:
+    _check(s.launcher in ("srun", "torchrun"), "slurm.launcher", f"must be srun or torchrun, got {s.launcher!r}")
+    for key, value, least in [("slurm.nodes", s.nodes, 1), ("slurm.tasks_per_node", s.tasks_per_node, 1),
+                              ("slurm.gpus_per_node", s.gpus_per_node, 0), ("slurm.time_min", s.time_min, 1),
+                              ("slurm.signal_lead_s", s.signal_lead_s, 0), ("slurm.max_requeues", s.max_requeues, 0)]:
+        _check(value >= least, key, f"must be at least {least}, got {value}")
+    _check(s.cpus_per_task is None or s.cpus_per_task >= 1, "slurm.cpus_per_task", f"must be at least 1, got {s.cpus_per_task}")
+    _check(s.mem_gb is None or s.mem_gb > 0, "slurm.mem_gb", f"must be positive, got {s.mem_gb}")
+    name = s.signal.strip().upper()
+    _check((name if name.startswith("SIG") else "SIG" + name) in signal.Signals.__members__, "slurm.signal",
+           f"{s.signal!r} is not a signal name (e.g. USR1, USR2, TERM)")
+    _check(s.signal_lead_s < min(s.time_min * 60, 65536), "slurm.signal_lead_s",
+           f"{s.signal_lead_s} s must be shorter than slurm.time_min ({s.time_min} min) and 65536 s")
+    options = s.sbatch_options
+    _check(isinstance(options, dict) and all(isinstance(k, str) and isinstance(v, (str, int, float, bool))
+                                             for k, v in options.items()),
+           "slurm.sbatch_options", f"must map sbatch flags to values, got {options!r}")
+    for flag in options:
+        _check(flag.replace("_", "-").lstrip("-") not in _MANAGED_SBATCH_FLAGS, "slurm.sbatch_options",
+               f"'{flag}' has its own key under slurm (or is set by tessera submit)")
+    _check(isinstance(s.setup, list) and all(isinstance(line, str) for line in s.setup), "slurm.setup",
+           f"must be a list of shell lines, got {s.setup!r}")
+
+
+def _check_partition(cfg: Config) -> None:
+    partition, pp, layers = cfg.parallel.pipeline_partition, cfg.parallel.pp, cfg.model.num_layers
+    key = "parallel.pipeline_partition"
+    if isinstance(partition, str):
+        _check(partition in ("parameters", "uniform"), key,
+               f"must be parameters, uniform or a list of blocks per stage, got {partition!r}")
+        return
+    _check(isinstance(partition, list) and all(isinstance(n, int) and not isinstance(n, bool)
+                                               and n >= 0 for n in partition), key,
+           f"must be parameters, uniform or a list of block counts, got {partition!r}")
+    _check(len(partition) == pp, key, f"lists {len(partition)} stages but parallel.pp={pp}")
+    _check(sum(partition) == layers, key,
+           f"{partition} sums to {sum(partition)} blocks but model.num_layers={layers}")
 
 
 def validate_layout(cfg: Config, world_size: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from tessera.parallel import tensor_parallel as tpl
@@ -47,16 +48,37 @@ def apply_rotary(x_BNSD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tenso
     return x_BNSD * cos_SD + _rotate_half(x_BNSD) * sin_SD
 
 
+def mask_padded_vocab(logits_SBV: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Padded vocabulary entries get -inf logits: numerically absent from the softmax."""
+    tp_rank, _ = tpl.tp_rank_and_size()
+    local_vocab = logits_SBV.shape[-1]
+    first_id = tp_rank * local_vocab
+    if first_id + local_vocab <= vocab_size:
+        return logits_SBV
+    token_ids = torch.arange(first_id, first_id + local_vocab, device=logits_SBV.device)
+    return logits_SBV.masked_fill(token_ids >= vocab_size, float("-inf"))
+
+
 class Embedding(nn.Module):
+    """Token embedding; with tied embeddings it also projects the final hidden states to logits."""
+
     def __init__(self, cfg: ModelConfig, mp_config, padded_vocab_size: int):
         super().__init__()
         self.cfg = cfg
         self.padded_vocab_size = padded_vocab_size
         self.embed = tpl.vocab_parallel_embedding(mp_config, padded_vocab_size, cfg.hidden_size)
+        if cfg.tie_embeddings:  # a weightless vocabulary-parallel projection using embed.weight
+            self.tied_head = tpl.column_parallel(
+                mp_config, cfg.hidden_size, padded_vocab_size, skip_weight=True
+            )
 
     def forward(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
         x_BSH = self.embed(input_ids_BS)
         return x_BSH.transpose(0, 1).contiguous()
+
+    def project(self, x_SBH: torch.Tensor) -> torch.Tensor:
+        logits_SBV, _ = self.tied_head(x_SBH, weight=self.embed.weight)
+        return mask_padded_vocab(logits_SBV, self.cfg.vocab_size)
 
     def canonical_parts(self) -> dict[str, list[Part]]:
         shape = (self.cfg.vocab_size, self.cfg.hidden_size)
@@ -66,10 +88,12 @@ class Embedding(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: GQA attention (SDPA, causal) and a SwiGLU MLP."""
 
-    def __init__(self, cfg: ModelConfig, mp_config, layer_index: int):
+    def __init__(self, cfg: ModelConfig, mp_config, layer_index: int,
+                 checkpoint_activations: bool = False):
         super().__init__()
         _, tp = tpl.tp_rank_and_size()
         self.cfg = cfg
+        self.checkpoint_activations = checkpoint_activations
         self.prefix = f"layers.{layer_index}."
         self.num_heads_local = cfg.num_heads // tp
         self.num_kv_heads_local = cfg.num_kv_heads // tp
@@ -82,6 +106,12 @@ class Block(nn.Module):
         self.down = tpl.row_parallel(mp_config, ffn, hidden)
 
     def forward(self, x_SBH: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            # Keep only the block's input; recompute its inside during backward.
+            return torch.utils.checkpoint.checkpoint(self._forward, x_SBH, use_reentrant=False)
+        return self._forward(x_SBH)
+
+    def _forward(self, x_SBH: torch.Tensor) -> torch.Tensor:
         x_SBH = x_SBH + self._attention(self.attn_norm(x_SBH))
         h_SBF2, _ = self.gate_up(self.mlp_norm(x_SBH))
         gate_SBF, up_SBF = h_SBF2.chunk(2, dim=-1)
@@ -130,37 +160,35 @@ class Block(nn.Module):
         }
 
 
-class Head(nn.Module):
-    """Final norm and the vocabulary-parallel output layer (its weight may be the embedding's)."""
+class FinalNorm(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+    def forward(self, x_SBH: torch.Tensor) -> torch.Tensor:
+        return self.final_norm(x_SBH)
+
+    def canonical_parts(self) -> dict[str, list[Part]]:
+        return {"final_norm.weight": [Part("final_norm.weight", (self.cfg.hidden_size,), None)]}
+
+
+class OutputLayer(nn.Module):
+    """The untied vocabulary-parallel output projection."""
 
     def __init__(self, cfg: ModelConfig, mp_config, padded_vocab_size: int):
         super().__init__()
         self.cfg = cfg
         self.padded_vocab_size = padded_vocab_size
-        self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.head = tpl.column_parallel(
-            mp_config, cfg.hidden_size, padded_vocab_size, skip_weight=cfg.tie_embeddings
-        )
+        self.head = tpl.column_parallel(mp_config, cfg.hidden_size, padded_vocab_size)
 
-    def forward(self, x_SBH: torch.Tensor, tied_weight: torch.Tensor | None = None) -> torch.Tensor:
-        logits_SBV, _ = self.head(self.final_norm(x_SBH), weight=tied_weight)
-        return self._mask_padding(logits_SBV)
-
-    def _mask_padding(self, logits_SBV: torch.Tensor) -> torch.Tensor:
-        """Padded vocabulary entries get -inf logits: numerically absent from the softmax."""
-        if self.padded_vocab_size == self.cfg.vocab_size:
-            return logits_SBV
-        tp_rank, _ = tpl.tp_rank_and_size()
-        local_vocab = logits_SBV.shape[-1]
-        token_ids = torch.arange(local_vocab, device=logits_SBV.device) + tp_rank * local_vocab
-        return logits_SBV.masked_fill(token_ids >= self.cfg.vocab_size, float("-inf"))
+    def forward(self, x_SBH: torch.Tensor) -> torch.Tensor:
+        logits_SBV, _ = self.head(x_SBH)
+        return mask_padded_vocab(logits_SBV, self.cfg.vocab_size)
 
     def canonical_parts(self) -> dict[str, list[Part]]:
-        parts = {"final_norm.weight": [Part("final_norm.weight", (self.cfg.hidden_size,), None)]}
-        if not self.cfg.tie_embeddings:
-            shape = (self.cfg.vocab_size, self.cfg.hidden_size)
-            parts["head.weight"] = [Part("head.weight", shape, 0, self.padded_vocab_size)]
-        return parts
+        shape = (self.cfg.vocab_size, self.cfg.hidden_size)
+        return {"head.weight": [Part("head.weight", shape, 0, self.padded_vocab_size)]}
 
 
 def lm_loss(logits_SBV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
@@ -169,40 +197,75 @@ def lm_loss(logits_SBV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
 
 
 class Llama(nn.Module):
-    """The layer list run in one pipeline stage (pp=1): embedding, blocks, head."""
+    """The whole layer list in one pipeline stage (pp=1)."""
 
-    def __init__(self, cfg: ModelConfig, mp_config, padded_vocab_size: int):
+    def __init__(self, cfg: ModelConfig, mp_config, padded_vocab_size: int,
+                 checkpoint_activations: bool = False):
         super().__init__()
         self.cfg = cfg
         self.embedding = Embedding(cfg, mp_config, padded_vocab_size)
-        self.blocks = nn.ModuleList([Block(cfg, mp_config, i) for i in range(cfg.num_layers)])
-        self.head = Head(cfg, mp_config, padded_vocab_size)
+        self.blocks = nn.ModuleList([
+            Block(cfg, mp_config, i, checkpoint_activations) for i in range(cfg.num_layers)
+        ])
+        self.final_norm = FinalNorm(cfg)
+        if not cfg.tie_embeddings:
+            self.output = OutputLayer(cfg, mp_config, padded_vocab_size)
 
     def logits(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
         x_SBH = self.embedding(input_ids_BS)
         for block in self.blocks:
             x_SBH = block(x_SBH)
-        tied = self.embedding.embed.weight if self.cfg.tie_embeddings else None
-        return self.head(x_SBH, tied_weight=tied)
+        x_SBH = self.final_norm(x_SBH)
+        if self.cfg.tie_embeddings:
+            return self.embedding.project(x_SBH)
+        return self.output(x_SBH)
 
     def forward(self, input_ids_BS: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
         return lm_loss(self.logits(input_ids_BS), labels_BS)
 
-    def layers(self) -> list[nn.Module]:
-        return [self.embedding, *self.blocks, self.head]
-
 
 def build_model(cfg: ModelConfig, tp: int, params_dtype: torch.dtype = torch.float32,
-                sequence_parallel: bool = False) -> tuple[Llama, int]:
+                sequence_parallel: bool = False, checkpoint_activations: bool = False
+                ) -> tuple[Llama, int]:
     """The pp=1 model with megatron-core TP layers (uninitialized); returns it and the padded vocab."""
     assert cfg.vocab_size is not None, "model.vocab_size must be resolved before building"
     padded = tpl.padded_vocab_size(cfg.vocab_size, tp)
     mp_config = tpl.megatron_config(tp, params_dtype, sequence_parallel)
-    return Llama(cfg, mp_config, padded), padded
+    return Llama(cfg, mp_config, padded, checkpoint_activations), padded
+
+
+def tied_projection(embedding: Embedding, x_SBH: torch.Tensor) -> torch.Tensor:
+    return embedding.project(x_SBH)
+
+
+def pipeline_layer_specs(cfg: ModelConfig, tp: int, params_dtype: torch.dtype = torch.float32,
+                         sequence_parallel: bool = False, checkpoint_activations: bool = False
+                         ) -> list:
+    """The same layers as DeepSpeed LayerSpecs: embedding, blocks, final norm, output.
+
+    With tied embeddings the first and last stage each hold the embedding (DeepSpeed's
+    TiedLayerSpec) and DeepSpeed sums the two copies' gradients.
+    """
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    assert cfg.vocab_size is not None, "model.vocab_size must be resolved before building"
+    padded = tpl.padded_vocab_size(cfg.vocab_size, tp)
+    mp_config = tpl.megatron_config(tp, params_dtype, sequence_parallel)
+    embed_args = (cfg, mp_config, padded)
+    if cfg.tie_embeddings:
+        first = TiedLayerSpec("embed", Embedding, *embed_args, tied_weight_attr=["embed.weight"])
+        last = TiedLayerSpec("embed", Embedding, *embed_args, forward_fn=tied_projection,
+                             tied_weight_attr=["embed.weight"])
+    else:
+        first = LayerSpec(Embedding, *embed_args)
+        last = LayerSpec(OutputLayer, *embed_args)
+    blocks = [LayerSpec(Block, cfg, mp_config, i, checkpoint_activations)
+              for i in range(cfg.num_layers)]
+    return [first, *blocks, LayerSpec(FinalNorm, cfg), last]
 
 
 @torch.no_grad()
-def init_weights(layers: list[nn.Module], cfg: ModelConfig, seed: int) -> None:
+def init_weights(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
     """Fill every local parameter from full tensors drawn from the seed (layout-independent)."""
     tp_rank, tp = tpl.tp_rank_and_size()
 
@@ -211,7 +274,9 @@ def init_weights(layers: list[nn.Module], cfg: ModelConfig, seed: int) -> None:
             return torch.ones(part.shape)
         return tpl.seeded_normal(seed, part.name, part.shape, cfg.init_std)
 
-    for layer in layers:
+    for layer in model.modules():
+        if not hasattr(layer, "canonical_parts"):
+            continue
         params = dict(layer.named_parameters())
         for local_name, parts in layer.canonical_parts().items():
             param = params[local_name]

@@ -10,16 +10,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.pipe.engine import PipelineEngine
 from megatron.core import parallel_state
 
 from tessera.data.loader import ResolvedShard, TrainLoader, default_num_streams, resolve_shards
 from tessera.data.format import read_manifest
+from tessera.launch.signals import StopSignal
 from tessera.parallel import engine as ds_engine
 from tessera.parallel.topology import Topology, destroy_distributed, init_distributed
 from tessera.trainer import checkpoint
 from tessera.trainer.config import Config, ConfigError, save_config, validate, validate_layout
 from tessera.trainer.metrics import MetricsLog
-from tessera.trainer.model import build_model, init_weights
+from tessera.parallel.pipeline import build_pipeline
+from tessera.trainer.model import build_model, init_weights, lm_loss, pipeline_layer_specs
 from tessera.trainer.optim import build_optimizer, build_scheduler
 
 
@@ -45,7 +48,8 @@ def resolve_vocab(cfg: Config, shards: list[ResolvedShard]) -> None:
 
 
 def train(cfg: Config) -> TrainState:
-    """Run (or resume) the configured job to `train.steps`; returns the final state."""
+    """Run (or resume) the configured job to `train.steps`; returns the final state, whose step
+    is below `train.steps` when a signal stopped the run (after saving a checkpoint)."""
     validate(cfg)
     if cfg.data.shards is None:
         raise ConfigError("config key 'data.shards': not set; point it at a `tessera prepare` output")
@@ -71,11 +75,7 @@ def _train(cfg: Config, topo: Topology, shards: list[ResolvedShard]) -> TrainSta
         print(f"tessera: {topo.describe()}  run.dir={run_dir}", flush=True)
     _seed_everything(cfg.run.seed)
 
-    model, _ = build_model(cfg.model, topo.tp, sequence_parallel=cfg.parallel.sequence_parallel)
-    init_weights(model.layers(), cfg.model, cfg.run.seed)
-    optimizer = build_optimizer(model, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train)
-    engine = ds_engine.build_engine(model, optimizer, scheduler, cfg, topo)
+    engine, scheduler, clipper = build_training_engine(cfg, topo)
 
     state = TrainState()
     tag = checkpoint.latest_tag(ckpt_root)
@@ -113,20 +113,25 @@ def _train(cfg: Config, topo: Topology, shards: list[ResolvedShard]) -> TrainSta
 
     metrics = MetricsLog(run_dir, enabled=topo.rank == 0)
     try:
-        _loop(cfg, topo, engine, loader, state, metrics, ckpt_root)
+        # Slurm's warning signal and SIGTERM stop the loop at a step boundary, saved
+        with StopSignal([cfg.slurm.signal, "TERM"]) as stop:
+            _loop(cfg, topo, engine, clipper, loader, state, metrics, ckpt_root, stop)
     finally:
         metrics.close()
     return state
 
 
-def _loop(cfg, topo, engine, loader, state: TrainState, metrics: MetricsLog, ckpt_root: Path) -> None:
+def _loop(cfg, topo, engine, clipper, loader, state: TrainState, metrics: MetricsLog,
+          ckpt_root: Path, stop: StopSignal) -> None:
     batches = iter(loader)
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
     last_saved = state.step
     while state.step < cfg.train.steps:
+        if stop.agreed(engine.device):  # every rank stops after the same step
+            break
         started = time.perf_counter()
         lr = engine.get_lr()[0]
-        loss, grad_norm = train_step(engine, batches, loader.micro_batches_per_step)
+        loss, grad_norm = train_step(engine, clipper, batches, loader.micro_batches_per_step)
         step_s = time.perf_counter() - started
         state.step += 1
         state.consumed_samples += cfg.train.global_batch_size
@@ -144,27 +149,47 @@ def _loop(cfg, topo, engine, loader, state: TrainState, metrics: MetricsLog, ckp
         _save(engine, ckpt_root, state, loader, cfg)
 
 
-def train_step(engine, batches, micro_batches: int) -> tuple[float, float]:
+def build_training_engine(cfg: Config, topo: Topology):
+    """Model (one stage's layers when pp > 1), optimizer, schedule, DeepSpeed engine."""
+    checkpointing = cfg.train.activation_checkpointing == "full"
+    if topo.pp == 1:
+        model, _ = build_model(cfg.model, topo.tp, sequence_parallel=cfg.parallel.sequence_parallel,
+                               checkpoint_activations=checkpointing)
+    else:
+        specs = pipeline_layer_specs(cfg.model, topo.tp,
+                                     sequence_parallel=cfg.parallel.sequence_parallel,
+                                     checkpoint_activations=checkpointing)
+        model = build_pipeline(specs, lm_loss, topo, cfg.parallel.pipeline_partition)
+    init_weights(model, cfg.model, cfg.run.seed)
+    optimizer = build_optimizer(model, cfg.train)
+    clipper = None
+    if ds_engine.clips_own_gradients(cfg):
+        clipper = ds_engine.GradNormClipper(optimizer, cfg.train.grad_clip)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    engine = ds_engine.build_engine(model, optimizer, scheduler, cfg, topo)
+    return engine, scheduler, clipper
+
+
+def train_step(engine, clipper, batches, micro_batches: int) -> tuple[float, float]:
     """Forward/backward over the step's micro-batches and one optimizer step.
 
     Returns the loss averaged over micro-batches and data-parallel ranks, and the grad norm.
     """
+    if isinstance(engine, PipelineEngine):
+        # 1F1B over the micro-batches; the mean loss comes back on every stage.
+        loss = engine.train_batch(data_iter=batches).item()
+        return loss, ds_engine.step_grad_norm(engine, clipper)
     loss_sum = torch.zeros((), device=engine.device)
-    grad_norm = float("nan")
-    own_norm = ds_engine.needs_own_grad_norm(engine)
-    for micro in range(micro_batches):
+    for _ in range(micro_batches):
         input_ids, labels = next(batches)
         loss = engine(input_ids.to(engine.device), labels.to(engine.device))
         engine.backward(loss)
-        if own_norm and micro == micro_batches - 1:
-            grad_norm = ds_engine.pre_step_norm(engine)
         engine.step()
         loss_sum += loss.detach().float()
-    if not own_norm:
-        grad_norm = ds_engine.global_grad_norm(engine)
     mean_loss = loss_sum / micro_batches
     dist.all_reduce(mean_loss, group=parallel_state.get_data_parallel_group())
-    return mean_loss.item() / parallel_state.get_data_parallel_world_size(), grad_norm
+    loss = mean_loss.item() / parallel_state.get_data_parallel_world_size()
+    return loss, ds_engine.step_grad_norm(engine, clipper)
 
 
 def _save(engine, ckpt_root: Path, state: TrainState, loader: TrainLoader, cfg: Config) -> None:

@@ -27,7 +27,7 @@ def full_logits_and_loss(tp: int, cfg: ModelConfig) -> tuple[torch.Tensor, float
     init_distributed(tp=tp, pp=1)
     try:
         model, padded = build_model(cfg, tp)
-        init_weights(model.layers(), cfg, SEED)
+        init_weights(model, cfg, SEED)
         tokens = torch.randint(0, cfg.vocab_size, (3, cfg.seq_len + 1), generator=torch.Generator().manual_seed(0))
         logits_SBV = model.logits(tokens[:, :-1])
         loss = model(tokens[:, :-1], tokens[:, 1:])

@@ -1,0 +1,44 @@
+"""Pipeline parallelism through DeepSpeed's PipelineModule and its 1F1B engine."""
+
+from __future__ import annotations
+
+from deepspeed.pipe import PipelineModule
+
+from tessera.parallel.topology import Topology, deepspeed_topology
+
+
+def stage_boundaries(blocks_per_stage: list[int]) -> list[int]:
+    """Layer indices where stages start, for the list [embedding, blocks..., final norm, output].
+
+    The first stage also holds the embedding, the last the final norm and output layer.
+    """
+    bounds = [0, 1 + blocks_per_stage[0]]
+    for count in blocks_per_stage[1:]:
+        bounds.append(bounds[-1] + count)
+    bounds[-1] += 2
+    return bounds
+
+
+class _PipelineModule(PipelineModule):
+    """DeepSpeed's PipelineModule, plus an explicit list of blocks per stage."""
+
+    def __init__(self, *args, boundaries: list[int] | None = None, **kwargs):
+        self._explicit_boundaries = boundaries
+        super().__init__(*args, **kwargs)
+
+    def _partition_layers(self, method: str = "uniform") -> None:
+        if self._explicit_boundaries is None:
+            return super()._partition_layers(method)
+        # DeepSpeed knows only named methods; an explicit split sets the same two things they set.
+        self.parts = self._explicit_boundaries
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+
+def build_pipeline(specs: list, loss_fn, topo: Topology, partition) -> PipelineModule:
+    """`partition`: "parameters" (balanced by parameter count), "uniform", or blocks per stage."""
+    if isinstance(partition, list):
+        return _PipelineModule(layers=specs, loss_fn=loss_fn, topology=deepspeed_topology(topo),
+                               boundaries=stage_boundaries(partition))
+    return _PipelineModule(layers=specs, loss_fn=loss_fn, topology=deepspeed_topology(topo),
+                           partition_method=partition)

@@ -1,0 +1,88 @@
+"""Every parallel layout trains the same model as one process.
+
+The same tiny model (initialized identically in every layout), the same data, the same global
+batch, clipping off, fp32, 20 steps. Step 1 equal to the one-process loss within 1e-6 relative,
+every step within rtol 1e-4; gradient norms too. The one-process losses are kept in
+golden_losses.json: a change of numerics anywhere shows up as a drift from that file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from multiproc import run_ranks
+from training import losses, tiny_config, train_each
+
+STEPS = 20
+GOLDEN = Path(__file__).with_name("golden_losses.json")
+
+# name -> overrides; grouped by world size so that each group shares one set of processes
+LAYOUTS_2 = {
+    "dp2-zero0": {"parallel.zero_stage": 0},
+    "dp2-zero1": {"parallel.zero_stage": 1},
+    "dp2-zero2": {"parallel.zero_stage": 2},
+    "dp2-zero3": {"parallel.zero_stage": 3},
+    "tp2": {"parallel.tp": 2},
+    "pp2": {"parallel.pp": 2},
+    "pp2-uneven-list": {"parallel.pp": 2, "parallel.pipeline_partition": "[1,3]"},
+}
+LAYOUTS_4 = {
+    "tp2-pp2": {"parallel.tp": 2, "parallel.pp": 2},
+    "dp2-pp2": {"parallel.pp": 2, "parallel.zero_stage": 1},
+    "dp2-tp2-zero1": {"parallel.tp": 2, "parallel.zero_stage": 1},
+}
+LAYOUTS_8 = {"dp2-tp2-pp2": {"parallel.tp": 2, "parallel.pp": 2, "parallel.zero_stage": 1}}
+
+
+def parity_config(run_dir: Path, shards: Path, **overrides):
+    common = {"train.steps": STEPS, "train.grad_clip": 0, "model.num_layers": 4}
+    return tiny_config(run_dir, shards, **{**common, **overrides})
+
+
+def run_layouts(world_size: int, layouts: dict, tmp_path: Path, shards: Path) -> dict:
+    configs = [parity_config(tmp_path / name, shards, **o) for name, o in layouts.items()]
+    runs = run_ranks(world_size, train_each, configs)[0]
+    return dict(zip(layouts, runs))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, byte_shards) -> list[dict]:
+    run_dir = tmp_path_factory.mktemp("parity") / "single"
+    (rows,) = run_ranks(1, train_each, [parity_config(run_dir, byte_shards)])[0]
+    return rows
+
+
+def assert_same_training(name: str, rows: list[dict], reference: list[dict]) -> None:
+    got, expected = losses(rows), losses(reference)
+    assert len(got) == STEPS, name
+    assert abs(got[0] - expected[0]) <= 1e-6 * abs(expected[0]), f"{name}: step 1"
+    assert got == pytest.approx(expected, rel=1e-4), f"{name}: losses"
+    norms = [r["grad_norm"] for r in rows]
+    assert norms == pytest.approx([r["grad_norm"] for r in reference], rel=1e-4), f"{name}: grad norms"
+
+
+def test_one_process_matches_golden_file(reference):
+    """TESSERA_UPDATE_GOLDEN=1 rewrites the file (when numerics change on purpose)."""
+    if os.environ.get("TESSERA_UPDATE_GOLDEN") == "1":
+        GOLDEN.write_text(json.dumps({"steps": STEPS, "losses": losses(reference)}, indent=1) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+    assert losses(reference) == pytest.approx(golden["losses"], rel=1e-5)
+
+
+def test_two_rank_layouts(tmp_path, byte_shards, reference):
+    for name, rows in run_layouts(2, LAYOUTS_2, tmp_path, byte_shards).items():
+        assert_same_training(name, rows, reference)
+
+
+def test_four_rank_layouts(tmp_path, byte_shards, reference):
+    for name, rows in run_layouts(4, LAYOUTS_4, tmp_path, byte_shards).items():
+        assert_same_training(name, rows, reference)
+
+
+@pytest.mark.slow
+def test_eight_rank_layout(tmp_path, byte_shards, reference):
+    for name, rows in run_layouts(8, LAYOUTS_8, tmp_path, byte_shards).items():
+        assert_same_training(name, rows, reference)
