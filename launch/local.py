@@ -23,8 +23,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_local(nproc_per_node: int, module_args: list[str]) -> int:
-    """Start `nproc_per_node` ranks of `python -m tessera <module_args>`; returns the exit code."""
+def launch_local(nproc_per_node: int, args: list[str], module: bool = True) -> int:
+    """Start `nproc_per_node` ranks of `python -m tessera <args>` (or `python <args>` with
+    module=False, for a script); returns the exit code."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -41,7 +42,8 @@ def launch_local(nproc_per_node: int, module_args: list[str]) -> int:
         start_method="spawn",
     )
     try:
-        elastic_launch(config, entrypoint=sys.executable)("-m", "tessera", *module_args)
+        argv = ["-m", "tessera", *args] if module else args
+        elastic_launch(config, entrypoint=sys.executable)(*argv)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         print(f"tessera: rank {rank} failed with exit code {failure.exitcode}; its output is above",

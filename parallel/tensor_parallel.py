@@ -72,10 +72,30 @@ def row_parallel(config: ModelParallelConfig, in_features: int, out_features: in
 
 def vocab_parallel_embedding(config: ModelParallelConfig, padded_vocab_size: int, hidden_size: int):
     layer = mcore_tp.VocabParallelEmbedding(
-        padded_vocab_size, hidden_size, init_method=_no_init, config=config
+        padded_vocab_size, hidden_size, init_method=_no_init, config=config,
+        reduce_scatter_embeddings=config.sequence_parallel,
     )
     _mark_sharded(layer.weight, dim=0)
     return layer
+
+
+def replicated(module: torch.nn.Module, config: ModelParallelConfig) -> torch.nn.Module:
+    """A module whose weights every tensor-parallel rank holds whole (norms).
+
+    With sequence parallelism each rank sees only its slice of the sequence, so its gradient is
+    partial: a hook sums it over the tensor-parallel group as it is produced (megatron-core's own
+    trainer does this in its grad finalization, which DeepSpeed does not run).
+    """
+    if config.sequence_parallel:
+        for param in module.parameters():
+            param.register_hook(_sum_over_tensor_parallel)
+    return module
+
+
+def _sum_over_tensor_parallel(grad: torch.Tensor) -> torch.Tensor:
+    grad = grad.clone()
+    torch.distributed.all_reduce(grad, group=parallel_state.get_tensor_model_parallel_group())
+    return grad
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

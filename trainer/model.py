@@ -66,6 +66,7 @@ class Embedding(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.padded_vocab_size = padded_vocab_size
+        self.sequence_parallel = mp_config.sequence_parallel
         self.embed = tpl.vocab_parallel_embedding(mp_config, padded_vocab_size, cfg.hidden_size)
         if cfg.tie_embeddings:  # a weightless vocabulary-parallel projection using embed.weight
             self.tied_head = tpl.column_parallel(
@@ -73,6 +74,8 @@ class Embedding(nn.Module):
             )
 
     def forward(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:  # megatron-core transposes and scatters the sequence itself
+            return self.embed(input_ids_BS)
         x_BSH = self.embed(input_ids_BS)
         return x_BSH.transpose(0, 1).contiguous()
 
@@ -98,10 +101,10 @@ class Block(nn.Module):
         self.num_heads_local = cfg.num_heads // tp
         self.num_kv_heads_local = cfg.num_kv_heads // tp
         head_dim, hidden, ffn = cfg.head_dim, cfg.hidden_size, cfg.ffn_hidden_size
-        self.attn_norm = RMSNorm(hidden, cfg.norm_eps)
+        self.attn_norm = tpl.replicated(RMSNorm(hidden, cfg.norm_eps), mp_config)
         self.qkv = tpl.column_parallel(mp_config, hidden, (cfg.num_heads + 2 * cfg.num_kv_heads) * head_dim)
         self.o = tpl.row_parallel(mp_config, cfg.num_heads * head_dim, hidden)
-        self.mlp_norm = RMSNorm(hidden, cfg.norm_eps)
+        self.mlp_norm = tpl.replicated(RMSNorm(hidden, cfg.norm_eps), mp_config)
         self.gate_up = tpl.column_parallel(mp_config, hidden, 2 * ffn)
         self.down = tpl.row_parallel(mp_config, ffn, hidden)
 
@@ -119,9 +122,9 @@ class Block(nn.Module):
         return x_SBH + mlp_SBH
 
     def _attention(self, h_SBH: torch.Tensor) -> torch.Tensor:
-        seq_len, batch = h_SBH.shape[0], h_SBH.shape[1]
         head_dim = self.cfg.head_dim
-        qkv_SBX, _ = self.qkv(h_SBH)
+        qkv_SBX, _ = self.qkv(h_SBH)  # with sequence parallelism, gathered to the full sequence
+        seq_len, batch = qkv_SBX.shape[0], qkv_SBX.shape[1]
         q_size = self.num_heads_local * head_dim
         kv_size = self.num_kv_heads_local * head_dim
         q, k, v = qkv_SBX.split([q_size, kv_size, kv_size], dim=-1)
@@ -161,10 +164,10 @@ class Block(nn.Module):
 
 
 class FinalNorm(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, mp_config):
         super().__init__()
         self.cfg = cfg
-        self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.final_norm = tpl.replicated(RMSNorm(cfg.hidden_size, cfg.norm_eps), mp_config)
 
     def forward(self, x_SBH: torch.Tensor) -> torch.Tensor:
         return self.final_norm(x_SBH)
@@ -207,7 +210,7 @@ class Llama(nn.Module):
         self.blocks = nn.ModuleList([
             Block(cfg, mp_config, i, checkpoint_activations) for i in range(cfg.num_layers)
         ])
-        self.final_norm = FinalNorm(cfg)
+        self.final_norm = FinalNorm(cfg, mp_config)
         if not cfg.tie_embeddings:
             self.output = OutputLayer(cfg, mp_config, padded_vocab_size)
 
@@ -261,7 +264,7 @@ def pipeline_layer_specs(cfg: ModelConfig, tp: int, params_dtype: torch.dtype = 
         last = LayerSpec(OutputLayer, *embed_args)
     blocks = [LayerSpec(Block, cfg, mp_config, i, checkpoint_activations)
               for i in range(cfg.num_layers)]
-    return [first, *blocks, LayerSpec(FinalNorm, cfg), last]
+    return [first, *blocks, LayerSpec(FinalNorm, cfg, mp_config), last]
 
 
 @torch.no_grad()

@@ -1,0 +1,131 @@
+"""Config: YAML + overrides into typed dataclasses; every mistake names its key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tessera.trainer.config import ConfigError, load_config, validate
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "configs" / "demo.yaml"
+
+
+def test_yaml_and_overrides_merge_into_typed_dataclasses():
+    cfg = load_config(DEMO, ["train.steps=7", "--parallel.tp=1", "model.rope_theta=500000",
+                             "data.shards=[a,b]"])
+    assert cfg.train.steps == 7 and cfg.parallel.tp == 1
+    assert cfg.model.rope_theta == 500000.0 and isinstance(cfg.model.rope_theta, float)
+    assert cfg.data.shards == ["a", "b"]
+    assert cfg.model.hidden_size == 128  # from the YAML
+    assert cfg.run.seed == 1234
+
+
+def test_shipped_configs_validate():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        validate(cfg)
+    big = load_config(REPO / "configs" / "llama-1b.yaml")
+    validate(big, world_size=big.slurm.nodes * big.slurm.tasks_per_node)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("trian.steps=3", "unknown config key 'trian'; did you mean 'train'?"),
+    ("train.setps=3", "unknown config key 'train.setps'; did you mean 'train.steps'?"),
+    ("model.hiden_size=3", "did you mean 'model.hidden_size'?"),
+])
+def test_unknown_key_names_the_nearest_valid_key(override, expected):
+    with pytest.raises(ConfigError, match=expected.replace("?", r"\?").replace("(", r"\(")):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.steps=abc", "'train.steps' must be int, got str 'abc'"),
+    ("train.lr=fast", "'train.lr' must be float"),
+    ("model.tie_embeddings=3", "'model.tie_embeddings' must be bool"),
+    ("train.steps=2.5", "'train.steps' must be int, got float"),
+    ("train=3", "train: expected a mapping"),
+])
+def test_wrong_type_names_key_and_expected_type(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, [override])
+
+
+def test_malformed_override_and_missing_file():
+    with pytest.raises(ConfigError, match="not of the form dotted.key=value"):
+        load_config(None, ["train.steps"])
+    with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
+        load_config("nope.yaml")
+
+
+@pytest.mark.parametrize("overrides, world_size, key, text", [
+    (["model.num_heads=6"], None, "model.hidden_size", "not divisible by model.num_heads=6"),
+    (["model.num_kv_heads=3"], None, "model.num_kv_heads", "does not divide model.num_heads=4"),
+    (["parallel.tp=3"], None, "parallel.tp", "does not divide model.num_heads=4"),
+    (["model.num_kv_heads=1", "parallel.tp=2"], None, "parallel.tp", "does not divide model.num_kv_heads=1"),
+    (["parallel.zero_stage=4"], None, "parallel.zero_stage", "must be 0, 1, 2 or 3"),
+    (["parallel.pp=2", "parallel.zero_stage=2"], None, "parallel.zero_stage", "supports only stages 0 and 1"),
+    (["parallel.pp=2", "parallel.zero_stage=3"], None, "parallel.zero_stage", "supports only stages 0 and 1"),
+    (["parallel.pp=3"], None, "parallel.pp", "exceeds model.num_layers=2"),
+    (["parallel.pp=2", "parallel.pipeline_partition=[1,2]"], None, "parallel.pipeline_partition", "sums to 3 blocks but model.num_layers=2"),
+    (["parallel.pp=2", "parallel.pipeline_partition=[2]"], None, "parallel.pipeline_partition", "lists 1 stages but parallel.pp=2"),
+    (["parallel.pipeline_partition=balanced"], None, "parallel.pipeline_partition", "must be parameters, uniform"),
+    (["parallel.sequence_parallel=true"], None, "parallel.sequence_parallel", "needs tensor parallelism"),
+    (["train.precision=fp16"], None, "train.precision", "must be fp32 or bf16"),
+    (["train.activation_checkpointing=some"], None, "train.activation_checkpointing", "must be none or full"),
+    (["train.global_batch_size=10", "train.micro_batch_size=4"], None, "train.global_batch_size", "not divisible by train.micro_batch_size=4"),
+    (["train.min_lr=1.0"], None, "train.min_lr", "must lie between 0 and train.lr"),
+    (["train.grad_clip=-1"], None, "train.grad_clip", "must be >= 0"),
+    (["parallel.tp=2"], 3, "parallel.tp", "world size 3 is not divisible by tp\\*pp = 2\\*1 = 2"),
+    (["train.global_batch_size=8", "train.micro_batch_size=4"], 4, "train.global_batch_size", "not divisible by train.micro_batch_size\\*dp = 4\\*4"),
+])
+def test_cross_field_errors_name_the_key(overrides, world_size, key, text):
+    cfg = load_config(None, overrides)
+    with pytest.raises(ConfigError, match=f"config key '{key}': .*{text}"):
+        validate(cfg, world_size)
+
+
+def test_sequence_parallel_without_cuda_is_a_clear_error(tmp_path, byte_shards):
+    from tessera.trainer.train import train
+
+    cfg = load_config(None, ["parallel.tp=2", "parallel.sequence_parallel=true",
+                             f"data.shards={byte_shards}", f"run.dir={tmp_path}"])
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="'parallel.sequence_parallel': needs CUDA"):
+        train(cfg)
+    assert not (tmp_path / "config.yaml").exists()  # nothing started
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tessera", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+
+
+def test_print_config_prints_the_resolved_config():
+    result = run_cli("print-config", "--config", str(DEMO), "train.steps=42", "--model.num_layers=3")
+    assert result.returncode == 0, result.stderr
+    loaded = __import__("yaml").safe_load(result.stdout)
+    assert loaded["train"]["steps"] == 42 and loaded["model"]["num_layers"] == 3
+    assert loaded["model"]["hidden_size"] == 128
+
+
+@pytest.mark.parametrize("args, text", [
+    (["train.stepz=3"], "unknown config key 'train.stepz'; did you mean 'train.steps'?"),
+    (["model.num_heads=3"], "config key 'model.hidden_size'"),
+    (["parallel.tp=3"], "config key 'parallel.tp'"),
+])
+def test_cli_errors_are_one_line_and_nonzero(args, text):
+    result = run_cli("train", "--config", str(DEMO), *args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tessera train: error: ") and text in lines[0]
+
+
+def test_train_refuses_a_layout_the_world_size_does_not_divide():
+    result = run_cli("train", "--config", str(DEMO), "launch.nproc_per_node=3")
+    assert result.returncode == 2
+    assert "world size 3 is not divisible by tp*pp = 2*1 = 2" in result.stderr
