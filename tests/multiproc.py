@@ -1,4 +1,5 @@
-"""Run one function on N fresh processes joined in a gloo process group (CPU), like torchrun.
+"""Run one function on N fresh processes joined in one process group (gloo on CPU, or nccl with
+one GPU per rank), like torchrun.
 
 `fn` must be importable (module level) because processes are spawned. Each rank's return value
 comes back in rank order; an exception on any rank fails the caller with that rank's traceback.
@@ -19,15 +20,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results) -> None:
+def _entry(rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple,
+           results) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
     try:
+        import torch
         import torch.distributed as dist
 
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
         results.put((rank, True, fn(*args)))
     except BaseException:  # noqa: BLE001 - reported to the parent
         results.put((rank, False, traceback.format_exc()))
@@ -38,11 +43,12 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, res
             dist.destroy_process_group()
 
 
-def run_ranks(world_size: int, fn: Callable, *args: Any, timeout_s: float = 600) -> list[Any]:
+def run_ranks(world_size: int, fn: Callable, *args: Any, timeout_s: float = 600,
+              backend: str = "gloo") -> list[Any]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, results))
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, backend, fn, args, results))
              for r in range(world_size)]
     for p in procs:
         p.start()

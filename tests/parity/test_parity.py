@@ -86,3 +86,18 @@ def test_four_rank_layouts(tmp_path, byte_shards, reference):
 def test_eight_rank_layout(tmp_path, byte_shards, reference):
     for name, rows in run_layouts(8, LAYOUTS_8, tmp_path, byte_shards).items():
         assert_same_training(name, rows, reference)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available()
+                    or __import__("torch").cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_two_rank_layouts_on_gpu_bf16(tmp_path, byte_shards):
+    """nccl and bf16: every layout within rtol 2e-2 of one GPU in bf16."""
+    bf16 = {"train.precision": "bf16"}
+    (single,) = run_ranks(1, train_each, [parity_config(tmp_path / "single", byte_shards, **bf16)],
+                          backend="nccl")[0]
+    configs = [parity_config(tmp_path / name, byte_shards, **o, **bf16)
+               for name, o in LAYOUTS_2.items()]
+    runs = run_ranks(2, train_each, configs, backend="nccl")[0]
+    for name, rows in zip(LAYOUTS_2, runs):
+        assert losses(rows) == pytest.approx(losses(single), rel=2e-2), name
