@@ -101,10 +101,16 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         raise DataError(f"{path}: no manifest; is this a directory written by `tessera prepare`?")
+    return parse_manifest(path.read_text(), str(path))
+
+
+def parse_manifest(text: str, where: str) -> Manifest:
+    """A manifest from its JSON text; `where` (a path or URL) names it in errors."""
     try:
-        raw = json.loads(path.read_text())
-        if raw.get("format") != FORMAT_NAME:
-            raise DataError(f"{path}: not a Tessera manifest (format={raw.get('format')!r})")
+        raw = json.loads(text)
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
+            found = raw.get("format") if isinstance(raw, dict) else None
+            raise DataError(f"{where}: not a Tessera manifest (format={found!r})")
         return Manifest(
             tokenizer=TokenizerInfo(**raw["tokenizer"]),
             dtype=raw["dtype"],
@@ -113,4 +119,4 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
             version=raw["version"],
         )
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise DataError(f"{path}: malformed manifest ({e})") from e
+        raise DataError(f"{where}: malformed manifest ({e})") from e

@@ -1,324 +1,349 @@
 """The streaming training loader: packed token windows, exact resume, any data-parallel size.
 
-The shards are read through a fixed number L of streams (`data.streams`), independent of the
-data-parallel size D. In epoch e, stream l reads the shards perm_e[l::L] (perm_e: the shard list
-permuted by a generator seeded with (seed, e); the identity without shuffling), each shard's
-documents in order; a stream is the endless concatenation of its epochs, cut into windows of
-seq_len + 1 tokens across document, shard and epoch boundaries.
+The data is read through a fixed number L of streams (`data.streams`), independent of the
+data-parallel size D. Global batch k is stream 0's G/L windows for step k, then stream 1's, ...
+Rank r of D owns the rows of streams [r*L/D, (r+1)*L/D), so the global batch does not depend on
+D, and ranks read disjoint shards.
 
-Global batch k is stream 0's windows for step k, then stream 1's, ... (G / L rows per stream).
-Rank r of D owns the contiguous rows of streams [r*L/D, (r+1)*L/D), so the global batch does not
-depend on D and ranks read disjoint shards. Resuming at step k starts every stream at window
-k*G/L: the manifest token counts locate the epoch, shard and offset without reading earlier data.
+Each source (one for `data.shards`; several weighted `data.sources`) is split into lanes: in
+epoch e, lane j of a source with L_s lanes reads the shards perm_e[j::L_s] (perm_e: the source's
+shards permuted by a generator seeded with (seed, source, e)). A lane is the endless concatenation
+of its epochs, cut into windows of seq_len + 1 tokens across document, shard and epoch boundaries.
+L_s is the largest divisor of L not above the source's shard count; stream l takes the windows
+l // L_s, l // L_s + L/L_s, ... of lane l % L_s (every window of it when L_s = L).
+
+Stream l's n-th window comes from the source `mixture.Schedule` assigns it (always the one source
+without a mixture). With `data.shuffle_buffer` B > 0, a stream's windows are emitted in blocks of
+B, each block in the order of a permutation seeded by (seed, stream, block).
+
+Everything is a pure function of the step: resuming at step k starts each stream at window
+k*G/L, the schedule's closed-form counts give each source's window there, and the manifest token
+counts locate the epoch, shard and offset of that window in its lane without reading earlier data
+(at most one shuffle block is read again).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
-import hashlib
-import os
-import tarfile
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+import logging
+from collections.abc import Iterator, Mapping, Sequence
 
-import braceexpand
 import numpy as np
 import torch
-from tessera.data.format import (
-    MANIFEST_NAME,
-    TOKENS_EXT,
-    DataError,
-    Manifest,
-    TokenizerInfo,
-    decode_tokens,
-    read_manifest,
+from tessera.data.format import DataError
+from tessera.data.mixture import SHARD_ORDER_TAG, Segment, StreamPlan, block_permutation
+from tessera.data.reader import BadSamples, read_shard
+from tessera.data.sources import (
+    DEFAULT_SOURCE,
+    ResolvedShard,
+    ShardsSpec,
+    Source,
+    resolve_data,
+    resolve_shards,
+    shards_fingerprint,
 )
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
-ShardsSpec = str | os.PathLike | Sequence[str | os.PathLike]
+__all__ = [
+    "DataError",
+    "ResolvedShard",
+    "Source",
+    "TrainLoader",
+    "choose_num_streams",
+    "default_num_streams",
+    "resolve_data",
+    "resolve_shards",
+    "shards_fingerprint",
+]
 
-STATE_FIELDS = ("num_streams", "seq_len", "global_batch_size", "seed", "shuffle")
+STATE_FIELDS = ("num_streams", "seq_len", "global_batch_size", "seed", "shuffle", "shuffle_buffer")
+DEFAULT_MAX_CONSECUTIVE_ERRORS = 100
+DEFAULT_SHUFFLE_BUFFER = 32  # windows per stream shuffled together
 
-
-@dataclasses.dataclass(frozen=True)
-class ResolvedShard:
-    path: str  # absolute path of the tar file
-    num_tokens: int  # from the manifest of the shard's directory
-    num_samples: int
-    dtype: str
-
-    @property
-    def url(self) -> str:
-        return self.path
-
-
-# ---------------------------------------------------------------------------------------------
-# Resolving `data.shards`
-
-
-def _has_glob_magic(pattern: str) -> bool:
-    return any(c in pattern for c in "*?[")
-
-
-def _manifest_shards(directory: str, manifest: Manifest) -> list[ResolvedShard]:
-    return [
-        ResolvedShard(
-            path=os.path.abspath(os.path.join(directory, s.path)),
-            num_tokens=s.num_tokens,
-            num_samples=s.num_samples,
-            dtype=manifest.dtype,
-        )
-        for s in manifest.shards
-    ]
-
-
-def _tokenizer_identity(directory: str, info: TokenizerInfo) -> tuple:
-    """What must agree across manifests: ids mean the same tokens (hf: same tokenizer file)."""
-    file_sha256 = None
-    if info.kind == "hf" and info.file is not None:
-        path = Path(directory) / info.file
-        if path.is_file():
-            file_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
-    return (info.kind, info.vocab_size, info.eos_id, file_sha256)
-
-
-class _ManifestCache:
-    def __init__(self) -> None:
-        self._by_dir: dict[str, tuple[Manifest, dict[str, ResolvedShard]]] = {}
-
-    def get(self, directory: str) -> tuple[Manifest, dict[str, ResolvedShard]]:
-        directory = os.path.abspath(directory)
-        if directory not in self._by_dir:
-            manifest = read_manifest(directory)
-            by_path = {s.path: s for s in _manifest_shards(directory, manifest)}
-            self._by_dir[directory] = (manifest, by_path)
-        return self._by_dir[directory]
-
-    def items(self) -> list[tuple[str, Manifest]]:
-        return [(d, m) for d, (m, _) in self._by_dir.items()]
-
-
-def _resolve_directory(directory: str, cache: _ManifestCache) -> list[ResolvedShard]:
-    _, by_path = cache.get(directory)
-    if not by_path:
-        raise DataError(f"{os.path.join(directory, MANIFEST_NAME)}: the manifest lists no shards")
-    for shard in by_path.values():
-        if not os.path.isfile(shard.path):
-            raise DataError(f"{shard.path}: shard listed in its manifest is missing on disk")
-    return list(by_path.values())
-
-
-def _resolve_file(path: str, cache: _ManifestCache) -> ResolvedShard:
-    path = os.path.abspath(path)
-    _, by_path = cache.get(os.path.dirname(path))
-    if path not in by_path:
-        manifest_path = os.path.join(os.path.dirname(path), MANIFEST_NAME)
-        raise DataError(f"{path}: shard is not listed in {manifest_path}")
-    return by_path[path]
-
-
-def _resolve_pattern(pattern: str, cache: _ManifestCache) -> list[ResolvedShard]:
-    shards: list[ResolvedShard] = []
-    for expanded in braceexpand.braceexpand(pattern):
-        if _has_glob_magic(expanded):
-            matches = sorted(glob.glob(expanded))
-            if not matches:
-                raise DataError(f"data.shards: {expanded!r} matched nothing")
-        elif os.path.exists(expanded):
-            matches = [expanded]
-        else:
-            raise DataError(f"{expanded}: no such shard or directory (data.shards)")
-        for match in matches:
-            if os.path.isdir(match):
-                shards.extend(_resolve_directory(match, cache))
-            else:
-                shards.append(_resolve_file(match, cache))
-    return shards
-
-
-def _check_consistent(cache: _ManifestCache) -> None:
-    items = cache.items()
-    first_dir, first = items[0]
-    first_tokenizer = _tokenizer_identity(first_dir, first.tokenizer)
-    for directory, manifest in items[1:]:
-        if manifest.dtype != first.dtype:
-            raise DataError(
-                f"{directory}: token dtype {manifest.dtype} differs from {first.dtype} "
-                f"of {first_dir} (data.shards mixes prepared directories)"
-            )
-        if _tokenizer_identity(directory, manifest.tokenizer) != first_tokenizer:
-            raise DataError(
-                f"{directory}: tokenizer differs from the one of {first_dir} "
-                f"(data.shards mixes prepared directories)"
-            )
-
-
-def resolve_shards(spec: ShardsSpec) -> list[ResolvedShard]:
-    """The shards named by `data.shards`, in order.
-
-    `spec` is a prepared directory (all its shards in manifest order), a glob and/or brace
-    pattern of shard files, or a list of those. Every shard must be listed in the manifest of its
-    own directory, which gives its token count.
-    """
-    items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
-    cache = _ManifestCache()
-    shards: list[ResolvedShard] = []
-    for item in items:
-        shards.extend(_resolve_pattern(os.fspath(item), cache))
-    if not shards:
-        raise DataError(f"data.shards: {spec!r} matched nothing")
-    seen: set[str] = set()
-    for shard in shards:
-        if shard.path in seen:
-            raise DataError(f"{shard.path}: shard named twice by data.shards")
-        seen.add(shard.path)
-    _check_consistent(cache)
-    return shards
-
-
-def shards_fingerprint(shards: Sequence[ResolvedShard]) -> str:
-    """Identifies the shard list for resume checks; basenames only, so the data may move."""
-    digest = hashlib.sha256()
-    for shard in shards:
-        digest.update(f"{os.path.basename(shard.path)}\t{shard.num_tokens}\n".encode())
-    return digest.hexdigest()
+log = logging.getLogger("tessera.data")
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading one stream
+# Lanes: one source's shards, read in a seeded order per epoch
 
 
-def read_shard_tokens(path: str, dtype: str) -> Iterator[np.ndarray]:
-    """The token arrays of a shard's documents, in order (streamed with webdataset)."""
-    try:
-        with open(path, "rb") as stream:
-            files = tar_file_expander(
-                [{"url": path, "stream": stream}],
-                select_files=lambda name: name.endswith("." + TOKENS_EXT),
-            )
-            for sample in group_by_keys(files):
-                if TOKENS_EXT not in sample:
-                    raise DataError(f"{path}: sample {sample['__key__']} has no .{TOKENS_EXT}")
-                yield decode_tokens(sample[TOKENS_EXT], dtype)
-    except DataError:
-        raise
-    except (OSError, tarfile.TarError, ValueError) as e:
-        raise DataError(f"{path}: unreadable shard ({e})") from e
-
-
-def _shard_tokens(shard: ResolvedShard, skip_tokens: int) -> Iterator[np.ndarray]:
-    """A shard's tokens from `skip_tokens` on; checks the manifest's count once read through."""
-    num_tokens_seen = 0
-    for tokens in read_shard_tokens(shard.path, shard.dtype):
-        start = num_tokens_seen
-        num_tokens_seen += len(tokens)
-        if num_tokens_seen > skip_tokens:
-            yield tokens[max(0, skip_tokens - start) :]
-    if num_tokens_seen != shard.num_tokens:
-        raise DataError(
-            f"{shard.path}: holds {num_tokens_seen} tokens but its manifest says "
-            f"{shard.num_tokens}; the shard changed after `tessera prepare`"
-        )
-
-
-def epoch_shard_order(num_shards: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
+def epoch_shard_order(num_shards: int, epoch: int, seed: int, shuffle: bool, key: int = 0):
     if not shuffle:
         return np.arange(num_shards)
-    return np.random.default_rng([seed, epoch]).permutation(num_shards)
+    return np.random.default_rng([seed, SHARD_ORDER_TAG, key, epoch]).permutation(num_shards)
+
+
+def lanes_for(num_streams: int, num_shards: int) -> int:
+    """The largest divisor of num_streams that is at most num_shards."""
+    return max(d for d in range(1, min(num_streams, num_shards) + 1) if num_streams % d == 0)
 
 
 @dataclasses.dataclass(frozen=True)
-class StreamSpec:
-    shards: tuple[ResolvedShard, ...]
-    num_streams: int
+class Lane:
+    source: Source
+    index: int
+    num_lanes: int
     seed: int
     shuffle: bool
 
-    def shard_indices(self, stream: int, epoch: int) -> np.ndarray:
-        order = epoch_shard_order(len(self.shards), epoch, self.seed, self.shuffle)
-        return order[stream :: self.num_streams]
+    def shard_indices(self, epoch: int) -> np.ndarray:
+        order = epoch_shard_order(
+            len(self.source.shards), epoch, self.seed, self.shuffle, self.source.key
+        )
+        return order[self.index :: self.num_lanes]
 
-    def locate(self, stream: int, token_offset: int) -> tuple[int, int, int]:
+    def locate(self, token_offset: int) -> tuple[int, int, int]:
         """(epoch, position in that epoch's shard list, tokens to skip in that shard)."""
+        shards = self.source.shards
         epoch = 0
         if not self.shuffle:  # every epoch is the same size
-            epoch_tokens = sum(self.shards[i].num_tokens for i in self.shard_indices(stream, 0))
+            epoch_tokens = sum(shards[i].num_tokens for i in self.shard_indices(0))
             epoch, token_offset = divmod(token_offset, epoch_tokens)
         while True:
-            for position, index in enumerate(self.shard_indices(stream, epoch)):
-                num_tokens = self.shards[index].num_tokens
+            for position, index in enumerate(self.shard_indices(epoch)):
+                num_tokens = shards[index].num_tokens
                 if token_offset < num_tokens:
                     return epoch, position, token_offset
                 token_offset -= num_tokens
             epoch += 1
 
-    def tokens(self, stream: int, start_token: int) -> Iterator[np.ndarray]:
-        """Stream `stream`'s endless token sequence from token `start_token` on."""
-        epoch, position, skip_tokens = self.locate(stream, start_token)
+    def items(
+        self, start_token: int, max_consecutive_errors: int
+    ) -> Iterator[np.ndarray | BadSamples]:
+        """The lane's token arrays from `start_token` on, with BadSamples events at their place
+        (none before `start_token`); EOS filler stands in for what a damaged shard lost."""
+        epoch, position, skip_tokens = self.locate(start_token)
+        consecutive = 0
         while True:
-            for index in self.shard_indices(stream, epoch)[position:]:
-                yield from _shard_tokens(self.shards[index], skip_tokens)
+            for index in self.shard_indices(epoch)[position:]:
+                shard = self.source.shards[index]
+                seen = 0  # tokens of this shard passed so far
+                for item in read_shard(shard):
+                    if isinstance(item, BadSamples):
+                        consecutive += item.count
+                        if consecutive > max_consecutive_errors:
+                            raise DataError(
+                                f"{item.message or shard.path}: more than "
+                                f"{max_consecutive_errors} bad samples in a row "
+                                f"(data.max_consecutive_errors); stopping"
+                            )
+                        if seen >= skip_tokens and (item.count or item.message):
+                            yield item
+                        if not item.filler_tokens:
+                            continue
+                        item = np.full(item.filler_tokens, shard.eos_id, dtype=shard.dtype)
+                    else:
+                        consecutive = 0
+                    end = seen + len(item)
+                    if end > skip_tokens:
+                        yield item[max(0, skip_tokens - seen) :]
+                    seen = end
                 skip_tokens = 0
             position = 0
             epoch += 1
 
 
-class _WindowCutter:
-    """Cuts a token stream into consecutive windows, copying each token once."""
+class _LaneCutter:
+    """Cuts this stream's windows out of a lane: every `stride`-th window, from `offset` on."""
 
-    def __init__(self, tokens: Iterator[np.ndarray], window_tokens: int) -> None:
-        self._tokens = tokens
+    def __init__(
+        self,
+        lane: Lane,
+        first_window: int,  # this stream's index (in its own windows of this source) to start at
+        stride: int,
+        offset: int,
+        window_tokens: int,
+        max_consecutive_errors: int,
+        on_bad,
+    ) -> None:
+        self._stride = stride
+        self._offset = offset
         self._window_tokens = window_tokens
-        self._head = np.empty(0, dtype=np.int64)
+        self._pos = (first_window * stride + offset) * window_tokens  # lane token position
+        self._items = lane.items(self._pos, max_consecutive_errors)
+        self._dtype = np.dtype(lane.source.shards[0].dtype)
+        self._head = np.empty(0, dtype=self._dtype)
         self._head_pos = 0
+        self._on_bad = on_bad
+
+    def _refill(self) -> None:
+        while True:
+            item = next(self._items)
+            if isinstance(item, BadSamples):
+                # Counted once, by the stream that owns the window the event falls in.
+                if (self._pos // self._window_tokens) % self._stride == self._offset:
+                    self._on_bad(item)
+                continue
+            if len(item):
+                self._head, self._head_pos = item, 0
+                return
+
+    def _copy(self, out: np.ndarray | None, count: int) -> None:
+        filled = 0
+        while filled < count:
+            if self._head_pos == len(self._head):
+                self._refill()
+            n = min(count - filled, len(self._head) - self._head_pos)
+            if out is not None:
+                out[filled : filled + n] = self._head[self._head_pos : self._head_pos + n]
+            filled += n
+            self._head_pos += n
+            self._pos += n
 
     def take(self, num_windows: int) -> np.ndarray:
-        out = np.empty(num_windows * self._window_tokens, dtype=np.int64)
-        filled = 0
-        while filled < len(out):
-            if self._head_pos == len(self._head):
-                self._head, self._head_pos = next(self._tokens), 0
-            count = min(len(out) - filled, len(self._head) - self._head_pos)
-            out[filled : filled + count] = self._head[self._head_pos : self._head_pos + count]
-            filled += count
-            self._head_pos += count
-        return out.reshape(num_windows, self._window_tokens)
+        out = np.empty((num_windows, self._window_tokens), dtype=self._dtype)
+        if self._stride == 1:
+            self._copy(out.reshape(-1), out.size)
+            return out
+        for row in out:
+            self._copy(row, self._window_tokens)
+            self._copy(None, (self._stride - 1) * self._window_tokens)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Streams
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamConfig:
+    """What every stream shares; plain values, so that it pickles into DataLoader workers."""
+
+    sources: tuple[Source, ...]
+    segments: tuple[Segment, ...]
+    num_streams: int
+    window_tokens: int
+    rows_per_stream: int
+    seed: int
+    shuffle: bool
+    shuffle_buffer: int
+    max_consecutive_errors: int
+    warn: bool
+
+    @property
+    def block_size(self) -> int:
+        return self.shuffle_buffer if self.shuffle and self.shuffle_buffer > 1 else 0
+
+    def plan(self, stream: int) -> StreamPlan:
+        return StreamPlan(stream, self.segments, self.rows_per_stream, self.block_size, self.seed)
+
+
+class _Stream:
+    """One stream's windows from `start_window` on, in blocks, with the bad samples it counted."""
+
+    def __init__(self, config: StreamConfig, stream: int, start_window: int) -> None:
+        self._config = config
+        self._stream = stream
+        self._plan = config.plan(stream)
+        self._sources = {s.name: s for s in config.sources}
+        self._cutters: dict[str, _LaneCutter] = {}
+        self._dtype = np.dtype(config.sources[0].shards[0].dtype)
+        self.skipped = 0  # bad samples counted by this stream so far
+        relative = start_window - self._plan.start_window
+        assert relative >= 0, "a loader starts at or after the last mixture change"
+        block = config.block_size
+        self._next_relative = relative - relative % block if block else relative
+        self._read = self._plan.read_position(self._next_relative)
+        self._block = np.empty((0, config.window_tokens), dtype=self._dtype)
+        self._block_pos = 0
+        if block and relative % block:
+            # Resume inside a block: read it again; its bad samples were counted before.
+            before = self.skipped
+            self._fill()
+            self.skipped = before
+            self._block_pos = relative % block
+
+    def _cutter(self, name: str) -> _LaneCutter:
+        if name not in self._cutters:
+            source = self._sources.get(name)
+            if source is None:
+                raise DataError(f"source {name!r} of the data mixture is not in data.sources")
+            config = self._config
+            num_lanes = lanes_for(config.num_streams, len(source.shards))
+            lane = Lane(source, self._stream % num_lanes, num_lanes, config.seed, config.shuffle)
+            self._cutters[name] = _LaneCutter(
+                lane,
+                first_window=self._read.get(name, 0),
+                stride=config.num_streams // num_lanes,
+                offset=self._stream // num_lanes,
+                window_tokens=config.window_tokens,
+                max_consecutive_errors=config.max_consecutive_errors,
+                on_bad=self._on_bad,
+            )
+        return self._cutters[name]
+
+    def _on_bad(self, event: BadSamples) -> None:
+        self.skipped += event.count
+        if self._config.warn and event.message:
+            log.warning("tessera data: warning: %s", event.message)
+
+    def _fill(self) -> None:
+        config = self._config
+        size = config.block_size or config.rows_per_stream
+        schedule = self._plan.schedule
+        sources = schedule.sources(self._next_relative, size)
+        block = np.empty((size, config.window_tokens), dtype=self._dtype)
+        for index, name in enumerate(schedule.names):
+            rows = np.flatnonzero(sources == index)
+            if len(rows):
+                block[rows] = self._cutter(name).take(len(rows))
+        if config.block_size:
+            number = self._next_relative // config.block_size
+            block = block[
+                block_permutation(config.seed, self._stream, self._plan.segment, number, size)
+            ]
+        self._block, self._block_pos = block, 0
+        self._next_relative += size
+
+    def take(self, num_windows: int) -> np.ndarray:
+        parts = []
+        while num_windows:
+            if self._block_pos == len(self._block):
+                self._fill()
+            n = min(num_windows, len(self._block) - self._block_pos)
+            parts.append(self._block[self._block_pos : self._block_pos + n])
+            self._block_pos += n
+            num_windows -= n
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """One stream's rows for one step, the bad samples counted while reading them, or the
+    error that stopped the stream (a one-line message, raised by the main process)."""
+
+    rows: np.ndarray | None  # [rows_per_stream, seq_len + 1] in the shards' dtype (small to ship)
+    skipped: int = 0
+    error: str | None = None
 
 
 class _StreamChunks(IterableDataset):
-    """Per step, one [rows_per_stream, seq_len + 1] chunk for each of this worker's streams.
+    """Per step, one Chunk for each of this worker's streams.
 
     Worker w of W takes the local streams i with i % W == w; the DataLoader's round-robin over
     workers then hands the chunks to the main process in local-stream order.
     """
 
-    def __init__(
-        self,
-        spec: StreamSpec,
-        streams: Sequence[int],
-        window_tokens: int,
-        rows_per_stream: int,
-        start_window: int,
-    ) -> None:
-        self._spec = spec
+    def __init__(self, config: StreamConfig, streams: Sequence[int], start_window: int) -> None:
+        self._config = config
         self._streams = tuple(streams)
-        self._window_tokens = window_tokens
-        self._rows_per_stream = rows_per_stream
         self._start_window = start_window
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[Chunk]:
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        start_token = self._start_window * self._window_tokens
-        cutters = [
-            _WindowCutter(self._spec.tokens(stream, start_token), self._window_tokens)
-            for stream in self._streams[worker::num_workers]
-        ]
-        while True:
-            for cutter in cutters:
-                yield torch.from_numpy(cutter.take(self._rows_per_stream))
+        try:
+            streams = [
+                _Stream(self._config, stream, self._start_window)
+                for stream in self._streams[worker::num_workers]
+            ]
+            while True:
+                for stream in streams:
+                    before = stream.skipped
+                    rows = stream.take(self._config.rows_per_stream)
+                    yield Chunk(rows, stream.skipped - before)
+        except DataError as e:
+            yield Chunk(None, 0, str(e))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,22 +362,40 @@ def default_num_streams(num_shards: int, global_batch_size: int, dp_size: int) -
     )
 
 
+def choose_num_streams(sources: Sequence[Source], global_batch_size: int, dp_size: int) -> int:
+    """default_num_streams for the largest source (smaller sources share lanes)."""
+    largest = max(len(s.shards) for s in sources)
+    if len(sources) > 1:
+        largest = max(largest, dp_size)
+    return default_num_streams(largest, global_batch_size, dp_size)
+
+
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if value < 1:
             raise DataError(f"{name} must be >= 1, got {value}")
 
 
+def _as_sources(shards) -> list[Source]:
+    if isinstance(shards, Sequence) and not isinstance(shards, str) and shards:
+        if all(isinstance(s, Source) for s in shards):
+            return list(shards)
+        if all(isinstance(s, ResolvedShard) for s in shards):
+            return [Source(DEFAULT_SOURCE, 1.0, tuple(shards))]
+    return resolve_data(shards, None)
+
+
 class TrainLoader:
     """Endless (input_ids, labels) micro-batches of data-parallel rank `dp_rank`.
 
     Each step is `micro_batches_per_step` micro-batches of int64 [micro_batch_size, seq_len].
-    Every `iter()` starts again at `start_step`.
+    Every `iter()` starts again at `start_step` (after `check_resume`, at the saved cursor).
+    `shards` is a `data.shards` spec, a list of ResolvedShard, or a list of Source.
     """
 
     def __init__(
         self,
-        shards: ShardsSpec | Sequence[ResolvedShard],
+        shards: ShardsSpec | Sequence[ResolvedShard] | Sequence[Source],
         *,
         seq_len: int,
         micro_batch_size: int,
@@ -363,13 +406,13 @@ class TrainLoader:
         num_workers: int = 0,
         seed: int = 0,
         shuffle: bool = True,
+        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
         start_step: int = 0,
+        max_consecutive_errors: int = DEFAULT_MAX_CONSECUTIVE_ERRORS,
+        allow_mixture_change: bool = False,
+        warn: bool = True,
     ) -> None:
-        resolved = (
-            list(shards)
-            if isinstance(shards, Sequence) and shards and isinstance(shards[0], ResolvedShard)
-            else resolve_shards(shards)  # type: ignore[arg-type]
-        )
+        sources = _as_sources(shards)
         _check_positive(
             seq_len=seq_len,
             micro_batch_size=micro_batch_size,
@@ -377,19 +420,56 @@ class TrainLoader:
             dp_size=dp_size,
         )
         if num_streams is None:
-            num_streams = default_num_streams(len(resolved), global_batch_size, dp_size)
+            num_streams = choose_num_streams(sources, global_batch_size, dp_size)
         _check_positive(**{"data.streams": num_streams})
+        self._check_layout(
+            sources, global_batch_size, micro_batch_size, dp_rank, dp_size, num_streams, num_workers
+        )
+        for name, value in (
+            ("data.seed", seed),
+            ("start_step", start_step),
+            ("data.shuffle_buffer", shuffle_buffer),
+            ("data.max_consecutive_errors", max_consecutive_errors),
+        ):
+            if value < 0:
+                raise DataError(f"{name} must be >= 0, got {value}")
+
+        self.sources = tuple(sources)
+        self.shards = tuple(s for source in sources for s in source.shards)
+        self.seq_len = seq_len
+        self.micro_batch_size = micro_batch_size
+        self.global_batch_size = global_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.num_streams = num_streams
+        self.num_workers = num_workers
+        self.seed = seed
+        self.shuffle = shuffle
+        self.shuffle_buffer = shuffle_buffer
+        self.start_step = start_step
+        self.max_consecutive_errors = max_consecutive_errors
+        self.allow_mixture_change = allow_mixture_change
+        self.warn = warn
+        self.rows_per_stream = global_batch_size // num_streams
+        local = num_streams // dp_size
+        self.local_streams = range(dp_rank * local, (dp_rank + 1) * local)
+        self.segments: tuple[Segment, ...] = (Segment(0, self.weights),)
+        self.skipped_samples = 0  # over all data-parallel ranks when read through `steps()`
+        self._plans: list[StreamPlan] = []  # for consumed_tokens, built for `_plans_for`
+        self._plans_for: tuple[Segment, ...] | None = None
+        self.fingerprint = shards_fingerprint(self.shards)
+
+    @staticmethod
+    def _check_layout(
+        sources, global_batch_size, micro_batch_size, dp_rank, dp_size, num_streams, num_workers
+    ) -> None:
         if not 0 <= dp_rank < dp_size:
             raise DataError(f"dp_rank {dp_rank} is outside [0, {dp_size})")
         if num_workers < 0:
             raise DataError(f"data.num_workers must be >= 0, got {num_workers}")
-        if seed < 0:
-            raise DataError(f"data.seed must be >= 0, got {seed}")
-        if start_step < 0:
-            raise DataError(f"start_step must be >= 0, got {start_step}")
-        if num_streams > len(resolved):
+        if len(sources) == 1 and num_streams > len(sources[0].shards):
             raise DataError(
-                f"data.streams {num_streams} exceeds the {len(resolved)} shards: lower "
+                f"data.streams {num_streams} exceeds the {len(sources[0].shards)} shards: lower "
                 f"data.streams or prepare more, smaller shards"
             )
         if global_batch_size % num_streams:
@@ -412,49 +492,126 @@ class TrainLoader:
                 f"data.num_workers {num_workers} must divide the {local_streams} streams per "
                 f"data-parallel rank (data.streams {num_streams} / dp {dp_size})"
             )
-        for shard in resolved:
-            if shard.num_tokens == 0:
-                raise DataError(f"{shard.path}: shard holds no tokens")
 
-        self.shards = tuple(resolved)
-        self.seq_len = seq_len
-        self.micro_batch_size = micro_batch_size
-        self.global_batch_size = global_batch_size
-        self.dp_rank = dp_rank
-        self.dp_size = dp_size
-        self.num_streams = num_streams
-        self.num_workers = num_workers
-        self.seed = seed
-        self.shuffle = shuffle
-        self.start_step = start_step
-        self.rows_per_stream = global_batch_size // num_streams
-        self.local_streams = range(dp_rank * local_streams, (dp_rank + 1) * local_streams)
-        self.fingerprint = shards_fingerprint(self.shards)
+    @property
+    def weights(self) -> dict[str, float]:
+        return {s.name: s.weight for s in self.sources}
 
     @property
     def micro_batches_per_step(self) -> int:
         return self.global_batch_size // (self.dp_size * self.micro_batch_size)
 
-    def _dataloader(self) -> DataLoader:
-        dataset = _StreamChunks(
-            StreamSpec(self.shards, self.num_streams, self.seed, self.shuffle),
-            streams=self.local_streams,
+    def stream_config(self) -> StreamConfig:
+        return StreamConfig(
+            sources=self.sources,
+            segments=self.segments,
+            num_streams=self.num_streams,
             window_tokens=self.seq_len + 1,
             rows_per_stream=self.rows_per_stream,
+            seed=self.seed,
+            shuffle=self.shuffle,
+            shuffle_buffer=self.shuffle_buffer,
+            max_consecutive_errors=self.max_consecutive_errors,
+            warn=self.warn,
+        )
+
+    def _dataloader(self) -> DataLoader:
+        dataset = _StreamChunks(
+            self.stream_config(),
+            streams=self.local_streams,
             start_window=self.start_step * self.rows_per_stream,
         )
-        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
+        return DataLoader(
+            dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_keep_chunk
+        )
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _local_steps(self) -> Iterator[tuple[list[tuple[torch.Tensor, torch.Tensor]], int]]:
+        """Per step, this rank's micro-batches and the bad samples its streams counted.
+        Raises DataError (one line) when a stream stopped."""
         chunks = iter(self._dataloader())
         while True:
-            windows = torch.cat([next(chunks) for _ in self.local_streams])
+            rows, skipped = [], 0
+            for _ in self.local_streams:
+                chunk = next(chunks)
+                if chunk.error is not None:
+                    raise DataError(chunk.error)
+                rows.append(chunk.rows)
+                skipped += chunk.skipped
+            windows = torch.from_numpy(np.concatenate(rows).astype(np.int64))
+            micro_batches = []
             for start in range(0, len(windows), self.micro_batch_size):
                 batch = windows[start : start + self.micro_batch_size]
-                yield batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+                micro_batches.append((batch[:, :-1].contiguous(), batch[:, 1:].contiguous()))
+            yield micro_batches, skipped
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches, without talking to other ranks (see `steps`)."""
+        for micro_batches, skipped in self._local_steps():
+            self.skipped_samples += skipped
+            yield from micro_batches
+
+    def steps(self, device: torch.device | str | None = None) -> Iterator[list]:
+        """Each step's micro-batches, as a list, read before any of them is handed out.
+
+        Under torch.distributed this is collective: every rank (whatever its tp/pp position)
+        must draw every step. The ranks agree, in one all-reduce per step, whether any of them
+        hit a data error (then every rank raises the same DataError, naming the rank: no rank is
+        left waiting in a collective) and on the bad samples skipped over all data-parallel ranks.
+        """
+        import torch.distributed as dist
+
+        local = self._local_steps()
+        while True:
+            error, micro_batches, skipped = None, [], 0
+            try:
+                micro_batches, skipped = next(local)
+            except DataError as e:
+                error = str(e)
+            if not (dist.is_available() and dist.is_initialized()):
+                if error is not None:
+                    raise DataError(error)
+                self.skipped_samples += skipped
+                yield micro_batches
+                continue
+            flags = torch.tensor(
+                [int(error is not None), skipped], dtype=torch.int64, device=device
+            )
+            dist.all_reduce(flags)
+            if int(flags[0]):
+                errors: list = [None] * dist.get_world_size()
+                dist.all_gather_object(errors, error)
+                rank = next(r for r, e in enumerate(errors) if e is not None)
+                raise DataError(f"rank {rank}: {errors[rank]}")
+            # Every rank of a data-parallel replica (its tp x pp ranks) read the same data.
+            self.skipped_samples += int(flags[1]) // (dist.get_world_size() // self.dp_size)
+            yield micro_batches
+
+    # -- metrics and the checkpointed cursor ----------------------------------------------
+
+    def consumed_tokens(self, step: int) -> dict[str, int]:
+        """Training tokens (seq_len per sequence) each source supplied before `step`, over all
+        data-parallel ranks (computed, not counted: the same on every rank)."""
+        if len(self.sources) == 1 and len(self.segments) == 1:
+            return {self.sources[0].name: step * self.global_batch_size * self.seq_len}
+        if self._plans_for != self.segments:
+            config = self.stream_config()
+            self._plans = [config.plan(stream) for stream in range(self.num_streams)]
+            self._plans_for = self.segments
+        totals: dict[str, int] = {}
+        for plan in self._plans:
+            for name, windows in plan.emitted(step * self.rows_per_stream).items():
+                totals[name] = totals.get(name, 0) + windows * self.seq_len
+        return totals
+
+    def metrics(self, step: int) -> dict[str, int]:
+        """Entries for the metrics row after `step` steps."""
+        row = {"data/skipped_samples": self.skipped_samples}
+        for name, tokens in sorted(self.consumed_tokens(step).items()):
+            row[f"data/tokens/{name}"] = tokens
+        return row
 
     def state_dict(self, step: int) -> dict:
-        """The data cursor to checkpoint after `step` optimizer steps."""
+        """The data cursor to checkpoint after `step` optimizer steps (plain JSON values)."""
         return {
             "step": step,
             "num_streams": self.num_streams,
@@ -462,16 +619,60 @@ class TrainLoader:
             "global_batch_size": self.global_batch_size,
             "seed": self.seed,
             "shuffle": self.shuffle,
-            "shards_fingerprint": self.fingerprint,
+            "shuffle_buffer": self.shuffle_buffer,
+            "sources": {s.name: s.fingerprint for s in self.sources},
+            "segments": [s.to_json() for s in self.segments],
+            "skipped_samples": self.skipped_samples,
         }
 
     def check_resume(self, state: dict) -> None:
-        """Raise DataError if `state` was saved by a loader whose sample order differs."""
+        """Adopt a checkpointed cursor, or raise DataError if it would change the sample order.
+
+        The data-parallel size and the workers may change. Changed source weights are refused
+        unless `allow_mixture_change`: then the new weights apply from this step on.
+        """
+        if state.get("step") != self.start_step:
+            raise DataError(
+                f"cannot resume the data stream: the checkpoint's cursor is at step "
+                f"{state.get('step')!r}, the loader starts at step {self.start_step}"
+            )
         current = self.state_dict(self.start_step)
-        for field in (*STATE_FIELDS, "shards_fingerprint"):
+        for field in STATE_FIELDS:
             if state.get(field) != current[field]:
-                hint = " (the shard list changed)" if field == "shards_fingerprint" else ""
                 raise DataError(
                     f"cannot resume the data stream: {field} was {state.get(field)!r} in the "
-                    f"checkpoint, now {current[field]!r}{hint}"
+                    f"checkpoint, now {current[field]!r}"
                 )
+        saved_sources: Mapping[str, str] = state.get("sources") or {}
+        for name, fingerprint in current["sources"].items():
+            if name in saved_sources and saved_sources[name] != fingerprint:
+                raise DataError(
+                    f"cannot resume the data stream: the shards of source {name!r} changed "
+                    f"(shards_fingerprint differs from the checkpoint's)"
+                )
+        segments = tuple(Segment.from_json(s) for s in state.get("segments") or ())
+        if not segments:
+            raise DataError("cannot resume the data stream: the checkpoint has no mixture history")
+        if dict(segments[-1].weights) != self.weights:
+            if not self.allow_mixture_change:
+                raise DataError(
+                    f"cannot resume the data stream: the data mixture changed (weights "
+                    f"{dict(segments[-1].weights)} in the checkpoint, now {self.weights}); set "
+                    f"data.allow_mixture_change=true to continue with the new weights from step "
+                    f"{self.start_step} on"
+                )
+            log.warning(
+                "tessera data: warning: data mixture changed at step %d: %s -> %s",
+                self.start_step,
+                dict(segments[-1].weights),
+                self.weights,
+            )
+            segments = (*segments, Segment(self.start_step, self.weights))
+        self.segments = segments
+        self.skipped_samples = int(state.get("skipped_samples", 0))
+
+    load_state_dict = check_resume
+
+
+def _keep_chunk(chunk: Chunk) -> Chunk:
+    return chunk

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import fnmatch
 import hashlib
 import json
 import multiprocessing
@@ -31,126 +30,44 @@ from tessera.data.format import (
     token_dtype,
     write_manifest,
 )
+from tessera.data.inputs import (
+    DEFAULT_GLOBS,
+    Document,
+    InputFile,
+    find_input_files,
+    iter_all_documents,
+    iter_documents,
+    total_bytes,
+)
+from tessera.data.progress import Progress, terminal_writer
 from tessera.data.tokenizer import (
+    HF_TOKENIZER_FILE,
     ByteTokenizer,
     HFTokenizer,
     Tokenizer,
     train_bpe,
 )
 
+__all__ = [
+    "Document",
+    "InputFile",
+    "find_input_files",
+    "iter_documents",
+    "prepare",
+    "prepare_command",
+]
+
 DEFAULT_SHARD_BYTES = 64 * 2**20
-DEFAULT_GLOBS = ("*.txt", "*.jsonl")
 SHARD_NAME = "shard-%06d.tar"
 SAMPLE_KEY = "%09d"
 TMP_SUFFIX = ".tmp"
-JSONL_SUFFIX = ".jsonl"
+# Written after each finished shard of a run still in progress; gone once the manifest is.
+JOURNAL_NAME = "prepare-progress.json"
 # One tokenization task: up to this much text or this many documents.
 BATCH_TEXT_CHARS = 4 * 2**20
 BATCH_MAX_DOCS = 1024
 
 Log = Callable[[str], None]
-
-
-@dataclasses.dataclass(frozen=True)
-class InputFile:
-    path: Path
-    source: str  # the path as the user gave it (or found under a given directory)
-
-
-@dataclasses.dataclass(frozen=True)
-class Document:
-    source: str
-    index: int  # document index within its file
-    text: str
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs
-
-
-def find_input_files(inputs: Sequence[str], globs: Sequence[str]) -> list[InputFile]:
-    """Files given directly, plus files under given directories matching a glob (sorted)."""
-    if not inputs:
-        raise DataError("no inputs given")
-    files: list[InputFile] = []
-    for given in inputs:
-        path = Path(given)
-        if path.is_dir():
-            found = _walk_directory(path, globs)
-            if not found:
-                patterns = ", ".join(repr(g) for g in globs)
-                raise DataError(f"{given}: no input files matching {patterns}")
-            files.extend(found)
-        elif path.is_file():
-            files.append(InputFile(path=path, source=given))
-        else:
-            raise DataError(f"{given}: no such file or directory")
-    return _unique(files)
-
-
-def _walk_directory(directory: Path, globs: Sequence[str]) -> list[InputFile]:
-    relative_paths = []
-    for root, _dirs, names in os.walk(directory):
-        for name in names:
-            if any(fnmatch.fnmatchcase(name, pattern) for pattern in globs):
-                relative_paths.append((Path(root) / name).relative_to(directory))
-    relative_paths.sort(key=lambda p: p.parts)
-    return [InputFile(path=directory / rel, source=str(directory / rel)) for rel in relative_paths]
-
-
-def _unique(files: list[InputFile]) -> list[InputFile]:
-    seen: set[Path] = set()
-    unique = []
-    for f in files:
-        resolved = f.path.resolve()
-        if resolved not in seen:
-            seen.add(resolved)
-            unique.append(f)
-    return unique
-
-
-def iter_documents(file: InputFile, text_field: str = "text") -> Iterator[Document]:
-    """A .jsonl file holds one document per non-blank line; any other file is one document."""
-    if file.path.name.endswith(JSONL_SUFFIX):
-        yield from _iter_jsonl_documents(file, text_field)
-    else:
-        data = file.path.read_bytes()
-        yield Document(file.source, 0, _decode_utf8(data, file.source, byte_offset=0))
-
-
-def _iter_jsonl_documents(file: InputFile, text_field: str) -> Iterator[Document]:
-    index = 0
-    byte_offset = 0
-    with open(file.path, "rb") as f:
-        for line_number, raw_line in enumerate(f, start=1):
-            line = _decode_utf8(raw_line, file.source, byte_offset).strip()
-            byte_offset += len(raw_line)
-            if not line:
-                continue
-            where = f"{file.source}:{line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg})") from e
-            if not isinstance(record, dict) or text_field not in record:
-                raise DataError(f"{where}: no {text_field!r} field")
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise DataError(f"{where}: {text_field!r} is {type(text).__name__}, not a string")
-            yield Document(file.source, index, text)
-            index += 1
-
-
-def _decode_utf8(data: bytes, source: str, byte_offset: int) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{source}: not valid UTF-8 at byte offset {byte_offset + e.start}") from e
-
-
-def iter_all_documents(files: Iterable[InputFile], text_field: str) -> Iterator[Document]:
-    for file in files:
-        yield from iter_documents(file, text_field)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,33 +158,45 @@ def tokenize(
 class ShardWriter:
     """Writes samples into shard-XXXXXX.tar files of about `shard_bytes` of token payload.
 
-    Each shard is written as a .tmp file and renamed once closed, so a .tar file is complete.
+    Each shard is written as a .tmp file and renamed once closed, so a .tar file is complete;
+    `on_close(shards, next_position)` then records it (the journal of a resumable run).
     """
 
-    def __init__(self, directory: Path, dtype: str, shard_bytes: int, log: Log) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        dtype: str,
+        shard_bytes: int,
+        log: Log,
+        finished: Sequence[ShardInfo] = (),
+        on_close: Callable[[list[ShardInfo], tuple[int, int]], None] | None = None,
+    ) -> None:
         self.directory = directory
         self.dtype = dtype
         self.shard_bytes = shard_bytes
         self.log = log
-        self.shards: list[ShardInfo] = []
+        self.shards: list[ShardInfo] = list(finished)
+        self.on_close = on_close
         self._file = None
         self._tar = None
         self._tmp_path: Path | None = None
         self._num_tokens = 0
         self._num_samples = 0
         self._payload_bytes = 0
+        self._next_position = (0, 0)
 
-    def add(self, tokens: np.ndarray, source: str, doc_index: int) -> None:
+    def add(self, tokens: np.ndarray, doc: Document) -> None:
         if self._tar is None:
             self._open()
         payload = encode_tokens(tokens, self.dtype)
-        meta = json.dumps({"source": source, "doc": doc_index}, sort_keys=True).encode("utf-8")
+        meta = json.dumps({"source": doc.source, "doc": doc.index}, sort_keys=True).encode()
         self._tar.write(
             {"__key__": SAMPLE_KEY % self._num_samples, TOKENS_EXT: payload, META_EXT: meta}
         )
         self._num_samples += 1
         self._num_tokens += int(tokens.size)
         self._payload_bytes += len(payload)
+        self._next_position = (doc.file_index, doc.index + 1)
         if self._payload_bytes >= self.shard_bytes:
             self._close_current()
 
@@ -277,7 +206,7 @@ class ShardWriter:
         return self.shards
 
     def abort(self) -> None:
-        """Drop the shard being written (after an error)."""
+        """Drop the shard being written (after an error or an interruption)."""
         if self._tar is not None:
             self._file.close()
             self._tmp_path.unlink(missing_ok=True)
@@ -310,9 +239,88 @@ class ShardWriter:
                 sha256=sha256,
             )
         )
+        if self.on_close is not None:
+            self.on_close(self.shards, self._next_position)
         self.log(
             f"wrote {final_path.name}: {self._num_samples} documents, {self._num_tokens} tokens"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming an interrupted run: the journal
+
+
+def _fingerprint(files: Sequence[InputFile], options: dict) -> dict:
+    """What must be unchanged for a re-run to continue the shards of an interrupted one."""
+    inputs = []
+    for f in files:
+        stat = f.path.stat()
+        inputs.append([f.source, stat.st_size, stat.st_mtime_ns])
+    return {"inputs": inputs, **options}
+
+
+def _describe_difference(saved: dict, current: dict) -> str:
+    for key in sorted(set(saved) | set(current)):
+        if key == "inputs":
+            continue
+        if saved.get(key) != current.get(key):
+            return f"{key} was {saved.get(key)!r}, now {current.get(key)!r}"
+    old = {entry[0]: entry for entry in saved.get("inputs", [])}
+    for entry in current["inputs"]:
+        if entry[0] not in old:
+            return f"input {entry[0]} is new"
+        if old[entry[0]] != entry:
+            return f"input {entry[0]} changed (size or modification time)"
+    return "the list of inputs changed"
+
+
+def _write_journal(
+    directory: Path, fingerprint: dict, shards: list[ShardInfo], next_position: tuple[int, int]
+) -> None:
+    path = directory / JOURNAL_NAME
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    record = {
+        "fingerprint": fingerprint,
+        "shards": [dataclasses.asdict(s) for s in shards],
+        "next": list(next_position),
+    }
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_journal(directory: Path) -> dict | None:
+    path = directory / JOURNAL_NAME
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        record["shards"] = [ShardInfo(**s) for s in record["shards"]]
+        record["next"] = tuple(record["next"])
+        return record
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: unreadable ({e}); remove it to start over") from e
+
+
+def _finished_shards(output_dir: Path, journal: dict | None, fingerprint: dict) -> dict | None:
+    """The journal of an interrupted run with these inputs and options, or None (fresh)."""
+    if journal is None:
+        return None
+    if journal["fingerprint"] != fingerprint:
+        reason = _describe_difference(journal["fingerprint"], fingerprint)
+        raise DataError(
+            f"{output_dir}: holds an interrupted run of other inputs or options ({reason}); "
+            f"rerun it with the same ones, or remove it"
+        )
+    for shard in journal["shards"]:
+        if not (output_dir / shard.path).is_file():
+            raise DataError(
+                f"{output_dir / shard.path}: finished shard of the interrupted run "
+                f"is missing; remove {output_dir} to start over"
+            )
+    return journal
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,11 +338,14 @@ def prepare(
     text_field: str = "text",
     workers: int = 1,
     log: Log = print,
+    progress: Callable[[str], None] | None = None,
+    progress_interval_s: float = 1.0,
 ) -> Manifest:
     """Tokenize INPUTS into shards in OUTPUT and write its manifest (last). See the module doc.
 
     `tokenizer` is a tokenizer.json path; `train_tokenizer_vocab` trains a byte-level BPE of
-    that vocab size on the inputs first; neither means the built-in byte tokenizer.
+    that vocab size on the inputs first; neither means the built-in byte tokenizer. A run
+    interrupted in OUTPUT continues after its last finished shard (same inputs and options).
     """
     start = time.perf_counter()
     globs = (glob,) if isinstance(glob, str) else tuple(glob)
@@ -345,35 +356,104 @@ def prepare(
     loaded: Tokenizer | None = HFTokenizer.from_file(tokenizer) if tokenizer is not None else None
     if loaded is not None:
         log(f"using tokenizer {tokenizer} (vocab size {loaded.vocab_size})")
-    _make_output_dir(output_dir)
+    journal = _read_journal(output_dir) if output_dir.is_dir() else None
+    output_dir.mkdir(parents=True, exist_ok=True)
 
     if train_tokenizer_vocab is not None:
-        log(f"training a byte-level BPE tokenizer (vocab {train_tokenizer_vocab})")
-        texts = (doc.text for doc in iter_all_documents(files, text_field))
-        loaded = train_bpe(texts, train_tokenizer_vocab)
-        log(f"trained tokenizer: vocab size {loaded.vocab_size}")
+        loaded = _trained_tokenizer(
+            files, text_field, train_tokenizer_vocab, output_dir, reuse=journal is not None, log=log
+        )
     tok: Tokenizer = loaded if loaded is not None else ByteTokenizer()
     dtype = token_dtype(tok.vocab_size)
+    fingerprint = _fingerprint(
+        files,
+        {
+            "text_field": text_field,
+            "shard_bytes": shard_bytes,
+            "dtype": dtype,
+            "tokenizer": _tokenizer_id(tok),
+            "train_tokenizer_vocab": train_tokenizer_vocab,
+        },
+    )
+    resumed = _finished_shards(output_dir, journal, fingerprint)
+    finished = resumed["shards"] if resumed else []
+    next_position = resumed["next"] if resumed else (0, 0)
+    _remove_stale(output_dir, keep={s.path for s in finished})
+    if resumed:
+        log(f"resuming an interrupted run: {len(finished)} shards already finished")
 
-    writer = ShardWriter(output_dir, dtype, shard_bytes, log)
+    def record(shards: list[ShardInfo], position: tuple[int, int]) -> None:
+        _write_journal(output_dir, fingerprint, shards, position)
+
+    writer = ShardWriter(output_dir, dtype, shard_bytes, log, finished, on_close=record)
+    meter = _progress_meter(files, next_position, progress, progress_interval_s)
+    offsets = _file_offsets(files)
     try:
-        documents = iter_all_documents(files, text_field)
+        documents = iter_all_documents(files, text_field, start=next_position)
         for doc, tokens in tokenize(documents, tok, dtype, workers):
             if tokens.size:
-                writer.add(tokens, doc.source, doc.index)
+                writer.add(tokens, doc)
+            if meter is not None:
+                meter.update(1, int(tokens.size), offsets[doc.file_index] + doc.end_byte)
         shards = writer.finish()
     except BaseException:
         writer.abort()
         raise
     if not shards:
         raise DataError(f"{', '.join(inputs)}: empty input (no documents with any tokens)")
+    if meter is not None:
+        meter.finish()
 
     if isinstance(tok, HFTokenizer):
         tok.save(output_dir)
     manifest = Manifest(tokenizer=tok.info(), dtype=dtype, shards=tuple(shards))
     write_manifest(output_dir, manifest)
+    (output_dir / JOURNAL_NAME).unlink(missing_ok=True)
     _log_summary(log, manifest, output_dir, time.perf_counter() - start)
     return manifest
+
+
+def _trained_tokenizer(
+    files, text_field: str, vocab_size: int, output_dir: Path, *, reuse: bool, log: Log
+) -> HFTokenizer:
+    """Train a BPE on the inputs and save it in OUTPUT at once; an interrupted run's is reused."""
+    saved = output_dir / HF_TOKENIZER_FILE
+    if reuse and saved.is_file():
+        log(f"reusing the tokenizer trained by the interrupted run ({saved})")
+        return HFTokenizer.from_file(saved)
+    log(f"training a byte-level BPE tokenizer (vocab {vocab_size})")
+    texts = (doc.text for doc in iter_all_documents(files, text_field))
+    trained = train_bpe(texts, vocab_size)
+    trained.save(output_dir)
+    log(f"trained tokenizer: vocab size {trained.vocab_size}")
+    return trained
+
+
+def _tokenizer_id(tok: Tokenizer) -> str:
+    if isinstance(tok, HFTokenizer):
+        return "hf:" + hashlib.sha256(tok.to_str().encode()).hexdigest()
+    return "bytes"
+
+
+def _progress_meter(
+    files: Sequence[InputFile],
+    start: tuple[int, int],
+    write: Callable[[str], None] | None,
+    interval_s: float,
+) -> Progress | None:
+    if write is None:
+        return None
+    done = sum(f.num_bytes for f in files[: start[0]])
+    return Progress(total_bytes(files), write, interval_s=interval_s, done_bytes=done)
+
+
+def _file_offsets(files: Sequence[InputFile]) -> list[int]:
+    """Input bytes before each file (for the progress line)."""
+    offsets, total = [], 0
+    for f in files:
+        offsets.append(total)
+        total += f.num_bytes
+    return offsets
 
 
 def _check_options(
@@ -397,13 +477,13 @@ def _check_output(output_dir: Path) -> None:
         raise DataError(f"{output_dir}: already prepared; remove it or choose another --output")
 
 
-def _make_output_dir(output_dir: Path) -> None:
-    """Create OUTPUT; drop temp files and shards of an earlier run that never finished."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+def _remove_stale(output_dir: Path, keep: set[str]) -> None:
+    """Drop temp files, and shards no journal vouches for (half a run that never recorded)."""
     for stale in output_dir.glob("*" + TMP_SUFFIX):
         stale.unlink()
     for stale in output_dir.glob("shard-*.tar"):
-        stale.unlink()
+        if stale.name not in keep:
+            stale.unlink()
 
 
 def _log_summary(log: Log, manifest: Manifest, output_dir: Path, seconds: float) -> None:
@@ -450,13 +530,21 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tessera prepare",
-        description="Tokenize text (.txt: one document per file) and JSON lines (.jsonl: one "
-        "document per line) into WebDataset shards plus a manifest.",
+        usage="%(prog)s INPUT [INPUT ...] --output DIR [options]\n       %(prog)s --verify DIR",
+        description="Tokenize text (.txt: one document per file), JSON lines (.jsonl, "
+        ".jsonl.gz, .jsonl.zst: one document per line) and parquet (one per row) into "
+        "WebDataset shards plus a manifest. Rerun the same command after an interruption: "
+        "it continues after the last finished shard.",
     )
     parser.add_argument(
-        "inputs", nargs="+", metavar="INPUT", help="files, or directories to search recursively"
+        "inputs", nargs="*", metavar="INPUT", help="files, or directories to search recursively"
     )
-    parser.add_argument("--output", required=True, metavar="DIR", help="directory to write")
+    parser.add_argument("--output", metavar="DIR", help="directory to write")
+    parser.add_argument(
+        "--verify",
+        metavar="DIR",
+        help="check every shard of a prepared directory against its manifest",
+    )
     tokenizer = parser.add_mutually_exclusive_group()
     tokenizer.add_argument("--tokenizer", metavar="PATH", help="a Hugging Face tokenizer.json")
     tokenizer.add_argument(
@@ -480,10 +568,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="file name pattern for files under directories; repeatable "
         f"(default: {' '.join(DEFAULT_GLOBS)})",
     )
-    parser.add_argument("--text-field", default="text", help="the document field of .jsonl records")
+    parser.add_argument(
+        "--text-field", default="text", help="the document field of .jsonl records and parquet rows"
+    )
     parser.add_argument(
         "--workers", type=_positive_int, default=1, help="tokenizer processes (default: 1)"
     )
+    parser.add_argument("--no-progress", action="store_true", help="no progress line")
     return parser
 
 
@@ -493,6 +584,19 @@ def prepare_command(argv: list[str]) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, or a usage error argparse has already printed
         return e.code if isinstance(e.code, int) else 2
+    if args.verify is not None:
+        if args.inputs or args.output:
+            parser.print_usage(sys.stderr)
+            print(f"{parser.prog}: error: --verify takes only the directory", file=sys.stderr)
+            return 2
+        from tessera.data.verify import verify_command
+
+        return verify_command(args.verify)
+    if not args.inputs or not args.output:
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: give INPUT files and --output DIR", file=sys.stderr)
+        return 2
+    write, interval_s = terminal_writer(sys.stderr)
     try:
         prepare(
             args.inputs,
@@ -504,11 +608,17 @@ def prepare_command(argv: list[str]) -> int:
             text_field=args.text_field,
             workers=args.workers,
             log=print,
+            progress=None if args.no_progress else write,
+            progress_interval_s=interval_s,
         )
     except DataError as e:
+        if sys.stderr.isatty() and not args.no_progress:
+            print(file=sys.stderr)
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1
+    if sys.stderr.isatty() and not args.no_progress:
+        print(file=sys.stderr)
     return 0

@@ -1,142 +1,37 @@
-import hashlib
-import io
 import json
 import shutil
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import webdataset
-from tessera.data import loader as loader_mod
-from tessera.data.format import (
-    DataError,
-    Manifest,
-    ShardInfo,
-    TokenizerInfo,
-    encode_tokens,
-    write_manifest,
+from shardutil import (
+    SEQ_LEN,
+    WINDOW_TOKENS,
+    assert_steps_equal,
+    global_steps,
+    make_data,
+    make_loader,
+    random_docs,
+    take_steps,
+    write_shards,
 )
-from tessera.data.loader import TrainLoader, default_num_streams, resolve_shards
-
-EOS_ID = 0
-SEQ_LEN = 8
-WINDOW_TOKENS = SEQ_LEN + 1
-
-
-def write_shards(
-    directory: Path,
-    shard_docs: Sequence[Sequence[np.ndarray]],
-    dtype: str = "uint16",
-    vocab_size: int = 1000,
-) -> list[np.ndarray]:
-    """Write one shard per entry of `shard_docs` plus the manifest; returns each shard's tokens."""
-    directory.mkdir(parents=True, exist_ok=True)
-    infos, shard_tokens = [], []
-    for index, docs in enumerate(shard_docs):
-        name = f"shard-{index:06d}.tar"
-        buffer = io.BytesIO()
-        with webdataset.TarWriter(buffer) as writer:
-            for doc_index, doc in enumerate(docs):
-                writer.write(
-                    {
-                        "__key__": f"{doc_index:09d}",
-                        "tokens": encode_tokens(doc, dtype),
-                        "json": json.dumps({"source": "test", "doc": doc_index}),
-                    }
-                )
-        (directory / name).write_bytes(buffer.getvalue())
-        tokens = np.concatenate(docs) if docs else np.empty(0, dtype=np.int64)
-        infos.append(
-            ShardInfo(
-                path=name,
-                num_tokens=len(tokens),
-                num_samples=len(docs),
-                sha256=hashlib.sha256(buffer.getvalue()).hexdigest(),
-            )
-        )
-        shard_tokens.append(tokens.astype(np.int64))
-    tokenizer = TokenizerInfo(kind="bytes", vocab_size=vocab_size, eos_id=EOS_ID)
-    write_manifest(directory, Manifest(tokenizer=tokenizer, dtype=dtype, shards=tuple(infos)))
-    return shard_tokens
-
-
-def random_docs(rng: np.random.Generator, num_tokens: int, max_doc_tokens: int = 30) -> list:
-    """Documents of random lengths (some longer than a window) summing to `num_tokens`."""
-    docs = []
-    while num_tokens > 0:
-        length = min(int(rng.integers(1, max_doc_tokens + 1)), num_tokens)
-        doc = rng.integers(1, 1000, size=length)
-        doc[-1] = EOS_ID
-        docs.append(doc)
-        num_tokens -= length
-    return docs
-
-
-def make_data(
-    directory: Path, num_shards: int, tokens_per_shard: int | None = None, seed: int = 0
-) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    sizes = [tokens_per_shard or int(rng.integers(40, 160)) for _ in range(num_shards)]
-    return write_shards(directory, [random_docs(rng, size) for size in sizes])
-
-
-def make_loader(directory: Path, **overrides) -> TrainLoader:
-    kwargs = {
-        "seq_len": SEQ_LEN,
-        "micro_batch_size": 2,
-        "global_batch_size": 8,
-        "num_streams": 4,
-        "seed": 3,
-        "shuffle": True,
-    }
-    kwargs.update(overrides)
-    return TrainLoader(str(directory), **kwargs)
-
-
-def take_steps(loader: TrainLoader, num_steps: int) -> list[torch.Tensor]:
-    """Per step, the rank's rows as full windows [rows, seq_len + 1]."""
-    batches = iter(loader)
-    steps = []
-    for _ in range(num_steps):
-        rows = []
-        for _ in range(loader.micro_batches_per_step):
-            input_ids, labels = next(batches)
-            assert input_ids.dtype == labels.dtype == torch.int64
-            assert input_ids.shape == labels.shape == (loader.micro_batch_size, SEQ_LEN)
-            assert torch.equal(input_ids[:, 1:], labels[:, :-1])
-            rows.append(torch.cat([input_ids, labels[:, -1:]], dim=1))
-        steps.append(torch.cat(rows))
-    return steps
-
-
-def global_steps(directory: Path, dp_size: int, num_steps: int, **overrides) -> list:
-    """Each step's global rows: rank 0's rows, then rank 1's, ..."""
-    per_rank = [
-        take_steps(make_loader(directory, dp_rank=r, dp_size=dp_size, **overrides), num_steps)
-        for r in range(dp_size)
-    ]
-    return [torch.cat([rank_steps[k] for rank_steps in per_rank]) for k in range(num_steps)]
-
-
-def assert_steps_equal(got: list, expected: list) -> None:
-    assert len(got) == len(expected)
-    for k, (a, b) in enumerate(zip(got, expected)):
-        assert torch.equal(a, b), f"step {k} differs"
+from tessera.data import loader as loader_mod
+from tessera.data.format import DataError
+from tessera.data.loader import default_num_streams, resolve_shards
 
 
 @pytest.fixture
 def opened(monkeypatch) -> list[str]:
     """The shard files read (in the main process, so with num_workers=0)."""
     paths: list[str] = []
-    original = loader_mod.read_shard_tokens
+    original = loader_mod.read_shard
 
-    def recording(path, dtype):
-        paths.append(Path(path).name)
-        return original(path, dtype)
+    def recording(shard):
+        paths.append(Path(shard.path).name)
+        return original(shard)
 
-    monkeypatch.setattr(loader_mod, "read_shard_tokens", recording)
+    monkeypatch.setattr(loader_mod, "read_shard", recording)
     return paths
 
 
@@ -199,9 +94,9 @@ RESUME_CASES = {"inside_shard": 5, "shard_boundary": 12, "after_epoch_wrap": 30}
 @pytest.mark.parametrize("start_step", RESUME_CASES.values(), ids=RESUME_CASES.keys())
 def test_resume_matches_uninterrupted(tmp_path, opened, start_step):
     make_data(tmp_path, num_shards=8, tokens_per_shard=216)
-    uninterrupted = take_steps(make_loader(tmp_path), start_step + 6)
+    uninterrupted = take_steps(make_loader(tmp_path, shuffle_buffer=0), start_step + 6)
     opened.clear()
-    resumed = take_steps(make_loader(tmp_path, start_step=start_step), 6)
+    resumed = take_steps(make_loader(tmp_path, start_step=start_step, shuffle_buffer=0), 6)
     assert_steps_equal(resumed, uninterrupted[start_step:])
     # Fast-forward reads no earlier shard: each stream opened only the shard it resumes in.
     assert len(opened) == 4

@@ -349,3 +349,195 @@ def test_shard_bytes_accepts_binary_suffixes() -> None:
     assert parse("1048576") == 2**20
     assert parse("64M") == parse("64MiB") == 64 * 2**20
     assert parse("2k") == 2048
+
+
+# ---------------------------------------------------------------------------------------------
+# Compressed JSON lines and parquet inputs
+
+
+def write_compressed_inputs(root: Path) -> list[str]:
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    root.mkdir(parents=True)
+    lines = "".join(json.dumps({"text": s}) + "\n" for s in SENTENCES).encode()
+    (root / "a.jsonl").write_bytes(lines)
+    (root / "b.jsonl.gz").write_bytes(gzip.compress(lines))
+    (root / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    table = pa.table({"id": list(range(5)), "text": SENTENCES[:2] + [None] + SENTENCES[2:]})
+    pq.write_table(table, root / "d.parquet", row_group_size=2)
+    return SENTENCES * 3 + SENTENCES
+
+
+def test_gzip_zstd_and_parquet_inputs(tmp_path) -> None:
+    texts = write_compressed_inputs(tmp_path / "in")
+    manifest = prepare([str(tmp_path / "in")], tmp_path / "out", log=lambda _: 0)
+    samples = read_samples(tmp_path / "out")
+    assert [m["source"].rsplit("/", 1)[-1] for m, _ in samples] == (
+        ["a.jsonl"] * 4 + ["b.jsonl.gz"] * 4 + ["c.jsonl.zst"] * 4 + ["d.parquet"] * 4
+    )
+    # the parquet null is no document but keeps its row index
+    assert [m["doc"] for m, _ in samples[12:]] == [0, 1, 3, 4]
+    tokenizer = ByteTokenizer()
+    for (_, tokens), text in zip(samples, texts):
+        assert tokenizer.decode(tokens[:-1]) == text
+    assert manifest.num_samples == 16
+
+
+def _bad_gzip(tmp: Path) -> tuple[list[str], str]:
+    (tmp / "broken.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00not really gzip")
+    return [str(tmp / "broken.jsonl.gz")], "broken.jsonl.gz: corrupt compressed data"
+
+
+def _bad_zstd(tmp: Path) -> tuple[list[str], str]:
+    (tmp / "broken.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd garbage")
+    return [str(tmp / "broken.jsonl.zst")], "broken.jsonl.zst: corrupt compressed data"
+
+
+def _bad_parquet_column(tmp: Path) -> tuple[list[str], str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["x"]}), tmp / "t.parquet")
+    return [str(tmp / "t.parquet")], "t.parquet: no column 'text' (columns: body)"
+
+
+def _bad_parquet_type(tmp: Path) -> tuple[list[str], str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2]}), tmp / "n.parquet")
+    return [str(tmp / "n.parquet")], "n.parquet: column 'text' is int64, not a string"
+
+
+def _bad_parquet_file(tmp: Path) -> tuple[list[str], str]:
+    (tmp / "fake.parquet").write_bytes(b"PAR1 not parquet")
+    return [str(tmp / "fake.parquet")], "fake.parquet: not a readable parquet file"
+
+
+@pytest.mark.parametrize(
+    "make_bad_input",
+    [_bad_gzip, _bad_zstd, _bad_parquet_column, _bad_parquet_type, _bad_parquet_file],
+    ids=lambda f: f.__name__[5:],
+)
+def test_bad_compressed_or_parquet_input_is_a_one_line_error(tmp_path, capsys, make_bad_input):
+    test_bad_input_is_a_one_line_error(tmp_path, capsys, make_bad_input)
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress, resume after an interruption, --verify
+
+
+def test_progress_line_shows_rates_and_eta(tmp_path) -> None:
+    write_corpus(tmp_path / "in")
+    lines: list[str] = []
+    prepare(
+        [str(tmp_path / "in")],
+        tmp_path / "out",
+        log=lambda _: 0,
+        progress=lines.append,
+        progress_interval_s=0,
+    )
+    assert len(lines) >= 5
+    for line in lines:
+        assert "documents (" in line and "/s)" in line and "tokens (" in line and "ETA" in line
+    assert lines[-1].lstrip().startswith("100.0%") and "9 documents" in lines[-1]
+
+
+class Interrupt(KeyboardInterrupt):
+    pass
+
+
+def interrupt_after(num_shards: int):
+    seen = []
+
+    def log(line: str) -> None:
+        seen.append(line)
+        if sum(s.startswith("wrote shard-") for s in seen) == num_shards:
+            raise Interrupt
+
+    return log, seen
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_interrupted_run_continues_after_its_finished_shards(tmp_path, monkeypatch, workers):
+    write_corpus(tmp_path / "in")
+    (tmp_path / "in" / "many.jsonl").write_text(
+        "".join(json.dumps({"text": f"{i}: {SENTENCES[i % 4]}"}) + "\n" for i in range(40))
+    )
+    monkeypatch.setattr(prepare_module, "BATCH_MAX_DOCS", 1)
+    options = {"shard_bytes": 150, "workers": workers, "train_tokenizer_vocab": 300}
+    prepare([str(tmp_path / "in")], tmp_path / "straight", log=lambda _: 0, **options)
+
+    straight = read_manifest(tmp_path / "straight")
+    assert len(straight.shards) >= 4
+    log, _ = interrupt_after(2)
+    with pytest.raises(Interrupt):
+        prepare([str(tmp_path / "in")], tmp_path / "out", log=log, **options)
+    assert not (tmp_path / "out" / MANIFEST_NAME).exists()
+    assert (tmp_path / "out" / prepare_module.JOURNAL_NAME).is_file()
+
+    encoded: list[int] = []
+    original = prepare_module.encode_documents
+    monkeypatch.setattr(
+        prepare_module,
+        "encode_documents",
+        lambda tok, texts, dtype: encoded.append(len(texts)) or original(tok, texts, dtype),
+    )
+    logged: list[str] = []
+    prepare([str(tmp_path / "in")], tmp_path / "out", log=logged.append, **options)
+    assert "resuming an interrupted run: 2 shards already finished" in logged
+    assert any("reusing the tokenizer" in line for line in logged)
+    if workers == 1:  # the documents of the 2 finished shards were not tokenized again
+        assert 0 < sum(encoded) < straight.num_samples
+    names = sorted(p.name for p in (tmp_path / "straight").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "out").iterdir())
+    for name in names:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes()
+
+
+def test_changed_inputs_after_an_interruption_are_refused(tmp_path, capsys) -> None:
+    write_corpus(tmp_path / "in")
+    log, _ = interrupt_after(1)
+    with pytest.raises(Interrupt):
+        prepare([str(tmp_path / "in")], tmp_path / "out", shard_bytes=150, log=log)
+    (tmp_path / "in" / "a.txt").write_text("changed")
+    args = [str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--shard-bytes", "150"]
+    assert prepare_command(args) == 2
+    err = capsys.readouterr().err
+    assert "holds an interrupted run of other inputs or options" in err
+    assert "a.txt changed" in err
+    assert prepare_command(args[:3] + ["--shard-bytes", "300"]) == 2
+    assert "shard_bytes was 150, now 300" in capsys.readouterr().err
+
+
+def test_verify_checks_every_shard(tmp_path, capsys) -> None:
+    write_corpus(tmp_path / "in")
+    out = tmp_path / "out"
+    manifest = prepare([str(tmp_path / "in")], out, shard_bytes=150, log=lambda _: 0)
+    assert prepare_command(["--verify", str(out)]) == 0
+    assert f"all {len(manifest.shards)} shards match the manifest" in capsys.readouterr().out
+
+    first, second, third = (out / s.path for s in manifest.shards[:3])
+    data = bytearray(first.read_bytes())
+    data[1024 + 512 + 2] ^= 0x01  # the low byte of a token: another valid id, same size
+    first.write_bytes(bytes(data))
+    second.write_bytes(second.read_bytes()[:700])
+    third.unlink()
+    assert prepare_command(["--verify", str(out)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("shard-000000.tar: BAD: sha256 differs from the manifest")
+    assert "shard-000001.tar: BAD: truncated in member" in lines[1]
+    assert lines[2].endswith("shard-000002.tar: BAD: missing")
+    assert lines[-1].startswith(f"3 of {len(manifest.shards)} shards do not match")
+
+
+def test_verify_usage_errors(tmp_path, capsys) -> None:
+    assert prepare_command(["--verify", str(tmp_path)]) == 2
+    assert "no manifest" in capsys.readouterr().err
+    assert prepare_command(["x.txt", "--verify", str(tmp_path)]) == 2
+    assert prepare_command(["x.txt"]) == 2
+    assert "give INPUT files and --output DIR" in capsys.readouterr().err

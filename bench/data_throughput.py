@@ -1,0 +1,244 @@
+"""Data throughput: `tessera prepare` and the training loader against their natural ceilings.
+
+All in one run, on the same files:
+
+- loader tokens/s (0 and 2 workers, shuffle buffer on) against a raw sequential read of the
+  same shard files (tarfile + numpy, no packing, no order), and against the tokens/s one
+  training step of the demo model consumes (configs/demo.yaml's model, one process, tp=1);
+- prepare throughput (MB of input text per second per worker) against the Hugging Face
+  tokenizer's own `encode_batch` on the same texts, single-threaded (what a prepare worker
+  runs), with 1 and 2 workers.
+
+Targets: loader >= 50% of the raw read and >= 100x the demo model's consumption; prepare >=
+80% of the tokenizer's speed. The input text is the Python standard library's source (as for
+`make demo`), repeated up to --text-mb.
+
+Run: .venv/bin/python bench/data_throughput.py [--text-mb 8] [--rounds 3] [--seq-len 2048]
+"""
+
+from __future__ import annotations
+
+import os
+
+# A prepare worker encodes on one thread; the baseline must too (set before tokenizers loads).
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+import argparse
+import json
+import sysconfig
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from common import machine, median
+
+TARGETS = {"loader_vs_raw": 0.5, "loader_vs_demo_model": 100.0, "prepare_vs_tokenizer": 0.8}
+
+
+def corpus(directory: Path, text_mb: float) -> list[Path]:
+    """Standard-library sources copied into files of about 1 MB, up to text_mb in all."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    sources = sorted(stdlib.rglob("*.py"))
+    directory.mkdir(parents=True)
+    files, chunk, size, total = [], [], 0, 0
+    limit = int(text_mb * 2**20)
+    while total < limit:
+        for source in sources:
+            try:
+                text = source.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+            chunk.append(json.dumps({"text": text}))
+            size += len(text.encode())
+            if size >= 2**20:
+                path = directory / f"part-{len(files):04d}.jsonl"
+                path.write_text("\n".join(chunk) + "\n")
+                files.append(path)
+                total += size
+                chunk, size = [], 0
+                if total >= limit:
+                    break
+    return files
+
+
+def texts_of(files: list[Path]) -> list[str]:
+    return [json.loads(line)["text"] for f in files for line in f.read_text().splitlines()]
+
+
+def tokenizer_speed(tokenizer_path: Path, texts: list[str], batch_docs: int) -> float:
+    """MB of text per second of encode_batch, in the batches prepare sends to a worker."""
+    from tessera.data.tokenizer import HFTokenizer
+
+    tok = HFTokenizer.from_file(tokenizer_path)
+    num_bytes = sum(len(t.encode()) for t in texts)
+    started = time.perf_counter()
+    for start in range(0, len(texts), batch_docs):
+        tok.encode_batch(texts[start : start + batch_docs])
+    return num_bytes / 2**20 / (time.perf_counter() - started)
+
+
+def prepare_speed(files: list[Path], tokenizer_path: Path, out: Path, workers: int) -> float:
+    from tessera.data.prepare import prepare
+
+    num_bytes = sum(f.stat().st_size for f in files)
+    started = time.perf_counter()
+    prepare(
+        [str(f) for f in files],
+        out,
+        tokenizer=tokenizer_path,
+        shard_bytes=2**18,
+        workers=workers,
+        log=lambda _: None,
+    )
+    return num_bytes / 2**20 / (time.perf_counter() - started)
+
+
+def raw_read_speed(data: Path) -> tuple[float, int]:
+    """Tokens/s of reading every shard once, in order: tarfile members to numpy arrays."""
+    import numpy as np
+    from tessera.data.format import read_manifest
+
+    manifest = read_manifest(data)
+    started = time.perf_counter()
+    num_tokens = 0
+    for shard in manifest.shards:
+        with tarfile.open(data / shard.path, mode="r|") as tar:
+            for member in tar:
+                if member.name.endswith(".tokens"):
+                    num_tokens += len(np.frombuffer(tar.extractfile(member).read(), "<u2"))
+    return num_tokens / (time.perf_counter() - started), num_tokens
+
+
+def loader_speed(
+    data: Path, seq_len: int, global_batch: int, workers: int, num_tokens: int
+) -> float:
+    """Tokens/s out of TrainLoader (int64 micro-batches) over about one epoch of the data."""
+    from tessera.data.loader import TrainLoader
+
+    loader = TrainLoader(
+        str(data),
+        seq_len=seq_len,
+        micro_batch_size=global_batch // 8,
+        global_batch_size=global_batch,
+        num_streams=8,
+        num_workers=workers,
+        seed=1,
+        shuffle=True,
+        shuffle_buffer=32,
+    )
+    steps = max(4, num_tokens // (global_batch * (seq_len + 1)))
+    batches = iter(loader)
+    next(batches)  # worker start-up is not throughput
+    started = time.perf_counter()
+    got = 0
+    for _ in range(steps * loader.micro_batches_per_step - 1):
+        input_ids, _ = next(batches)
+        got += input_ids.numel()
+    return got / (time.perf_counter() - started)
+
+
+def demo_model_speed(data: Path, run_dir: Path, steps: int) -> float:
+    """Tokens/s the demo model trains at (one process, tp=1), median step after warm-up."""
+    from tessera.trainer.config import load_config
+    from tessera.trainer.train import train
+
+    from tessera.cli import quiet_dependencies
+
+    quiet_dependencies()
+    cfg = load_config(
+        Path(__file__).parent.parent / "configs" / "demo.yaml",
+        [
+            f"run.dir={run_dir}",
+            f"data.shards={data}",
+            "parallel.tp=1",
+            "parallel.zero_stage=0",
+            f"train.steps={steps}",
+            "checkpoint.interval=0",
+            "log.interval=1",
+            "data.num_workers=0",
+            "launch.nproc_per_node=1",
+        ],
+    )
+    train(cfg)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return median([r["tokens_per_s"] for r in rows[2:]])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--text-mb", type=float, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--global-batch", type=int, default=64)
+    parser.add_argument("--demo-steps", type=int, default=8)
+    args = parser.parse_args()
+    from tessera.data import prepare as prepare_module
+    from tessera.data.tokenizer import train_bpe
+
+    results: dict = {"machine": machine()}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        files = corpus(root / "text", args.text_mb)
+        texts = texts_of(files)
+        train_bpe(iter(texts[:400]), 4096).save(root)  # the demo's vocabulary size
+        tokenizer = root / "tokenizer.json"
+        results["text_mb"] = round(sum(f.stat().st_size for f in files) / 2**20, 1)
+
+        # Each pair measured side by side, alternating, `rounds` times; medians reported.
+        toks, prep1s, prep2s = [], [], []
+        for r in range(args.rounds):
+            toks.append(tokenizer_speed(tokenizer, texts, prepare_module.BATCH_MAX_DOCS))
+            prep1s.append(prepare_speed(files, tokenizer, root / f"prepared-{r}", workers=1))
+            prep2s.append(prepare_speed(files, tokenizer, root / f"prepared-2-{r}", workers=2))
+        tok_mb_s, prep1, prep2 = median(toks), median(prep1s), median(prep2s)
+        results["prepare"] = {
+            "tokenizer_encode_batch_mb_s": round(tok_mb_s, 2),
+            "prepare_1_worker_mb_s": round(prep1, 2),
+            "prepare_2_workers_mb_s_per_worker": round(prep2 / 2, 2),
+            "ratio_1_worker": round(prep1 / tok_mb_s, 3),
+            "ratio_2_workers_per_worker": round(prep2 / 2 / tok_mb_s, 3),
+        }
+
+        data = root / "prepared-0"
+        raws, load0s, load2s = [], [], []
+        for _ in range(args.rounds):
+            raw, num_tokens = raw_read_speed(data)
+            raws.append(raw)
+            load0s.append(loader_speed(data, args.seq_len, args.global_batch, 0, num_tokens))
+            load2s.append(loader_speed(data, args.seq_len, args.global_batch, 2, num_tokens))
+        raw, load0, load2 = median(raws), median(load0s), median(load2s)
+        demo = demo_model_speed(data, root / "demo-run", args.demo_steps)
+        results["loader"] = {
+            "tokens": num_tokens,
+            "seq_len": args.seq_len,
+            "global_batch": args.global_batch,
+            "raw_read_tokens_s": round(raw),
+            "loader_0_workers_tokens_s": round(load0),
+            "loader_2_workers_tokens_s": round(load2),
+            "demo_model_tokens_s": round(demo),
+            "ratio_0_workers_vs_raw": round(load0 / raw, 3),
+            "ratio_2_workers_vs_raw": round(load2 / raw, 3),
+            "ratio_0_workers_vs_demo_model": round(load0 / demo, 1),
+        }
+    print(json.dumps(results, indent=2))
+    checks = [
+        ("loader (0 workers) / raw read", load0 / raw, TARGETS["loader_vs_raw"]),
+        ("loader (2 workers) / raw read", load2 / raw, TARGETS["loader_vs_raw"]),
+        ("loader (0 workers) / demo model", load0 / demo, TARGETS["loader_vs_demo_model"]),
+        ("prepare (1 worker) / tokenizer", prep1 / tok_mb_s, TARGETS["prepare_vs_tokenizer"]),
+        (
+            "prepare (2 workers, per worker) / tokenizer",
+            prep2 / 2 / tok_mb_s,
+            TARGETS["prepare_vs_tokenizer"],
+        ),
+    ]
+    for name, ratio, target in checks:
+        print(
+            f"{name:<45} {ratio:10.2f}  target >= {target:<6} "
+            f"{'ok' if ratio >= target else 'BELOW TARGET'}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Reading one shard: its `.tokens` members, opened through webdataset's `gopen`.
+
+Bad data does not stop a run. A sample whose payload is empty, not a whole number of tokens of
+the manifest's dtype, or holds ids beyond the vocabulary is skipped; corrupt tar headers are
+skipped over (the reader resyncs on the next valid header); a truncated or empty file ends the
+shard early. Each case is reported as a `BadSamples` event naming the shard and the member, and
+samples the manifest lists but the file no longer holds are counted at the shard's end.
+
+So that every later position in the stream stays where the manifest puts it (exact resume), the
+tokens a damaged shard lost are replaced by EOS tokens. A missing shard is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import tarfile
+import zlib
+from collections.abc import Iterator
+
+import numpy as np
+from tessera.data.format import TOKENS_EXT, DataError, decode_tokens
+from tessera.data.sources import ResolvedShard, is_url
+from webdataset.tariterators import base_plus_ext
+
+TAR_BLOCK = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class BadSamples:
+    """`count` samples lost (0: a note about damage, counted at the shard's end)."""
+
+    count: int
+    message: str
+    filler_tokens: int = 0  # EOS tokens that stand in for what the shard lost
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    name: str
+    payload: bytes
+
+
+class _CountingReader:
+    """A read-only stream that counts (and optionally hashes) the bytes read through it."""
+
+    def __init__(self, stream, digest=None) -> None:
+        self._stream = stream
+        self._digest = digest
+        self.num_bytes = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self.num_bytes += len(data)
+        if self._digest is not None:
+            self._digest.update(data)
+        return data
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+def open_shard(location: str):
+    """The shard's byte stream (a file, or gopen's stream for a URL); DataError if missing."""
+    try:
+        if is_url(location):
+            from webdataset.gopen import gopen
+
+            return gopen(location, "rb")
+        return open(location, "rb")
+    except FileNotFoundError:
+        raise DataError(f"{location}: shard is missing (listed in its manifest)") from None
+    except Exception as e:  # gopen's scheme handlers raise OSError, ValueError, ...
+        raise DataError(f"{location}: cannot open shard ({_first_line(e)})") from e
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def is_tokens_member(name: str) -> bool:
+    """WebDataset's naming: `<key>.tokens`, the key being the name up to its first dot."""
+    _, suffix = base_plus_ext(name)
+    return suffix is not None and suffix.lower() == TOKENS_EXT
+
+
+def iter_members(stream: _CountingReader, where: str) -> Iterator[Member | BadSamples]:
+    """The `.tokens` members of a tar stream, and notes (count 0) about damage found."""
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*", ignore_zeros=True)  # noqa: SIM115
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        if stream.num_bytes == 0 and isinstance(e, OSError):
+            raise DataError(f"{where}: shard is missing or unreadable ({_first_line(e)})") from e
+        what = "empty file" if stream.num_bytes == 0 else f"not a tar file ({_first_line(e)})"
+        yield BadSamples(0, f"{where}: {what}")
+        return
+    expected_offset = 0
+    last = current = "(start)"
+    try:
+        for info in tar:
+            if info.offset > expected_offset:
+                skipped = info.offset - expected_offset
+                yield BadSamples(
+                    0, f"{where}: corrupt tar data after member {last}: {skipped} bytes skipped"
+                )
+            expected_offset = info.offset_data + -(-info.size // TAR_BLOCK) * TAR_BLOCK
+            if not info.isreg() or not is_tokens_member(info.name):
+                continue
+            current = info.name
+            payload = tar.extractfile(info).read()
+            tar.members = []  # stream mode: keep memory flat
+            yield Member(info.name, payload)
+            last = current
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        if stream.num_bytes == 0:
+            raise DataError(f"{where}: shard is missing or unreadable ({_first_line(e)})") from e
+        yield BadSamples(0, f"{where}: truncated in member {current} ({_first_line(e)})")
+
+
+def check_payload(payload: bytes, dtype: str, vocab_size: int) -> str | None:
+    """Why a `.tokens` payload is unusable, or None."""
+    itemsize = np.dtype(dtype).itemsize
+    if not payload:
+        return "empty sample (0 bytes)"
+    if len(payload) % itemsize:
+        return f"{len(payload)} bytes is not a whole number of {dtype} tokens (wrong dtype?)"
+    largest = int(decode_tokens(payload, dtype).max())
+    if largest >= vocab_size:
+        return f"token id {largest} >= vocab size {vocab_size} (wrong dtype?)"
+    return None
+
+
+def read_shard(shard: ResolvedShard) -> Iterator[np.ndarray | BadSamples]:
+    """The token arrays of a shard's good samples in order, and `BadSamples` events.
+
+    The last event, if the shard is damaged, carries the EOS filler count that brings the shard
+    to its manifest token count. An undamaged shard that disagrees with its manifest is an error.
+    """
+    stream = _CountingReader(open_shard(shard.path))
+    num_good = num_bad = good_tokens = 0
+    damaged = False
+    try:
+        for item in iter_members(stream, shard.path):
+            if isinstance(item, BadSamples):
+                damaged = True
+                yield item
+                continue
+            problem = check_payload(item.payload, shard.dtype, shard.vocab_size)
+            if problem is not None:
+                num_bad += 1
+                yield BadSamples(1, f"{shard.path}: member {item.name}: {problem}; skipped")
+                continue
+            tokens = decode_tokens(item.payload, shard.dtype)
+            num_good += 1
+            good_tokens += len(tokens)
+            if good_tokens > shard.num_tokens:
+                raise _changed(shard, f"more than {shard.num_tokens} tokens")
+            yield tokens
+    finally:
+        try:
+            stream.close()
+        except Exception as e:  # a pipe: command that failed
+            if stream.num_bytes == 0:
+                raise DataError(f"{shard.path}: shard is missing ({_first_line(e)})") from e
+            damaged = True
+    lost = shard.num_samples - num_good - num_bad
+    if lost < 0:
+        raise _changed(shard, f"{num_good + num_bad} samples, not {shard.num_samples},")
+    filler = shard.num_tokens - good_tokens
+    if filler and not (damaged or num_bad or lost):
+        raise _changed(shard, f"{good_tokens} tokens")
+    if lost:
+        message = (
+            f"{shard.path}: {lost} of {shard.num_samples} samples missing (truncated or "
+            f"corrupt tar data)"
+        )
+        yield BadSamples(lost, message, filler)
+    elif filler:
+        yield BadSamples(0, "", filler)
+
+
+def _changed(shard: ResolvedShard, holds: str) -> DataError:
+    return DataError(
+        f"{shard.path}: holds {holds} but its manifest says {shard.num_tokens} tokens in "
+        f"{shard.num_samples} samples; the shard changed after `tessera prepare`"
+    )
+
+
+def hashing_reader(stream) -> tuple[_CountingReader, object]:
+    digest = hashlib.sha256()
+    return _CountingReader(stream, digest), digest
