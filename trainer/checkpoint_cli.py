@@ -1,0 +1,105 @@
+"""`tessera checkpoint list RUN_DIR` and `tessera checkpoint inspect STEP_DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tessera.trainer import checkpoint
+from tessera.trainer.checkpoint import CheckpointError, CheckpointInfo
+
+USAGE = """usage: tessera checkpoint list RUN_DIR [--verify]
+       tessera checkpoint inspect STEP_DIR [--no-verify]
+
+list:    every checkpoint of a run (RUN_DIR or RUN_DIR/checkpoints): step, size, layout, status;
+         --verify also checks every file's sha256 (otherwise sizes only)
+inspect: one checkpoint's manifest and files, checksums verified; exit code 1 when invalid"""
+
+
+def checkpoint_command(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    parser = argparse.ArgumentParser(prog=f"tessera checkpoint {argv[0]}", usage=USAGE)
+    parser.add_argument("path")
+    parser.add_argument("--verify", action="store_true")
+    parser.add_argument("--no-verify", action="store_true")
+    args = parser.parse_args(argv[1:])
+    try:
+        match argv[0]:
+            case "list":
+                return list_command(Path(args.path), args.verify)
+            case "inspect":
+                return inspect_command(Path(args.path), not args.no_verify)
+    except CheckpointError as e:
+        print(f"tessera checkpoint {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+    print(f"tessera checkpoint: unknown subcommand {argv[0]!r}\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+def human_bytes(num_bytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if num_bytes < 1024 or unit == "GB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    raise AssertionError
+
+
+def layout_text(layout: dict | None) -> str:
+    if not layout:
+        return "-"
+    return (
+        f"tp={layout.get('tp')} pp={layout.get('pp')} dp={layout.get('dp')} "
+        f"zero={layout.get('zero_stage')}"
+    )
+
+
+def status_text(info: CheckpointInfo) -> str:
+    return "valid" if info.valid else f"INVALID: {info.reason}"
+
+
+def list_command(path: Path, verify: bool) -> int:
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if not root.is_dir():
+        raise CheckpointError(f"{path}: no such run or checkpoints directory")
+    infos = checkpoint.list_checkpoints(root, checksum=verify)
+    latest = checkpoint.read_latest(root)
+    checked = "checksums verified" if verify else "sizes checked; --verify checks sha256 too"
+    print(f"{root}: {len(infos)} checkpoint(s), latest -> {latest or 'none'} ({checked})")
+    if infos:
+        print(f"  {'TAG':<20} {'STEP':>8} {'SIZE':>10}  {'LAYOUT':<24} STATUS")
+    for info in infos:
+        mark = "  <- latest" if info.path.name == latest else ""
+        print(
+            f"  {info.path.name:<20} {info.step if info.step is not None else '-':>8} "
+            f"{human_bytes(info.num_bytes):>10}  {layout_text(info.layout):<24} "
+            f"{status_text(info)}{mark}"
+        )
+    return 0
+
+
+def inspect_command(directory: Path, verify: bool) -> int:
+    info = checkpoint.inspect(directory, checksum=verify)
+    checked = "checksums verified" if verify else "sizes checked, checksums not"
+    print(
+        f"{directory}: step {info.step}, {human_bytes(info.num_bytes)}, "
+        f"{status_text(info)} ({checked})"
+    )
+    manifest = info.manifest
+    if manifest is not None:
+        print(f"  saved by Tessera {manifest.get('tessera_version')} at {manifest.get('created')}")
+        print(f"  config sha256 {manifest.get('config_sha256')}")
+        layout = manifest.get("layout", {})
+        print("  layout: " + " ".join(f"{k}={v}" for k, v in layout.items()))
+        model = manifest.get("model", {})
+        print(
+            "  model: "
+            + " ".join(f"{k}={model[k]}" for k in checkpoint.ARCHITECTURE_FIELDS if k in model)
+        )
+        files = manifest["files"]
+        print(f"  files ({len(files)}):")
+        for name, entry in files.items():
+            print(f"    {entry['bytes']:>14,}  {entry['sha256'][:16]}  {name}")
+    return 0 if info.valid else 1
