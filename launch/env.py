@@ -1,0 +1,64 @@
+"""Where this process sits in a distributed job, read from Slurm's environment.
+
+torchrun (and our local launcher) set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT
+themselves. Under Slurm each task reads its place from submitit's JobEnvironment (the SLURM_*
+variables), and `DistEnv.export` sets the torchrun variables from it, so training reads one
+convention whatever started it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+# MASTER_PORT = PORT_BASE + job id mod PORT_SPAN: every node derives the same port, and jobs
+# sharing a first node rarely collide. Below Linux's ephemeral range (32768-60999).
+PORT_BASE = 20000
+PORT_SPAN = 10000
+
+
+@dataclasses.dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    node_rank: int
+    num_nodes: int
+    master_addr: str
+    master_port: int
+    job_id: str
+
+    def export(self) -> None:
+        """Set the torchrun-style variables that init_distributed reads."""
+        os.environ.update(
+            RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank),
+            LOCAL_WORLD_SIZE=str(self.local_world_size), GROUP_RANK=str(self.node_rank),
+            MASTER_ADDR=self.master_addr, MASTER_PORT=str(self.master_port),
+        )
+
+
+def master_port_for_job(job_id: str) -> int:
+    """The port every node of the job derives alike, from SLURM_JOB_ID (unique per array task)."""
+    return PORT_BASE + int(job_id) % PORT_SPAN
+
+
+def from_slurm() -> DistEnv:
+    """This task's place, from submitit's reading of the SLURM_* variables (in a submitit job or
+    under a plain `srun`). MASTER_ADDR is the allocation's first host."""
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    env = SlurmJobEnvironment()
+    num_nodes = env.num_nodes
+    per_node = int(os.environ.get("SLURM_NTASKS_PER_NODE", env.num_tasks // max(num_nodes, 1)))
+    return DistEnv(
+        rank=env.global_rank, world_size=env.num_tasks, local_rank=env.local_rank,
+        local_world_size=per_node, node_rank=env.node, num_nodes=num_nodes,
+        master_addr=env.hostnames[0], master_port=master_port_for_job(env.raw_job_id),
+        job_id=env.raw_job_id,
+    )
+
+
+def srun_step_tasks() -> int:
+    """How many tasks the current `srun` step started (1 outside Slurm or in a batch shell)."""
+    return int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))

@@ -1,0 +1,111 @@
+"""`tessera status RUN_DIR`: the run's Slurm jobs and their states, its last step and checkpoint."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import subprocess
+from pathlib import Path
+
+from tessera.launch.slurm import JOBS_FILE
+from tessera.trainer import checkpoint
+
+
+class StatusError(ValueError):
+    pass
+
+
+def job_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
+    """State, reason, restarts and nodes of jobs Slurm still knows, by `scontrol show job`."""
+    if not job_ids or shutil.which("scontrol") is None:
+        return {}
+    states = {}
+    for job_id in job_ids:
+        done = subprocess.run(["scontrol", "--oneliner", "show", "job", job_id],
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0 or not done.stdout.strip():
+            continue
+        fields = dict(item.split("=", 1) for item in done.stdout.split() if "=" in item)
+        states[job_id] = {key: fields.get(key, "") for key in
+                          ("JobState", "Reason", "Restarts", "NodeList", "RunTime")}
+    return states
+
+
+def _sacct_states(job_ids: list[str]) -> dict[str, str]:
+    """Final states from accounting, where the cluster keeps it (empty without)."""
+    if not job_ids or shutil.which("sacct") is None:
+        return {}
+    command = ["sacct", "--noheader", "--parsable2", "--allocations", "--format=JobID,State"]
+    for job_id in job_ids:
+        command += ["--jobs", job_id]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return {}
+    return dict(line.split("|", 1) for line in done.stdout.splitlines() if "|" in line)
+
+
+def _result_state(log_dir: Path, job_id: str) -> str | None:
+    """submitit's result file of task 0: written when the job ended, not when it requeued."""
+    path = log_dir / f"{job_id}_0_result.pkl"
+    if not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as f:
+            outcome, _ = pickle.load(f)
+    except Exception:  # noqa: BLE001 - unreadable: say so rather than fail the status
+        return "ENDED (unreadable result file)"
+    return "COMPLETED" if outcome == "success" else "FAILED (see the log)"
+
+
+def read_jobs(run_dir: Path) -> list[dict]:
+    path = run_dir / "slurm" / JOBS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def last_metrics(run_dir: Path) -> dict | None:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return json.loads(lines[-1]) if lines else None
+
+
+def status_lines(run_dir: str | Path) -> list[str]:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise StatusError(f"run directory not found: {run_dir}")
+    jobs = read_jobs(run_dir)
+    ids = [job["job_id"] for job in jobs]
+    live = job_states(ids)
+    final = _sacct_states([i for i in ids if i not in live])
+    lines = [f"run {run_dir.resolve()}"]
+    lines.append("jobs:" if jobs else "jobs: none submitted from this run directory")
+    for job in jobs:
+        job_id = job["job_id"]
+        if job_id in live:
+            info = live[job_id]
+            state = info["JobState"]
+            if info["Reason"] not in ("", "None"):
+                state += f" ({info['Reason']})"
+            detail = (f"requeues {info['Restarts'] or 0}  nodes {info['NodeList']}  "
+                      f"run time {info['RunTime']}")
+        else:
+            unknown = ("ENDED (Slurm no longer lists it)" if shutil.which("scontrol")
+                       else "UNKNOWN (no Slurm tools here)")
+            state = final.get(job_id) or _result_state(Path(job["log_dir"]), job_id) or unknown
+            detail = f"nodes {job['nodes']}"
+        lines.append(f"  {job_id:<10} {state:<22} {detail}  submitted {job['submitted_at']}  "
+                     f"logs {job['log_dir']}")
+    row = last_metrics(run_dir)
+    if row is None:
+        lines.append("last step: none logged")
+    else:
+        total = row.get("total_steps", "?")
+        lines.append(f"last step: {row['step']} of {total}  loss {row['loss']:.4f}")
+    root = run_dir / "checkpoints"
+    tag = checkpoint.latest_tag(root)
+    lines.append(f"last checkpoint: {root / tag}" if tag else "last checkpoint: none")
+    return lines

@@ -1,0 +1,144 @@
+"""On a real two-node Slurm cluster (tests/launch/local_slurm.py): a 2-node job trains and
+checkpoints; a 2-node job that gets USR2 mid-run saves, requeues, resumes and ends with losses
+bitwise equal to the uninterrupted job; --dry-run prints the script submitit submits; requests the
+cluster cannot run fail at submit with nothing submitted. Skipped without root and apt-get."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from training import losses, read_metrics, tiny_config
+
+from tessera.launch import slurm
+from tessera.launch.status import status_lines
+from tessera.trainer import checkpoint
+from tessera.trainer.config import ConfigError
+
+pytestmark = pytest.mark.slow
+
+STEPS = 24  # enough that USR2, sent after step 3, lands mid-run
+JOB_TIMEOUT_S = 600  # generous: other work may share the 2 cores
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL")
+
+
+def job_config(run_dir: Path, shards: Path, **overrides):
+    """A tiny fp32 model on 2 nodes x 1 task, clipping off (as for a bitwise comparison)."""
+    return tiny_config(run_dir, shards, **{
+        "train.steps": STEPS, "train.grad_clip": 0, "checkpoint.interval": 8,
+        "slurm.nodes": 2, "slurm.tasks_per_node": 1, "slurm.cpus_per_task": 1,
+        "slurm.time_min": 10, "slurm.signal_lead_s": 60, **overrides})
+
+
+def job_info(job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "--oneliner", "show", "job", job_id], capture_output=True,
+                         text=True, check=True).stdout
+    return dict(item.split("=", 1) for item in out.split() if "=" in item)
+
+
+def wait_for(predicate, what: str, timeout_s: float = JOB_TIMEOUT_S, interval_s: float = 0.1):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def wait_until_ended(job: slurm.Submitted) -> dict[str, str]:
+    info = wait_for(lambda: (i := job_info(job.job_id))["JobState"] in ENDED and i,
+                    f"job {job.job_id} to end", interval_s=0.5)
+    if info["JobState"] != "COMPLETED":
+        logs = "\n".join(p.read_text()[-3000:] for p in sorted(job.log_dir.glob("*_log.*")))
+        raise AssertionError(f"job {job.job_id} ended {info['JobState']}:\n{logs}")
+    return info
+
+
+def known_jobs() -> list[str]:
+    out = subprocess.run(["squeue", "--noheader", "--format=%i"], capture_output=True, text=True,
+                         check=True).stdout
+    return out.split()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm_cluster, byte_shards, tmp_path_factory):
+    """A 2-node job (srun launcher: Slurm starts both ranks) run to its end."""
+    cfg = job_config(tmp_path_factory.mktemp("slurm") / "uninterrupted", byte_shards)
+    job = slurm.submit(cfg)
+    return cfg, job, wait_until_ended(job)
+
+
+def test_two_node_job_trains_across_both_nodes_and_checkpoints(uninterrupted):
+    cfg, job, info = uninterrupted
+    assert info["NodeList"] == "n[1-2]" and info["Restarts"] == "0"
+    rows = read_metrics(cfg.run.dir)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # a finished run: no requeue
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
+    task_logs = {t: (job.log_dir / f"{job.job_id}_{t}_log.out").read_text() for t in (0, 1)}
+    assert "world=2 dp=2" in task_logs[0]
+    assert "node=1(2), global_rank=1(2)" in task_logs[1]  # the second rank ran on the second node
+    root = Path(cfg.run.dir) / "checkpoints"
+    assert checkpoint.committed_steps(root) == [8, 16, 24]
+    rng_files = sorted(p.name for p in (root / checkpoint.tag_for(STEPS) / "rng").iterdir())
+    assert rng_files == ["rank-00000.pt", "rank-00001.pt"]
+    assert any("COMPLETED" in line and "requeues 0" in line for line in status_lines(cfg.run.dir))
+
+
+def test_usr2_mid_run_saves_requeues_and_matches_the_uninterrupted_job(uninterrupted, byte_shards,
+                                                                       tmp_path):
+    """torchrun launcher here (one task per node starting the node's ranks), srun for the
+    reference: the same training either way, so the losses must agree bit for bit."""
+    reference, _, _ = uninterrupted
+    cfg = job_config(tmp_path / "preempted", byte_shards, **{"slurm.launcher": "torchrun"})
+    job = slurm.submit(cfg)
+    metrics = Path(cfg.run.dir) / "metrics.jsonl"
+    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3,
+             "step 3 of the job")
+    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
+    info = wait_for(lambda: (i := job_info(job.job_id))["Restarts"] == "1"
+                    and i["JobState"] != "COMPLETING" and i, "the requeue")
+    if info["JobState"] == "PENDING":
+        # Slurm holds a requeued job for a while (Reason=BeginTime): start it now
+        subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True)
+    info = wait_until_ended(job)
+    assert info["Restarts"] == "1"
+    log = (job.log_dir / f"{job.job_id}_0_log.out").read_text()
+    assert "SIGUSR2 received" in log and f"job {job.job_id} requeued" in log
+    stopped_at = int(log.split("resumed from ")[1].split(" at step ")[1].split()[0])
+    assert 3 <= stopped_at < STEPS
+    rows = read_metrics(cfg.run.dir)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert losses(rows) == losses(read_metrics(reference.run.dir))  # bitwise, fp32
+    lines = status_lines(cfg.run.dir)
+    assert any("COMPLETED" in line and "requeues 1" in line for line in lines), lines
+    assert any(line.startswith(f"last step: {STEPS} of {STEPS}  loss") for line in lines), lines
+    last = Path(cfg.run.dir) / "checkpoints" / checkpoint.tag_for(STEPS)
+    assert f"last checkpoint: {last}" in lines
+
+
+def test_dry_run_prints_the_script_submitit_submitted(uninterrupted):
+    cfg, job, _ = uninterrupted
+    submitted = (job.log_dir / f"{job.job_id}_submission.sh").read_text()
+    assert slurm.sbatch_script(cfg) == submitted
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"slurm.partition": "gpu-h100"}, "config key 'slurm.partition': no partition 'gpu-h100'"),
+    ({"slurm.gpus_per_node": 1}, "config key 'slurm.gpus_per_node': 1 GPUs per node requested"),
+    ({"slurm.cpus_per_task": 3}, "config key 'slurm.cpus_per_task': 3 CPUs"),
+    ({"slurm.mem_gb": 64}, "config key 'slurm.mem_gb': 65536 MB"),
+    ({"slurm.nodes": 3, "train.global_batch_size": 6}, "config key 'slurm.nodes': 3 nodes"),
+    ({"parallel.tp": 3}, "config key 'parallel.tp'"),  # an invalid config: not even Slurm is asked
+])
+def test_requests_the_cluster_cannot_run_fail_with_nothing_submitted(
+        slurm_cluster, byte_shards, tmp_path, overrides, message):
+    before = known_jobs()
+    cfg = job_config(tmp_path / "run", byte_shards, **overrides)
+    with pytest.raises((slurm.SlurmError, ConfigError)) as error:
+        slurm.submit(cfg)
+    assert message in str(error.value)
+    assert known_jobs() == before
+    assert not (tmp_path / "run" / "slurm").exists()

@@ -1,0 +1,131 @@
+"""`tessera submit` without a cluster: the --dry-run script, and every error that must stop a
+submission before it reaches Slurm."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+from training import tiny_config
+
+from tessera.data.format import DataError
+from tessera.launch import slurm
+from tessera.launch.env import DistEnv
+from tessera.trainer.config import ConfigError
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tessera", *args], capture_output=True, text=True)
+
+
+def cli_overrides(run_dir, shards, **extra) -> list[str]:
+    keys = {"run.dir": run_dir, "data.shards": shards, "model.num_kv_heads": 2, **extra}
+    return [f"{key}={value}" for key, value in keys.items()]
+
+
+def test_dry_run_prints_the_sbatch_script(tmp_path, byte_shards):
+    done = run_cli("submit", "--dry-run", *cli_overrides(
+        tmp_path / "run", byte_shards, **{
+            "slurm.nodes": 4, "slurm.tasks_per_node": 8, "slurm.gpus_per_node": 8,
+            "slurm.cpus_per_task": 12, "slurm.mem_gb": 500, "slurm.partition": "gpu",
+            "slurm.account": "proj7", "slurm.qos": "high", "slurm.constraint": "h100",
+            "slurm.time_min": 1440, "slurm.signal": "USR1", "slurm.signal_lead_s": 300,
+            "slurm.sbatch_options": "{exclusive: true, mail-type: END}",
+            "slurm.setup": "['module load cuda/12.4']", "parallel.tp": 2,
+            "train.global_batch_size": 32, "train.micro_batch_size": 2,
+        }))
+    assert done.returncode == 0, done.stderr
+    script = done.stdout
+    log_dir = tmp_path.resolve() / "run" / "slurm" / "%j"
+    for line in ["#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --cpus-per-task=12", "#SBATCH --mem=512000M", "#SBATCH --partition=gpu",
+                 "#SBATCH --account=proj7", "#SBATCH --qos=high", "#SBATCH --constraint=h100",
+                 "#SBATCH --time=1440", "#SBATCH --signal=USR1@300", "#SBATCH --exclusive",
+                 "#SBATCH --mail-type=END", "#SBATCH --job-name=tessera-run",
+                 f"#SBATCH --output={log_dir}/%j_0_log.out", "module load cuda/12.4",
+                 "export SUBMITIT_PREEMPT_SIGNAL=USR1"]:
+        assert line in script.splitlines(), f"{line!r} not in:\n{script}"
+    assert "srun --unbuffered" in script and "-m submitit.core._submit" in script
+    assert not (tmp_path / "run").exists(), "a dry run writes nothing"
+
+
+def test_torchrun_launcher_runs_one_task_per_node(tmp_path, byte_shards):
+    cfg = tiny_config(tmp_path / "run", byte_shards, **{
+        "slurm.launcher": "torchrun", "slurm.nodes": 2, "launch.nproc_per_node": 4,
+        "slurm.gpus_per_node": 4, "train.global_batch_size": 16})
+    slurm.check_config(cfg)
+    assert slurm.world_size(cfg) == 8
+    assert "#SBATCH --ntasks-per-node=1" in slurm.sbatch_script(cfg).splitlines()
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"parallel.tp": 3}, "parallel.tp"),  # does not divide the heads
+    ({"slurm.nodes": 3}, "train.global_batch_size"),  # 8 sequences over dp=3
+    ({"slurm.launcher": "mpirun"}, "slurm.launcher"),
+    ({"slurm.launcher": "torchrun", "slurm.tasks_per_node": 2}, "slurm.tasks_per_node"),
+    ({"slurm.gpus_per_node": 8, "slurm.tasks_per_node": 4}, "slurm.tasks_per_node"),
+    ({"slurm.signal": "USR9"}, "slurm.signal"),
+    ({"slurm.time_min": 2, "slurm.signal_lead_s": 120}, "slurm.signal_lead_s"),
+    ({"slurm.sbatch_options": "{nodes: 2}"}, "slurm.sbatch_options"),
+    ({"data.shards": "/nonexistent/shards"}, "/nonexistent/shards"),
+])
+def test_invalid_config_fails_at_submit(tmp_path, byte_shards, overrides, key):
+    cfg = tiny_config(tmp_path / "run", byte_shards, **overrides)
+    with pytest.raises((ConfigError, DataError), match=re.escape(key)):
+        slurm.submit(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_reports_an_invalid_config_in_one_line(tmp_path, byte_shards):
+    done = run_cli("submit", *cli_overrides(tmp_path / "run", byte_shards, **{"slurm.nodes": 3}))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.startswith("tessera submit: error: config key 'train.global_batch_size'")
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_slurm_tools_fail_before_anything_is_written(tmp_path, byte_shards, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    cfg = tiny_config(tmp_path / "run", byte_shards, **{"slurm.nodes": 2})
+    with pytest.raises(slurm.SlurmError, match="Slurm tools not found on PATH .*sbatch"):
+        slurm.submit(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def _env(rank: int) -> DistEnv:
+    return DistEnv(rank=rank, world_size=2, local_rank=0, local_world_size=1, node_rank=rank,
+                   num_nodes=2, master_addr="n1", master_port=20001, job_id="1")
+
+
+def test_after_a_stop_only_task_0_requeues_and_at_most_max_requeues(tmp_path, byte_shards,
+                                                                    monkeypatch):
+    cfg = tiny_config(tmp_path / "run", byte_shards, **{"slurm.max_requeues": 2})
+    with pytest.raises(SystemExit) as leaving:
+        slurm._requeue_or_end(cfg, _env(rank=1))  # not task 0: leaves cleanly, requeues nothing
+    assert leaving.value.code == 0
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # a requeue attempt would fail loudly
+    with pytest.raises(RuntimeError, match=r"2 requeues \(slurm.max_requeues=2\): not requeued"):
+        slurm._requeue_or_end(cfg, _env(rank=0))
+
+
+def test_status_without_slurm_reads_the_run_directory(tmp_path, monkeypatch, capsys):
+    from tessera.cli import main
+
+    run = tmp_path / "run"
+    (run / "slurm" / "41").mkdir(parents=True)
+    (run / "slurm" / "jobs.jsonl").write_text(
+        '{"job_id": "41", "job_name": "tessera-run", "log_dir": "%s", "submitted_at": '
+        '"2026-01-01T00:00:00", "nodes": 2, "launcher": "srun", "world_size": 2, "steps": 8}\n'
+        % (run / "slurm" / "41"))
+    (run / "metrics.jsonl").write_text('{"step": 6, "total_steps": 8, "loss": 2.5}\n')
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    assert main(["status", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "41" in out and "UNKNOWN (no Slurm tools here)" in out
+    assert "last step: 6 of 8  loss 2.5000" in out
+    assert "last checkpoint: none" in out
+    assert main(["status", str(tmp_path / "nowhere")]) == 2
+    assert "run directory not found" in capsys.readouterr().err
