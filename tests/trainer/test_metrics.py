@@ -1,0 +1,287 @@
+"""Metrics without training: FLOPs per token, the peak table, MFU, the console line, TensorBoard
+files read back, the resolved-config block, rank-tagged warnings, the non-finite guard and the
+loss-spike detector."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from tessera.trainer.canonical_reader import canonical_shapes
+from tessera.trainer.config import load_config
+from tessera.trainer.health import LossSpikes, NonFiniteError, NonFiniteGuard
+from tessera.trainer.metrics import (
+    MetricsLog,
+    StepTimes,
+    console_line,
+    flops_per_token,
+    non_embedding_params,
+    peak_by_name,
+    resolved_config_text,
+)
+
+
+def model_config(**overrides):
+    cfg = load_config(
+        None, [f"{k}={v}" for k, v in {"model.vocab_size": 1000, **overrides}.items()]
+    )
+    return cfg
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_non_embedding_params_count_every_matrix_but_the_input_embedding(tied):
+    cfg = model_config(**{"model.num_kv_heads": 2, "model.tie_embeddings": tied}).model
+    shapes = canonical_shapes(cfg)
+    counted = sum(math.prod(shape) for name, shape in shapes.items() if name != "embed.weight")
+    if tied:  # the output projection still multiplies by a vocab x d matrix
+        counted += cfg.vocab_size * cfg.hidden_size
+    assert non_embedding_params(cfg) == counted
+
+
+def test_flops_per_token_is_6n_plus_attention():
+    cfg = model_config().model
+    n = non_embedding_params(cfg)
+    expected = 6 * n + 12 * cfg.num_layers * cfg.hidden_size * cfg.seq_len
+    assert flops_per_token(cfg) == expected
+
+
+def test_llama_1b_config_has_about_a_billion_non_embedding_parameters():
+    cfg = load_config("configs/llama-1b.yaml", ["model.vocab_size=32000"]).model
+    assert 0.9e9 < non_embedding_params(cfg) < 1.4e9
+
+
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H100 NVL", 835.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA GH200 480GB", 989.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA L40S", 362.0),
+        ("NVIDIA L4", 121.0),
+        ("Tesla T4", None),
+    ],
+)
+def test_peak_table_by_device_name(name, peak):
+    assert peak_by_name(name) == peak
+
+
+def test_mfu_only_with_a_peak_and_from_the_formula():
+    cfg = model_config(**{"train.global_batch_size": 8, "model.seq_len": 64})
+    times = StepTimes(cfg, world_size=2, device=torch.device("cpu"), start_step=0)
+    times.add(step_s=0.5, data_s=0.1)
+    times.add(step_s=1.5, data_s=0.3)
+    row = times.row(2)
+    assert "throughput/mfu" not in row  # CPU, no log.peak_tflops
+    tokens_per_s = 2 * 8 * 64 / 2.0
+    assert row["tokens_per_s"] == pytest.approx(tokens_per_s)
+    assert row["throughput/tokens_per_s_per_device"] == pytest.approx(tokens_per_s / 2)
+    assert row["time/data_wait"] == pytest.approx(0.4 / 2.0)
+    assert row["step_s"] == pytest.approx(1.0)
+    assert row["memory/peak_gb"] > 0.01  # this process's RSS
+    cfg = model_config(
+        **{"train.global_batch_size": 8, "model.seq_len": 64, "log.peak_tflops": 0.5}
+    )
+    times = StepTimes(cfg, world_size=2, device=torch.device("cpu"), start_step=0)
+    times.add(step_s=2.0, data_s=0.0)
+    row = times.row(1)
+    expected = (8 * 64 / 2.0) / 2 * flops_per_token(cfg.model) / 1e12 / 0.5  # one 2 s step
+    assert row["throughput/mfu"] == pytest.approx(expected)
+    assert row["throughput/tflops"] == pytest.approx(expected * 0.5)
+
+
+def test_console_line_is_compact_and_complete():
+    row = {
+        "step": 40,
+        "total_steps": 1000,
+        "loss": 3.21234,
+        "lr": 3e-4,
+        "grad_norm": 0.75,
+        "tokens_per_s": 123456.0,
+        "throughput/mfu": 0.412,
+        "memory/peak_gb": 12.345,
+        "time/eta_s": 3725.0,
+    }
+    line = console_line(row)
+    assert line == (
+        "step   40/1000 | loss 3.2123 | lr 3.00e-04 | gnorm 0.750 | 123.5k tok/s | "
+        "MFU 41.2% | mem 12.35 GB | ETA 1:02:05"
+    )
+    skipped = console_line(
+        {
+            **row,
+            "loss": float("nan"),
+            "grad_norm": float("inf"),
+            "train/skipped": 1,
+            "eval/loss": 3.0,
+            "eval/perplexity": 20.09,
+        }
+    )
+    assert "loss nan" in skipped and "gnorm nan" in skipped and "SKIPPED" in skipped
+    assert skipped.splitlines()[1].strip() == "eval: loss 3.0000  perplexity 20.09"
+
+
+def test_metrics_reach_jsonl_and_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = model_config(**{"run.dir": str(tmp_path)})
+    log = MetricsLog(tmp_path, enabled=True, cfg=cfg, console=False)
+    for step in (1, 2):
+        log.write(
+            {
+                "step": step,
+                "total_steps": 2,
+                "loss": 5.0 - step,
+                "lr": 1e-3,
+                "grad_norm": 1.0,
+                "tokens_per_s": 100.0,
+                "consumed_samples": 8 * step,
+                "eval/loss": 4.5,
+                "throughput/mfu": 0.25,
+                "data/tokens/default": 256 * step,
+            }
+        )
+    log.close()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {
+        "train/loss",
+        "optim/lr",
+        "train/grad_norm",
+        "throughput/tokens_per_s",
+        "throughput/mfu",
+        "eval/loss",
+        "data/tokens/default",
+    } <= tags
+    assert [e.value for e in events.Scalars("train/loss")] == [4.0, 3.0]
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+
+
+def test_resolved_config_names_every_key():
+    cfg = load_config("configs/demo.yaml", [])
+    text = resolved_config_text(cfg)
+    assert text.splitlines()[0].startswith("tessera: resolved config")
+    for key in ("hidden_size=", "eval_interval=", "valid_shards=", "peak_tflops=", "nodes="):
+        assert key in text
+    assert max(len(line) for line in text.splitlines()) <= 100
+
+
+def test_warnings_of_other_ranks_carry_the_rank():
+    code = (
+        "import warnings\n"
+        "from tessera.trainer.metrics import tag_warnings_with_rank, warn\n"
+        "tag_warnings_with_rank(3, 4)\n"
+        "warn('disk almost full')\n"
+        "warnings.warn('something odd')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    lines = result.stderr.strip().splitlines()
+    assert "[rank 3] tessera: warning: disk almost full" in lines
+    assert "[rank 3] UserWarning: something odd" in lines
+
+
+def test_guard_counts_skips_and_stops_after_too_many_in_a_row():
+    cfg = model_config(**{"train.max_nonfinite_steps": 2})
+
+    class Schedule:
+        steps = 0
+
+        def step(self):
+            self.steps += 1
+
+    schedule = Schedule()
+    guard = NonFiniteGuard(cfg, schedule)
+    assert guard.check(1, 2.0, 1.0, applied=True) == {
+        "train/skipped": 0,
+        "train/nonfinite_steps": 0,
+    }
+    assert guard.check(2, float("nan"), float("inf"), applied=False)["train/skipped"] == 1
+    assert guard.check(3, 2.0, 1.0, applied=True)["train/nonfinite_steps"] == 1  # streak broken
+    guard.check(4, float("nan"), float("nan"), applied=False)
+    guard.check(5, float("inf"), float("inf"), applied=False)
+    with pytest.raises(NonFiniteError) as stopped:
+        guard.check(6, float("nan"), float("nan"), applied=False)
+    message = str(stopped.value)
+    assert message.startswith("step 6: 3 steps in a row (steps 4-6)")
+    assert "train.max_nonfinite_steps=2" in message and "train.lr" in message
+    assert schedule.steps == 4  # the schedule follows the step count through skipped steps
+    strict = NonFiniteGuard(model_config(**{"train.skip_nonfinite": False}), None)
+    with pytest.raises(NonFiniteError, match=r"^step 9: .*train.skip_nonfinite=false"):
+        strict.check(9, float("nan"), float("nan"), applied=False)
+
+
+def test_loss_spikes_against_the_running_mean():
+    spikes = LossSpikes(factor=2.0)
+    for _ in range(12):
+        assert spikes.check(1.0) is None
+    assert spikes.check(1.9) is None
+    assert spikes.check(float("nan")) is None
+    assert spikes.check(2.5) == pytest.approx((12 + 1.9) / 13)
+    assert spikes.count == 1
+    off = LossSpikes(factor=0.0)
+    for _ in range(12):
+        off.check(1.0)
+    assert off.check(100.0) is None
+
+
+def test_wandb_offline_keeps_one_run_id_across_resumes(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")  # optional: `pip install wandb`
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = model_config(
+        **{
+            "run.dir": str(tmp_path),
+            "log.wandb": True,
+            "log.wandb_mode": "offline",
+            "log.tensorboard": False,
+        }
+    )
+    ids = []
+    for start in (0, 2):  # a first start, then a resume
+        log = MetricsLog(tmp_path, enabled=True, cfg=cfg, start_step=start, console=False)
+        ids.append(log._wandb.id)
+        log.write(
+            {
+                "step": start + 1,
+                "total_steps": 4,
+                "loss": 3.0,
+                "lr": 1e-3,
+                "grad_norm": 1.0,
+                "tokens_per_s": 10.0,
+                "consumed_samples": 8,
+            }
+        )
+        log.close()
+    assert ids[0] == ids[1] == (tmp_path / "wandb_run_id").read_text().strip()
+    assert wandb.run is None  # finished
+    assert list((tmp_path / "wandb").glob(f"offline-run-*-{ids[0]}"))
+
+
+def test_wandb_missing_names_the_fix(tmp_path, monkeypatch):
+    import builtins
+
+    from tessera.trainer.config import ConfigError
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb":
+            raise ImportError("No module named 'wandb'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    cfg = model_config(**{"run.dir": str(tmp_path), "log.wandb": True, "log.tensorboard": False})
+    with pytest.raises(
+        ConfigError,
+        match=r"'log.wandb': the wandb package is not installed; "
+        r"`pip install wandb`, or set log.wandb=false",
+    ):
+        MetricsLog(tmp_path, enabled=True, cfg=cfg, console=False)

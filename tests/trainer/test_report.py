@@ -1,0 +1,79 @@
+"""`tessera report`: PNG and HTML from run directories, runs overlaid, duplicate steps of a
+resumed run counted once, clear errors for what a user can get wrong."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from tessera.trainer.report import read_run, write_report
+
+from tessera.cli import main
+
+
+def fake_run(run_dir: Path, steps: int, lr: float, restart_at: int | None = None) -> Path:
+    """A metrics.jsonl as training writes it; `restart_at`: a start that crashed after its
+    last checkpoint logged steps restart_at.. once more."""
+    run_dir.mkdir(parents=True)
+    rows = []
+    for step in range(1, steps + 1):
+        row = {
+            "step": step,
+            "total_steps": steps,
+            "loss": 6.0 * math.exp(-lr * step) + 2.0,
+            "lr": lr,
+            "grad_norm": 1.0 / step,
+            "tokens_per_s": 1000.0 + step,
+            "step_s": 0.5,
+            "consumed_samples": 8 * step,
+            "data/tokens/default": 8 * 64 * step,
+            "throughput/mfu": 0.4,
+        }
+        if step % 5 == 0:
+            row["eval/loss"] = row["loss"] + 0.1
+        rows.append(row)
+    if restart_at is not None:
+        stale = [dict(r, loss=99.0) for r in rows[restart_at - 1 :]]
+        rows = rows[: restart_at - 1] + stale + rows[restart_at - 1 :]
+    text = "\n".join(json.dumps(r) for r in rows) + "\n"
+    (run_dir / "metrics.jsonl").write_text(text + '{"step": 21, "lo')  # cut short by a kill
+    return run_dir
+
+
+def test_png_with_runs_overlaid(tmp_path, capsys):
+    a = fake_run(tmp_path / "lr-high", 20, 0.2, restart_at=12)
+    b = fake_run(tmp_path / "lr-low", 20, 0.05)
+    out = tmp_path / "out" / "report.png"
+    assert main(["report", str(a), str(b), "--output", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"tessera: wrote {out}"
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 50_000
+
+
+def test_resumed_steps_count_once_and_summary(tmp_path):
+    run = read_run(fake_run(tmp_path / "r", 20, 0.2, restart_at=12))
+    assert [r["step"] for r in run.rows] == list(range(1, 21))
+    assert max(r["loss"] for r in run.rows) < 99.0  # the later rows of a step win
+    summary = run.summary()
+    assert summary["steps"] == "20" and summary["MFU"] == "40.0%"
+    assert summary["final loss"] == f"{6.0 * math.exp(-4.0) + 2.0:.4f}"
+    assert summary["tokens"] == "10.2k" and summary["train time"] == "0m10s"
+
+
+def test_html_holds_the_table_and_the_figure(tmp_path):
+    a = fake_run(tmp_path / "a", 10, 0.1)
+    out = write_report([str(a)], tmp_path / "report.html")
+    text = out.read_text()
+    assert "<table>" in text and "<td>a</td>" in text and "final loss" in text
+    assert "data:image/png;base64," in text
+
+
+def test_errors_name_the_cause_and_the_fix(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty"), "--output", str(tmp_path / "r.png")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "metrics.jsonl: not found" in error and "tessera train" in error
+    a = fake_run(tmp_path / "a", 3, 0.1)
+    assert main(["report", str(a), "--output", str(tmp_path / "r.pdf")]) == 2
+    assert "give a .png or .html file name" in capsys.readouterr().err
