@@ -6,7 +6,7 @@ STAMP := $(VENV)/.tessera-installed
 STDLIB = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 DEMO_DATA := runs/demo-data
 
-.PHONY: setup demo test test-quick clean
+.PHONY: setup demo test test-quick bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,10 +24,14 @@ demo: setup $(DEMO_DATA)/manifest.json
 	$(PY) -m tessera train --config configs/demo.yaml
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -rs -p no:cacheprovider
 
 test-quick: setup
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+	$(PY) -m pytest -q -rs -p no:cacheprovider -m "not slow"
+
+# Every benchmark side by side, one table of ratios: bench/results/results.md (and .json)
+bench: setup
+	$(PY) bench/run_all.py
 
 clean:
 	rm -rf runs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.distributed as dist
@@ -14,6 +15,9 @@ from tessera.trainer.config import Config
 
 # A step count DeepSpeed never reaches: we print our own metrics lines.
 _NEVER = 10**12
+# DeepSpeed's default gradient bucket, 5e8 elements, is allocated whole by ZeRO 1-3 (2 GB a rank
+# in fp32) whatever the model; we cap it at this and at the rank's own parameter count.
+MAX_BUCKET_ELEMENTS = 50_000_000
 
 
 def gradient_accumulation_steps(cfg: Config, dp: int) -> int:
@@ -26,14 +30,17 @@ def clips_own_gradients(cfg: Config) -> bool:
     return cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32"
 
 
-def deepspeed_config(cfg: Config, dp: int) -> dict:
+def deepspeed_config(cfg: Config, dp: int, local_params: int = MAX_BUCKET_ELEMENTS) -> dict:
+    """`local_params`: this rank's parameter count (it bounds the gradient bucket)."""
     t = cfg.train
+    bucket_elements = max(1, min(MAX_BUCKET_ELEMENTS, local_params))
     return {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps(cfg, dp),
         "gradient_clipping": 0.0 if clips_own_gradients(cfg) else t.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": {"stage": cfg.parallel.zero_stage,
+                              "reduce_bucket_size": bucket_elements},
         "bf16": {"enabled": t.precision == "bf16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": _NEVER,
@@ -57,9 +64,13 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, 
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, topo.dp),
+        config=deepspeed_config(cfg, topo.dp, sum(p.numel() for p in model.parameters())),
         mpu=MegatronMPU if topo.pp == 1 else None,
     )
+    if topo.pp == 1 and topo.dp == 1 and cfg.parallel.zero_stage == 0:
+        # Alone in its data-parallel group, DeepSpeed would still flatten every gradient,
+        # all-reduce it over one rank and copy it back each step: three passes that change no bit.
+        engine.enable_backward_allreduce = False
     return engine
 
 
@@ -97,6 +108,14 @@ class GradNormClipper:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         norm = grad_norm_of(params)
         self.last_norm = norm.item()
+        # A non-finite norm (the same value on every rank) skips the update: without gradients
+        # AdamW leaves the weights and its moments alone, and DeepSpeed's engine reads
+        # `overflow` as it does for its own optimizers (counts a skipped step; trainer/health.py).
+        optimizer.overflow = not math.isfinite(self.last_norm)
+        if optimizer.overflow:
+            for param in params:
+                param.grad = None
+            return
         if self.max_norm > 0 and self.last_norm > self.max_norm:
             scale = self.max_norm / (self.last_norm + 1e-6)
             for param in params:

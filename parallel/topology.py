@@ -74,9 +74,10 @@ def init_distributed(tp: int, pp: int, backend: str = "auto", timeout_s: int = 6
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     else:
-        # CPU ranks on one host share its cores; more threads than cores only adds contention.
+        # CPU ranks on one host share the cores they may run on (Slurm may bind a subset); more
+        # threads than cores only adds contention.
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))
     # Wraps an existing torch process group, or creates one from the environment.
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     if parallel_state.model_parallel_is_initialized():

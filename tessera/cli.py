@@ -12,7 +12,13 @@ from tessera import __version__
 COMMANDS = {
     "prepare": "tokenize text into WebDataset shards",
     "train": "train (or resume) a model",
-    "print-config": "print the resolved config",
+    "submit": "submit training to Slurm (requeues itself when preempted); --dry-run prints the script",
+    "status": "a run's Slurm jobs, last step and last checkpoint: tessera status RUN_DIR",
+    "print-config": "print the resolved config; --doc: the reference of every key (Markdown)",
+    "checkpoint": "list a run's checkpoints or inspect one: tessera checkpoint {list,inspect} PATH",
+    "convert": "checkpoint to/from Hugging Face or another layout: convert {to-hf,from-hf,reshard}",
+    "generate": "continue a prompt with a checkpoint: tessera generate CKPT_DIR --prompt TEXT",
+    "report": "loss and throughput plots of runs: tessera report RUN_DIR... --output FILE.png|.html",
 }
 
 
@@ -47,6 +53,26 @@ def main(argv: list[str] | None = None) -> int:
             return _train(rest)
         case "print-config":
             return _print_config(rest)
+        case "checkpoint":
+            from tessera.trainer.checkpoint_cli import checkpoint_command
+
+            return checkpoint_command(rest)
+        case "convert":
+            from tessera.trainer.convert import convert_command
+
+            return convert_command(rest)
+        case "submit":
+            return _submit(rest)
+        case "status":
+            return _status(rest)
+        case "generate":
+            from tessera.trainer.generate import generate_command
+
+            return generate_command(rest)
+        case "report":
+            from tessera.trainer.report import report_command
+
+            return report_command(rest)
     print(f"tessera: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
     return 2
 
@@ -78,6 +104,10 @@ def _load(prog: str, argv: list[str]):
 def _print_config(argv: list[str]) -> int:
     from tessera.trainer.config import ConfigError, to_yaml
 
+    if argv[:1] == ["--doc"]:
+        from tessera.trainer.config_doc import doc_command
+
+        return doc_command(argv[1:])
     try:
         cfg = _load("tessera print-config", argv)
     except ConfigError as e:
@@ -88,20 +118,61 @@ def _print_config(argv: list[str]) -> int:
 
 def _train(argv: list[str]) -> int:
     from tessera.data.format import DataError
+    from tessera.launch.env import from_slurm, srun_step_tasks
     from tessera.launch.local import inside_distributed_launch, launch_local
+    from tessera.launch.signals import PREEMPTED_EXIT_CODE
+    from tessera.trainer.checkpoint import CheckpointError
     from tessera.trainer.config import ConfigError, validate
+    from tessera.trainer.health import NonFiniteError
 
     try:
         cfg = _load("tessera train", argv)
+        if not inside_distributed_launch() and srun_step_tasks() > 1:
+            from_slurm().export()  # `srun tessera train`: each task is a rank
         nproc = cfg.launch.nproc_per_node
         if nproc > 1 and not inside_distributed_launch():
             validate(cfg, world_size=nproc)  # fail here, before any process starts
             return launch_local(nproc, ["train", *argv])
         from tessera.trainer.train import train
 
-        train(cfg)
-    except (ConfigError, DataError) as e:
+        state = train(cfg)
+        if state.step < cfg.train.steps:
+            return PREEMPTED_EXIT_CODE  # stopped on a signal, saved: running again resumes
+    except (ConfigError, DataError, CheckpointError, NonFiniteError) as e:
         return _fail("train", e)
+    return 0
+
+
+def _submit(argv: list[str]) -> int:
+    from tessera.data.format import DataError
+    from tessera.launch import slurm
+    from tessera.trainer.config import ConfigError
+
+    dry_run = "--dry-run" in argv
+    try:
+        cfg = _load("tessera submit", [arg for arg in argv if arg != "--dry-run"])
+        if dry_run:
+            slurm.check_config(cfg)
+            print(slurm.sbatch_script(cfg), end="")
+            return 0
+        job = slurm.submit(cfg)
+    except (ConfigError, DataError, slurm.SlurmError) as e:
+        return _fail("submit", e)
+    print(f"tessera: submitted job {job.job_id} ({job.job_name}); logs in {job.log_dir}/\n"
+          f"tessera: follow it with `tessera status {cfg.run.dir}`")
+    return 0
+
+
+def _status(argv: list[str]) -> int:
+    from tessera.launch.status import StatusError, status_lines
+
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print("usage: tessera status RUN_DIR", file=sys.stderr)
+        return 2
+    try:
+        print("\n".join(status_lines(argv[0])))
+    except StatusError as e:
+        return _fail("status", e)
     return 0
 
 

@@ -7,6 +7,7 @@ own walk over the schema so that each message names the key (and the nearest val
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import signal
@@ -25,24 +26,24 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class RunConfig:
-    dir: str = "runs/default"
-    seed: int = 1234
+    dir: str = "runs/default"  # the run directory: config, metrics, checkpoints, tensorboard
+    seed: int = 1234  # the initial weights and the data order derive from it
     name: str | None = None  # defaults to the basename of `dir`
 
 
 @dataclasses.dataclass
 class ModelConfig:
     vocab_size: int | None = None  # None: taken from the prepared data's tokenizer
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 4
-    ffn_hidden_size: int = 176
-    seq_len: int = 64
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    init_std: float = 0.02
+    hidden_size: int = 64  # model width d
+    num_layers: int = 2  # transformer blocks
+    num_heads: int = 4  # attention heads (query)
+    num_kv_heads: int = 4  # key/value heads: fewer than num_heads is grouped-query attention
+    ffn_hidden_size: int = 176  # SwiGLU inner width
+    seq_len: int = 64  # tokens per training sequence
+    rope_theta: float = 10000.0  # rotary embedding base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = False  # the output projection reuses the input embedding matrix
+    init_std: float = 0.02  # standard deviation of the normal initialization of matrices
 
     @property
     def head_dim(self) -> int:
@@ -51,75 +52,103 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
-    zero_stage: int = 0
+    tp: int = 1  # tensor-parallel ranks (divides the heads and the ffn width)
+    pp: int = 1  # pipeline stages (DeepSpeed 1F1B); dp = world size / (tp * pp)
+    zero_stage: int = 0  # ZeRO stage 0-3 over the data-parallel ranks (pp > 1: 0 or 1)
     sequence_parallel: bool = False  # GPU only (megatron-core's implementation uses CUDA)
     pipeline_partition: Any = "parameters"  # parameters | uniform | a list of blocks per stage
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    steps: int = 100
+    steps: int = 100  # total optimizer steps of the run (a resumed run trains up to it)
     global_batch_size: int = 8  # sequences per optimizer step, over all data-parallel ranks
     micro_batch_size: int = 4  # sequences per forward/backward on one rank
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    warmup_steps: int = 10
-    weight_decay: float = 0.1
+    lr: float = 3e-4  # peak learning rate (AdamW)
+    min_lr: float = 3e-5  # the cosine schedule decays to this at train.steps
+    warmup_steps: int = 10  # linear warmup from lr/warmup_steps to lr
+    weight_decay: float = 0.1  # AdamW decoupled weight decay, matrices only (not norms)
     grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
     precision: str = "fp32"  # fp32 | bf16
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
+    adam_beta1: float = 0.9  # AdamW first-moment decay
+    adam_beta2: float = 0.95  # AdamW second-moment decay
+    adam_eps: float = 1e-8  # AdamW epsilon
     activation_checkpointing: str = "none"  # none | full (recompute each block in backward)
+    eval_interval: int = 100  # steps between evaluations on data.valid_shards (also at the end);
+    # 0: only at the end
+    eval_steps: int = 10  # global batches of held-out windows per evaluation (the same each time)
+    skip_nonfinite: bool = True  # a step whose loss or grad norm is not finite on any rank
+    # changes nothing (every rank skips the update); false: the first such step stops the run
+    max_nonfinite_steps: int = 5  # more skipped steps than this in a row stop the run
 
 
 @dataclasses.dataclass
 class DataConfig:
     shards: Any = None  # str or list[str]: a prepared directory, a glob/brace pattern, or a list
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes per rank reading the shards; 0: in-process
     streams: int | None = None  # independent read streams; None: chosen at first start, kept
-    shuffle: bool = True
+    shuffle: bool = True  # shard order per epoch and windows within data.shuffle_buffer, seeded
+    sources: Any = None  # instead of shards: a list of {name, shards, weight}, mixed by weight
+    shuffle_buffer: int = 32  # windows per stream shuffled together (exactly resumable); 0: off
+    allow_mixture_change: bool = False  # resume although data.sources weights changed
+    max_consecutive_errors: int = 100  # more bad samples in a row than this stops the run
+    valid_shards: Any = None  # held-out data for eval/loss, prepared like data.shards with the
+    # same tokenizer; None: no evaluation
 
 
 @dataclasses.dataclass
 class CheckpointConfig:
     interval: int = 100  # steps between saves; 0 saves only at the end
-    keep_last: int = 3
+    keep_last: int = 3  # newest committed checkpoints kept
+    keep_every: int = 0  # also kept for good: every checkpoint whose step is a multiple; 0: none
+    load_from: str | None = None  # a new run starts from this step, checkpoints or run directory
+    load_weights_only: bool = False  # with load_from: weights only (fresh optimizer, schedule, data)
+    verify: bool = True  # check each file's sha256 against the manifest before loading
+    # key `checkpoint.async`: write the files in the background; a step waits only for the copy
+    # to host memory (the field has another name: `async` is a Python keyword)
+    async_save: bool = dataclasses.field(default=False, metadata={"key": "async"})
 
 
 @dataclasses.dataclass
 class LogConfig:
     interval: int = 1  # steps between metrics lines
+    tensorboard: bool = True  # also write TensorBoard event files to run.dir/tensorboard (rank 0)
+    wandb: bool = False  # also log to Weights & Biases (`pip install wandb`; rank 0; the same
+    # run id after a resume)
+    wandb_project: str = "tessera"  # W&B project
+    wandb_entity: str | None = None  # W&B entity (team); None: your default entity
+    wandb_mode: str | None = None  # online | offline | disabled; None: wandb's own default
+    # (the WANDB_MODE environment variable)
+    peak_tflops: float | None = None  # one device's peak TFLOP/s for throughput/mfu; None:
+    # looked up by CUDA device name (bf16 dense; H100/H200: 989), no MFU on CPU
+    loss_spike_factor: float = 3.0  # warn when a step's loss exceeds this times the mean of the
+    # previous 100 finite losses (counted in train/loss_spikes); 0: off
 
 
 @dataclasses.dataclass
 class LaunchConfig:
-    nproc_per_node: int = 1
+    nproc_per_node: int = 1  # local ranks `tessera train` starts (one per GPU)
     backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
 
 
 @dataclasses.dataclass
 class SlurmConfig:
     partition: str | None = None  # None: the cluster's default partition
-    nodes: int = 1
+    nodes: int = 1  # machines of the job
     tasks_per_node: int = 1  # srun launcher: one task per GPU; torchrun launcher: must be 1
     gpus_per_node: int = 0  # 0: a CPU job
-    time_min: int = 60
+    time_min: int = 60  # the job's time limit in minutes
     signal: str = "USR2"  # sent signal_lead_s before the time limit: save, exit, requeue
-    launcher: str = "srun"  # srun: Slurm starts every rank | torchrun: one task per node
-    # starts launch.nproc_per_node ranks
+    launcher: str = "srun"  # srun: a Slurm task per rank | torchrun: per node, nproc_per_node ranks
     cpus_per_task: int | None = None  # None: Slurm's default
     mem_gb: float | None = None  # memory per node; None: Slurm's default
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
+    account: str | None = None  # --account; None: Slurm's default
+    qos: str | None = None  # --qos; None: Slurm's default
+    constraint: str | None = None  # --constraint (node features); None: none
     job_name: str | None = None  # None: tessera-<run name>
     signal_lead_s: int = 120  # seconds before the time limit that `signal` arrives
     max_requeues: int = 10  # requeues after a stop on a signal; then the job ends
-    sbatch_options: Any = dataclasses.field(default_factory=dict)  # other #SBATCH flags,
-    # e.g. {exclusive: true, mail-type: END}
+    sbatch_options: Any = dataclasses.field(default_factory=dict)  # {exclusive: true, ...}
     setup: Any = dataclasses.field(default_factory=list)  # shell lines run before srun
 
 
@@ -168,7 +197,8 @@ def _parse_overrides(overrides: list[str]):
     for raw in overrides:
         item = raw[2:] if raw.startswith("--") else raw
         if "=" not in item:
-            raise ConfigError(f"override {raw!r} is not of the form dotted.key=value")
+            raise ConfigError(f"override {raw!r} is not of the form dotted.key=value "
+                              f"(e.g. train.steps=100; no spaces around '=')")
         items.append(item)
     try:
         return OmegaConf.from_dotlist(items)
@@ -179,7 +209,7 @@ def _parse_overrides(overrides: list[str]):
 def _build(cls: type, values: dict, prefix: str):
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {_key(f): f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in values:
         if key not in fields:
@@ -187,12 +217,27 @@ def _build(cls: type, values: dict, prefix: str):
     kwargs = {}
     for name, value in values.items():
         key = prefix + name
-        hint = hints[name]
+        field_name = fields[name].name
+        hint = hints[field_name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, key + ".")
+            kwargs[field_name] = _build(hint, value, key + ".")
         else:
-            kwargs[name] = _coerce(key, value, hint)
+            kwargs[field_name] = _coerce(key, value, hint)
     return cls(**kwargs)
+
+
+def _key(field: dataclasses.Field) -> str:
+    """A field's config key: its name, or metadata["key"] where the key is a Python keyword."""
+    return field.metadata.get("key", field.name)
+
+
+def _as_dict(obj) -> dict:
+    """dataclasses.asdict with config keys (the inverse of _build)."""
+    out = {}
+    for field in dataclasses.fields(obj):
+        value = getattr(obj, field.name)
+        out[_key(field)] = _as_dict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    return out
 
 
 def _unknown_key_message(key: str, prefix: str, valid: list[str]) -> str:
@@ -233,7 +278,7 @@ def _type_name(hint: Any) -> str:
 
 
 def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg)))
+    return OmegaConf.to_yaml(OmegaConf.create(_as_dict(cfg)))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -264,6 +309,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
            f"ZeRO stage {p.zero_stage} with pp={p.pp}: DeepSpeed's pipeline engine supports only stages 0 and 1")
     _check(p.pp <= m.num_layers, "parallel.pp", f"pp={p.pp} exceeds model.num_layers={m.num_layers}")
     _check_partition(cfg)
+    if p.sequence_parallel:
+        _check(p.tp > 1, "parallel.sequence_parallel", "needs tensor parallelism (parallel.tp > 1)")
+        _check(m.seq_len % p.tp == 0, "parallel.sequence_parallel",
+               f"model.seq_len={m.seq_len} must be divisible by parallel.tp={p.tp}")
     _check(t.activation_checkpointing in ("none", "full"), "train.activation_checkpointing",
            f"must be none or full, got {t.activation_checkpointing!r}")
     _check(t.precision in ("fp32", "bf16"), "train.precision", f"must be fp32 or bf16, got {t.precision!r}")
@@ -275,12 +324,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
            f"{t.global_batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size}")
     _check(cfg.checkpoint.interval >= 0, "checkpoint.interval", f"must be >= 0, got {cfg.checkpoint.interval}")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {cfg.checkpoint.keep_last}")
+    _check(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every", f"must be >= 0 (0: none), got {cfg.checkpoint.keep_every}")
     _check(cfg.data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")
     _check(cfg.launch.backend in ("auto", "gloo", "nccl"), "launch.backend", f"must be auto, gloo or nccl, got {cfg.launch.backend!r}")
     shards = cfg.data.shards
     _check(shards is None or isinstance(shards, str) or (isinstance(shards, list) and all(isinstance(s, str) for s in shards)),
            "data.shards", f"must be a path, a pattern or a list of them, got {shards!r}")
     _check_slurm(cfg.slurm)
+    _check_observability(cfg)
     if world_size is not None:
         validate_layout(cfg, world_size)
 
@@ -292,27 +343,46 @@ _MANAGED_SBATCH_FLAGS = ("partition", "time", "nodes", "ntasks-per-node", "gpus-
 
 
 def _check_slurm(s: SlurmConfig) -> None:
-    _check(s.launcher in ("srun", "torchrun"), "slurm.launcher", f"must be srun or torchrun, got {s.launcher!r}")
-    for key, value, least in [("slurm.nodes", s.nodes, 1), ("slurm.tasks_per_node", s.tasks_per_node, 1),
-                              ("slurm.gpus_per_node", s.gpus_per_node, 0), ("slurm.time_min", s.time_min, 1),
-                              ("slurm.signal_lead_s", s.signal_lead_s, 0), ("slurm.max_requeues", s.max_requeues, 0)]:
-        _check(value >= least, key, f"must be at least {least}, got {value}")
-    _check(s.cpus_per_task is None or s.cpus_per_task >= 1, "slurm.cpus_per_task", f"must be at least 1, got {s.cpus_per_task}")
+    _check(s.launcher in ("srun", "torchrun"), "slurm.launcher",
+           f"must be srun or torchrun, got {s.launcher!r}")
+    for key, least in [("nodes", 1), ("tasks_per_node", 1), ("gpus_per_node", 0), ("time_min", 1),
+                       ("signal_lead_s", 0), ("max_requeues", 0)]:
+        value = getattr(s, key)
+        _check(value >= least, f"slurm.{key}", f"must be at least {least}, got {value}")
+    _check(s.cpus_per_task is None or s.cpus_per_task >= 1, "slurm.cpus_per_task",
+           f"must be at least 1, got {s.cpus_per_task}")
     _check(s.mem_gb is None or s.mem_gb > 0, "slurm.mem_gb", f"must be positive, got {s.mem_gb}")
     name = s.signal.strip().upper()
-    _check((name if name.startswith("SIG") else "SIG" + name) in signal.Signals.__members__, "slurm.signal",
-           f"{s.signal!r} is not a signal name (e.g. USR1, USR2, TERM)")
+    _check((name if name.startswith("SIG") else "SIG" + name) in signal.Signals.__members__,
+           "slurm.signal", f"{s.signal!r} is not a signal name (e.g. USR1, USR2, TERM)")
     _check(s.signal_lead_s < min(s.time_min * 60, 65536), "slurm.signal_lead_s",
            f"{s.signal_lead_s} s must be shorter than slurm.time_min ({s.time_min} min) and 65536 s")
     options = s.sbatch_options
-    _check(isinstance(options, dict) and all(isinstance(k, str) and isinstance(v, (str, int, float, bool))
-                                             for k, v in options.items()),
-           "slurm.sbatch_options", f"must map sbatch flags to values, got {options!r}")
+    _check(isinstance(options, dict) and all(
+        isinstance(k, str) and isinstance(v, (str, int, float, bool)) for k, v in options.items()),
+        "slurm.sbatch_options", f"must map sbatch flags to values, got {options!r}")
     for flag in options:
-        _check(flag.replace("_", "-").lstrip("-") not in _MANAGED_SBATCH_FLAGS, "slurm.sbatch_options",
-               f"'{flag}' has its own key under slurm (or is set by tessera submit)")
-    _check(isinstance(s.setup, list) and all(isinstance(line, str) for line in s.setup), "slurm.setup",
-           f"must be a list of shell lines, got {s.setup!r}")
+        _check(flag.replace("_", "-").lstrip("-") not in _MANAGED_SBATCH_FLAGS,
+               "slurm.sbatch_options", f"'{flag}' has its own key under slurm (or is set by submit)")
+    _check(isinstance(s.setup, list) and all(isinstance(line, str) for line in s.setup),
+           "slurm.setup", f"must be a list of shell lines, got {s.setup!r}")
+
+
+def _check_observability(cfg: Config) -> None:
+    """Evaluation, non-finite steps and logging."""
+    t, log = cfg.train, cfg.log
+    _check(t.eval_interval >= 0, "train.eval_interval", f"must be >= 0 (0: only at the end), got {t.eval_interval}")
+    _check(t.eval_steps >= 1, "train.eval_steps", f"must be at least 1, got {t.eval_steps}")
+    _check(t.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", f"must be >= 0, got {t.max_nonfinite_steps}")
+    _check(log.loss_spike_factor == 0 or log.loss_spike_factor > 1, "log.loss_spike_factor",
+           f"must be above 1 (or 0: off), got {log.loss_spike_factor}")
+    _check(log.peak_tflops is None or log.peak_tflops > 0, "log.peak_tflops",
+           f"must be positive (or null: look up by device name), got {log.peak_tflops}")
+    _check(log.wandb_mode in (None, "online", "offline", "disabled"), "log.wandb_mode",
+           f"must be online, offline, disabled or null, got {log.wandb_mode!r}")
+    valid = cfg.data.valid_shards
+    _check(valid is None or isinstance(valid, str) or (isinstance(valid, list) and all(isinstance(s, str) for s in valid)),
+           "data.valid_shards", f"must be a path, a pattern or a list of them, got {valid!r}")
 
 
 def _check_partition(cfg: Config) -> None:
@@ -334,11 +404,14 @@ def validate_layout(cfg: Config, world_size: int) -> None:
     p, t = cfg.parallel, cfg.train
     model_parallel = p.tp * p.pp
     _check(world_size % model_parallel == 0, "parallel.tp",
-           f"world size {world_size} is not divisible by tp*pp = {p.tp}*{p.pp} = {model_parallel}")
+           f"world size {world_size} is not divisible by tp*pp = {p.tp}*{p.pp} = {model_parallel}; "
+           f"run a multiple of {model_parallel} ranks (launch.nproc_per_node x nodes) or change "
+           f"parallel.tp / parallel.pp")
     dp = world_size // model_parallel
     _check(t.global_batch_size % (t.micro_batch_size * dp) == 0, "train.global_batch_size",
            f"{t.global_batch_size} is not divisible by train.micro_batch_size*dp = "
-           f"{t.micro_batch_size}*{dp} (dp = world {world_size} / (tp*pp))")
+           f"{t.micro_batch_size}*{dp} (dp = world {world_size} / (tp*pp)); make it a multiple "
+           f"of {t.micro_batch_size * dp} or lower train.micro_batch_size")
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:

@@ -107,6 +107,7 @@ class Block(nn.Module):
         self.mlp_norm = tpl.replicated(RMSNorm(hidden, cfg.norm_eps), mp_config)
         self.gate_up = tpl.column_parallel(mp_config, hidden, 2 * ffn)
         self.down = tpl.row_parallel(mp_config, ffn, hidden)
+        self._rotary: tuple | None = None  # ((seq_len, device, dtype), cos_SD, sin_SD)
 
     def forward(self, x_SBH: torch.Tensor) -> torch.Tensor:
         if self.checkpoint_activations and torch.is_grad_enabled():
@@ -131,7 +132,7 @@ class Block(nn.Module):
         q_BNSD = q.view(seq_len, batch, -1, head_dim).permute(1, 2, 0, 3)
         k_BNSD = k.view(seq_len, batch, -1, head_dim).permute(1, 2, 0, 3)
         v_BNSD = v.view(seq_len, batch, -1, head_dim).permute(1, 2, 0, 3)
-        cos_SD, sin_SD = rotary_cos_sin(seq_len, head_dim, self.cfg.rope_theta, h_SBH.device, q.dtype)
+        cos_SD, sin_SD = self._rotary_tables(seq_len, h_SBH.device, q.dtype)
         q_BNSD = apply_rotary(q_BNSD, cos_SD, sin_SD)
         k_BNSD = apply_rotary(k_BNSD, cos_SD, sin_SD)
         out_BNSD = F.scaled_dot_product_attention(
@@ -141,6 +142,15 @@ class Block(nn.Module):
         out_SBX = out_BNSD.permute(2, 0, 1, 3).reshape(seq_len, batch, q_size)
         o_SBH, _ = self.o(out_SBX)
         return o_SBH
+
+    def _rotary_tables(self, seq_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary cos/sin tables, computed on first use, not at every micro-batch."""
+        key = (seq_len, device, dtype)
+        if self._rotary is None or self._rotary[0] != key:
+            cos_SD, sin_SD = rotary_cos_sin(seq_len, self.cfg.head_dim, self.cfg.rope_theta,
+                                            device, dtype)
+            self._rotary = (key, cos_SD, sin_SD)
+        return self._rotary[1], self._rotary[2]
 
     def canonical_parts(self) -> dict[str, list[Part]]:
         c, p = self.cfg, self.prefix

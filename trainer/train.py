@@ -13,14 +13,16 @@ import torch.distributed as dist
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from megatron.core import parallel_state
 
-from tessera.data.loader import ResolvedShard, TrainLoader, default_num_streams, resolve_shards
-from tessera.data.format import read_manifest
+from tessera.data.loader import Source, TrainLoader, choose_num_streams, resolve_data
+from tessera.data.sources import data_vocab_size
 from tessera.launch.signals import StopSignal
 from tessera.parallel import engine as ds_engine
-from tessera.parallel.topology import Topology, destroy_distributed, init_distributed
+from tessera.parallel.topology import Topology, destroy_distributed, env_world, init_distributed
 from tessera.trainer import checkpoint
 from tessera.trainer.config import Config, ConfigError, save_config, validate, validate_layout
-from tessera.trainer.metrics import MetricsLog
+from tessera.trainer.evaluate import resolve_valid
+from tessera.trainer.metrics import tag_warnings_with_rank
+from tessera.trainer.monitor import TrainMonitor
 from tessera.parallel.pipeline import build_pipeline
 from tessera.trainer.model import build_model, init_weights, lm_loss, pipeline_layer_specs
 from tessera.trainer.optim import build_optimizer, build_scheduler
@@ -35,15 +37,16 @@ class TrainState:
     num_streams: int = 0
 
 
-def resolve_vocab(cfg: Config, shards: list[ResolvedShard]) -> None:
+def resolve_vocab(cfg: Config, shards: list[Source]) -> None:
     """model.vocab_size defaults to the vocabulary the shards were prepared with."""
-    data_vocab = read_manifest(Path(shards[0].path).parent).tokenizer.vocab_size
+    data_vocab = data_vocab_size(shards)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = data_vocab
     elif cfg.model.vocab_size < data_vocab:
         raise ConfigError(
             f"config key 'model.vocab_size': {cfg.model.vocab_size} is smaller than the data's "
-            f"tokenizer vocabulary ({data_vocab})"
+            f"tokenizer vocabulary ({data_vocab}); set it to at least {data_vocab}, or to null to "
+            f"take the tokenizer's"
         )
 
 
@@ -51,13 +54,17 @@ def train(cfg: Config) -> TrainState:
     """Run (or resume) the configured job to `train.steps`; returns the final state, whose step
     is below `train.steps` when a signal stopped the run (after saving a checkpoint)."""
     validate(cfg)
-    if cfg.data.shards is None:
+    if cfg.data.shards is None and not cfg.data.sources:
         raise ConfigError("config key 'data.shards': not set; point it at a `tessera prepare` output")
     if cfg.parallel.sequence_parallel and not torch.cuda.is_available():
         raise ConfigError("config key 'parallel.sequence_parallel': needs CUDA (megatron-core's implementation uses CUDA buffers)")
-    shards = resolve_shards(cfg.data.shards)
+    shards = resolve_data(cfg.data.shards, cfg.data.sources)
     resolve_vocab(cfg, shards)
+    if cfg.data.valid_shards is not None:
+        resolve_valid(cfg.data.valid_shards, shards)  # a bad path fails now, not after the build
     owns_process_group = not dist.is_initialized()
+    world_size = dist.get_world_size() if dist.is_initialized() else env_world()[1]
+    validate_layout(cfg, world_size)  # one line for a torchrun/srun rank count that does not fit
     topo = init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.launch.backend)
     try:
         validate_layout(cfg, topo.world_size)
@@ -66,21 +73,22 @@ def train(cfg: Config) -> TrainState:
         destroy_distributed(process_group_too=owns_process_group)
 
 
-def _train(cfg: Config, topo: Topology, shards: list[ResolvedShard]) -> TrainState:
+def _train(cfg: Config, topo: Topology, shards: list[Source]) -> TrainState:
     run_dir = Path(cfg.run.dir)
     ckpt_root = run_dir / "checkpoints"
     if topo.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         print(f"tessera: {topo.describe()}  run.dir={run_dir}", flush=True)
+    tag_warnings_with_rank(topo.rank, topo.world_size)  # warnings of rank r say "[rank r]"
     _seed_everything(cfg.run.seed)
 
     engine, scheduler, clipper = build_training_engine(cfg, topo)
 
     state = TrainState()
-    tag = checkpoint.latest_tag(ckpt_root)
-    if tag is not None:
-        saved = checkpoint.load(engine, ckpt_root, tag)
+    checkpoint.install(engine, cfg)
+    saved = checkpoint.resume(engine, ckpt_root, cfg)  # None: fresh; without "train": weights only
+    if saved is not None and "train" in saved:
         state = TrainState(**saved["train"])
         # train.steps may have changed since the save (a longer run): follow the current schedule
         # (the same product LambdaLR forms, so an unchanged schedule resumes bit for bit)
@@ -89,10 +97,10 @@ def _train(cfg: Config, topo: Topology, shards: list[ResolvedShard]) -> TrainSta
         ):
             group["lr"] = base_lr * factor(state.step)
         if topo.rank == 0:
-            print(f"tessera: resumed from {ckpt_root / tag} at step {state.step}", flush=True)
+            print(f"tessera: resumed from {saved['directory']} at step {state.step}", flush=True)
     if state.num_streams == 0:
-        state.num_streams = cfg.data.streams or default_num_streams(
-            len(shards), cfg.train.global_batch_size, topo.dp
+        state.num_streams = cfg.data.streams or choose_num_streams(
+            shards, cfg.train.global_batch_size, topo.dp
         )
 
     loader = TrainLoader(
@@ -106,44 +114,49 @@ def _train(cfg: Config, topo: Topology, shards: list[ResolvedShard]) -> TrainSta
         num_workers=cfg.data.num_workers,
         seed=cfg.run.seed,
         shuffle=cfg.data.shuffle,
+        shuffle_buffer=cfg.data.shuffle_buffer,
         start_step=state.step,
+        max_consecutive_errors=cfg.data.max_consecutive_errors,
+        allow_mixture_change=cfg.data.allow_mixture_change,
+        warn=topo.tp_rank == 0 and topo.pp_rank == 0,
     )
-    if tag is not None:
+    if saved is not None and "data" in saved:
         loader.check_resume(saved["data"])
 
-    metrics = MetricsLog(run_dir, enabled=topo.rank == 0)
+    monitor = TrainMonitor(cfg, topo, engine, loader, shards, start_step=state.step)
     try:
         # Slurm's warning signal and SIGTERM stop the loop at a step boundary, saved
         with StopSignal([cfg.slurm.signal, "TERM"]) as stop:
-            _loop(cfg, topo, engine, clipper, loader, state, metrics, ckpt_root, stop)
+            _loop(cfg, topo, engine, clipper, loader, state, monitor, ckpt_root, stop)
+        checkpoint.wait(engine)  # an asynchronous save still writing commits before the end
     finally:
-        metrics.close()
+        monitor.close()
     return state
 
 
-def _loop(cfg, topo, engine, clipper, loader, state: TrainState, metrics: MetricsLog,
+def _loop(cfg, topo, engine, clipper, loader, state: TrainState, monitor: TrainMonitor,
           ckpt_root: Path, stop: StopSignal) -> None:
-    batches = iter(loader)
-    tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
+    steps = loader.steps(engine.device)  # collective: a data error on one rank stops all
     last_saved = state.step
     while state.step < cfg.train.steps:
         if stop.agreed(engine.device):  # every rank stops after the same step
             break
         started = time.perf_counter()
         lr = engine.get_lr()[0]
+        batches = iter(next(steps))
+        data_s = time.perf_counter() - started
         loss, grad_norm = train_step(engine, clipper, batches, loader.micro_batches_per_step)
         step_s = time.perf_counter() - started
         state.step += 1
         state.consumed_samples += cfg.train.global_batch_size
-        if state.step % cfg.log.interval == 0 or state.step == cfg.train.steps:
-            metrics.write({
-                "step": state.step, "total_steps": cfg.train.steps, "loss": loss, "lr": lr,
-                "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / step_s, "step_s": step_s,
-                "consumed_samples": state.consumed_samples,
-            })
+        # skipped non-finite updates, loss spikes, evaluation, metrics row and console line
+        monitor.after_step(engine, state.step, state.consumed_samples, loss=loss, lr=lr,
+                           grad_norm=grad_norm, step_s=step_s, data_s=data_s)
         interval = cfg.checkpoint.interval
         if (interval and state.step % interval == 0) or state.step == cfg.train.steps:
+            save_started = time.perf_counter()
             _save(engine, ckpt_root, state, loader, cfg)
+            monitor.saved(time.perf_counter() - save_started)
             last_saved = state.step
     if last_saved != state.step:
         _save(engine, ckpt_root, state, loader, cfg)
@@ -182,7 +195,7 @@ def train_step(engine, clipper, batches, micro_batches: int) -> tuple[float, flo
     loss_sum = torch.zeros((), device=engine.device)
     for _ in range(micro_batches):
         input_ids, labels = next(batches)
-        loss = engine(input_ids.to(engine.device), labels.to(engine.device))
+        loss = engine(to_device(input_ids, engine.device), to_device(labels, engine.device))
         engine.backward(loss)
         engine.step()
         loss_sum += loss.detach().float()
@@ -192,6 +205,14 @@ def train_step(engine, clipper, batches, micro_batches: int) -> tuple[float, flo
     return loss, ds_engine.step_grad_norm(engine, clipper)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on `device` without a host sync: `.to(cuda)` from pageable memory waits for
+    the GPU to drain its queue, at every micro-batch; from pinned memory the copy is queued."""
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _save(engine, ckpt_root: Path, state: TrainState, loader: TrainLoader, cfg: Config) -> None:
     payload = {
         "train": dataclasses.asdict(state),
@@ -199,9 +220,9 @@ def _save(engine, ckpt_root: Path, state: TrainState, loader: TrainLoader, cfg: 
         "layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": loader.dp_size,
                    "zero_stage": cfg.parallel.zero_stage},
     }
-    directory = checkpoint.save(engine, ckpt_root, state.step, payload, cfg.checkpoint.keep_last)
+    directory = checkpoint.save(engine, ckpt_root, state.step, payload, cfg)
     if dist.get_rank() == 0:
-        print(f"tessera: saved {directory}", flush=True)
+        print(f"tessera: {'saving' if cfg.checkpoint.async_save else 'saved'} {directory}", flush=True)
 
 
 def _seed_everything(seed: int) -> None:

@@ -1,0 +1,78 @@
+"""What the benchmarks share: launching a rank body on N local ranks, configs, robust statistics.
+
+A benchmark script runs its measurement as `python <script> --rank-body ARGS...` on N ranks
+through Tessera's own local launcher (torch's elastic launch), each rank writing its JSON result
+to a file the driver reads back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def launch_ranks(script: str, nproc: int, body_args: list[str]) -> list[Any]:
+    """Run `python script --rank-body OUT_DIR *body_args` on `nproc` ranks; returns each rank's
+    JSON result (rank order). Raises SystemExit with the launcher's code if a rank failed."""
+    from tessera.cli import quiet_dependencies
+    from tessera.launch.local import launch_local
+
+    quiet_dependencies()
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = [os.path.abspath(script), "--rank-body", tmp, *body_args]
+        code = launch_local(nproc, argv, module=False)
+        if code != 0:
+            raise SystemExit(code)
+        return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def write_rank_result(out_dir: str, result: Any) -> None:
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def bench_config(overrides: dict):
+    """A Tessera Config from dotted overrides (no YAML file)."""
+    from tessera.trainer.config import load_config
+
+    return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def machine() -> dict:
+    """The machine a result was measured on."""
+    import deepspeed
+    import torch
+
+    cpu_model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = float("nan")
+    return {
+        "cpu_model": cpu_model,
+        "cores": os.cpu_count(),
+        "load_avg_1min_at_start": round(load, 2),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }

@@ -1,0 +1,227 @@
+"""Trainer overhead: Tessera's training step against a plain PyTorch loop on the same Llama.
+
+One process: Tessera at ZeRO 0 (megatron-core layers, DeepSpeed engine, `train_step` exactly as
+the training loop calls it) against `plain_llama.PlainLlama` (plain torch.nn, same shapes and
+math, the same AdamW and schedule, grad clipping, no DeepSpeed) started from the same weights.
+Two processes: Tessera at ZeRO 0, 1, 2 and 3 against DistributedDataParallel of the plain model
+(gloo, `no_sync` over the accumulation micro-batches).
+
+Every variant lives in the same process for the whole run and sees the same data tensors; steps
+alternate between variants (the order rotates each round), so machine load drifts onto all of
+them alike. Each process computes on one thread (`--threads`). The figure is tokens/s of Tessera over tokens/s of the baseline, from median step
+times (ratio >= 1: Tessera is faster). Beside it, the same ratio from the CPU time each process
+used per step (`time.process_time`), which other jobs on a shared machine disturb far less than
+wall time: on a quiet machine the two agree. The loss of each variant must follow the baseline's: the
+largest relative difference over the run is printed with the ratios.
+
+Run: .venv/bin/python bench/trainer_overhead.py [--steps 12] [--warmup 2] [--dp 1 2] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from common import bench_config, launch_ranks, median, write_rank_result
+
+# Big enough that compute dominates on a CPU core, small enough for a few-minute run.
+MODEL = {
+    "model.vocab_size": 2048, "model.hidden_size": 256, "model.num_layers": 4,
+    "model.num_heads": 4, "model.num_kv_heads": 2, "model.ffn_hidden_size": 704,
+    "model.seq_len": 256,
+}
+TRAIN = {
+    "train.micro_batch_size": 2, "train.global_batch_size": 8, "train.grad_clip": 1.0,
+    "train.warmup_steps": 2, "train.steps": 1000, "run.seed": 7,
+}
+TARGETS = {1: 0.95, 2: 0.90}
+
+
+def tessera_config(zero_stage: int):
+    return bench_config({**MODEL, **TRAIN, "parallel.zero_stage": zero_stage})
+
+
+def make_steps(cfg, dp_rank: int, dp: int, num_steps: int) -> list[list[tuple]]:
+    """Each step's micro-batches for this data-parallel rank (int64 token ids)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1000 + dp_rank)
+    micro_batches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+    steps = []
+    for _ in range(num_steps):
+        step = []
+        for _ in range(micro_batches):
+            tokens = torch.randint(0, cfg.model.vocab_size,
+                                   (cfg.train.micro_batch_size, cfg.model.seq_len + 1),
+                                   generator=generator)
+            step.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
+        steps.append(step)
+    return steps
+
+
+class TesseraRunner:
+    def __init__(self, zero_stage: int, topo):
+        from tessera.trainer.train import build_training_engine
+
+        self.name = f"tessera-zero{zero_stage}"
+        self.cfg = tessera_config(zero_stage)
+        self.engine, _, self.clipper = build_training_engine(self.cfg, topo)
+
+    def step(self, micro_batches: list[tuple]) -> float:
+        from tessera.trainer.train import train_step
+
+        loss, _ = train_step(self.engine, self.clipper, iter(micro_batches), len(micro_batches))
+        return loss
+
+
+class PlainRunner:
+    """The plain model (DDP-wrapped on more than one rank), trained the way a plain loop does."""
+
+    def __init__(self, tessera_model, dp: int):
+        import torch
+
+        from plain_llama import PlainLlama, load_from_tessera
+        from tessera.trainer.optim import build_optimizer, build_scheduler
+
+        cfg = tessera_config(0)
+        self.name = "plain-ddp" if dp > 1 else "plain"
+        self.cfg = cfg
+        self.dp = dp
+        model = PlainLlama(cfg.model)
+        load_from_tessera(model, tessera_model)
+        self.params = list(model.parameters())
+        self.model = torch.nn.parallel.DistributedDataParallel(model) if dp > 1 else model
+        self.optimizer = build_optimizer(model, cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+
+    def step(self, micro_batches: list[tuple]) -> float:
+        import contextlib
+
+        import torch
+        import torch.distributed as dist
+
+        loss_sum = torch.zeros(())
+        for index, (input_ids, labels) in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or self.dp == 1 else self.model.no_sync()
+            with sync:
+                loss = self.model(input_ids, labels)
+                (loss / len(micro_batches)).backward()
+            loss_sum += loss.detach()
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        mean = loss_sum / len(micro_batches)
+        if self.dp > 1:
+            dist.all_reduce(mean)
+        return mean.item() / self.dp
+
+
+def rank_main(out_dir: str, stages: list[int], warmup: int, steps: int, threads: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from tessera.cli import quiet_dependencies
+    from tessera.parallel.topology import destroy_distributed, init_distributed
+
+    quiet_dependencies()
+    topo = init_distributed(tp=1, pp=1)
+    # One compute thread per process by default: no thread then waits (spinning) on a descheduled
+    # sibling when other jobs share the cores, so CPU time measures work.
+    torch.set_num_threads(threads)
+    runners: list = [TesseraRunner(stage, topo) for stage in stages]
+    # The baseline starts from the weights Tessera initialized (ZeRO 3 holds only partitions).
+    runners.insert(0, PlainRunner(runners[0].engine.module, topo.dp))
+    data = make_steps(runners[0].cfg, topo.dp_rank, topo.dp, warmup + steps)
+    times = {r.name: [] for r in runners}
+    cpu_times = {r.name: [] for r in runners}
+    losses = {r.name: [] for r in runners}
+    for index, micro_batches in enumerate(data):
+        shift = index % len(runners)  # rotate the order: each variant runs first, then last
+        for runner in runners[shift:] + runners[:shift]:
+            dist.barrier()
+            started, started_cpu = time.perf_counter(), time.process_time()
+            loss = runner.step(micro_batches)
+            elapsed, elapsed_cpu = time.perf_counter() - started, time.process_time() - started_cpu
+            losses[runner.name].append(loss)
+            if index >= warmup:
+                times[runner.name].append(elapsed)
+                cpu_times[runner.name].append(elapsed_cpu)
+    write_rank_result(out_dir, {"dp": topo.dp, "times": times, "cpu_times": cpu_times,
+                                "losses": losses,
+                                "tokens_per_step": runners[0].cfg.train.global_batch_size
+                                * runners[0].cfg.model.seq_len})
+    destroy_distributed()
+
+
+def summarize(result: dict) -> list[dict]:
+    """One row per Tessera variant: tokens/s of both, the ratio, the loss agreement."""
+    baseline = "plain-ddp" if result["dp"] > 1 else "plain"
+    base_s = median(result["times"][baseline])
+    rows = []
+    for name, times in result["times"].items():
+        if name == baseline:
+            continue
+        step_s = median(times)
+        diffs = [abs(a - b) / abs(b) for a, b in zip(result["losses"][name],
+                                                      result["losses"][baseline])]
+        cpu_ratio = median(result["cpu_times"][baseline]) / median(result["cpu_times"][name])
+        rows.append({
+            "name": f"{name} vs {baseline}, dp={result['dp']}",
+            "tessera_tokens_per_s": result["tokens_per_step"] / step_s,
+            "baseline_tokens_per_s": result["tokens_per_step"] / base_s,
+            "ratio": base_s / step_s,
+            "cpu_time_ratio": cpu_ratio,
+            "target": TARGETS[result["dp"]],
+            "max_loss_rel_diff": max(diffs),
+            "steps_timed": len(times),
+        })
+    return rows
+
+
+def run(dps: list[int], warmup: int, steps: int, threads: int) -> list[dict]:
+    rows = []
+    for dp in dps:
+        stages = [0] if dp == 1 else [0, 1, 2, 3]
+        body = [json.dumps(stages), str(warmup), str(steps), str(threads)]
+        result = launch_ranks(__file__, dp, body)[0]
+        rows.extend(summarize(result))
+    return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    print(f"{'variant':<38}{'tessera tok/s':>14}{'baseline tok/s':>15}{'ratio':>7}{'target':>8}"
+          f"{'cpu-time ratio':>16}{'loss rel diff':>15}")
+    for r in rows:
+        print(f"{r['name']:<38}{r['tessera_tokens_per_s']:>14.0f}{r['baseline_tokens_per_s']:>15.0f}"
+              f"{r['ratio']:>7.3f}{r['target']:>8.2f}{r['cpu_time_ratio']:>16.3f}"
+              f"{r['max_loss_rel_diff']:>15.1e}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
+    parser.add_argument("--dp", type=int, nargs="+", default=[1, 2], choices=(1, 2))
+    parser.add_argument("--threads", type=int, default=1, help="compute threads per process")
+    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--rank-body", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rank_body:
+        out_dir, stages, warmup, steps, threads = args.rank_body
+        rank_main(out_dir, json.loads(stages), int(warmup), int(steps), int(threads))
+        return 0
+    rows = run(args.dp, args.warmup, args.steps, args.threads)
+    print_rows(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
