@@ -131,7 +131,26 @@ def _train(cfg: Config, topo: Topology, shards: list[Source]) -> TrainState:
         checkpoint.wait(engine)  # an asynchronous save still writing commits before the end
     finally:
         monitor.close()
+    if topo.rank == 0:
+        print(run_summary(cfg, state), flush=True)
     return state
+
+
+def run_summary(cfg: Config, state: TrainState) -> str:
+    """Where a person finds what the run wrote."""
+    run_dir = Path(cfg.run.dir)
+    ckpt_root = run_dir / "checkpoints"
+    latest = ckpt_root / checkpoint.LATEST_FILE
+    newest = latest.read_text().strip() if latest.is_file() else "none"
+    status = "finished" if state.step >= cfg.train.steps else "stopped (run again to resume)"
+    lines = [
+        f"tessera: {status} at step {state.step}/{cfg.train.steps}",
+        f"  run directory  {run_dir}",
+        f"  metrics        {run_dir / 'metrics.jsonl'}"
+        + (f"  (TensorBoard: {run_dir / 'tensorboard'})" if cfg.log.tensorboard else ""),
+        f"  checkpoints    {ckpt_root}  (latest: {newest})",
+    ]
+    return "\n".join(lines)
 
 
 def _loop(cfg, topo, engine, clipper, loader, state: TrainState, monitor: TrainMonitor,

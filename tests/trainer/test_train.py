@@ -31,3 +31,17 @@ def test_stopped_run_resumes_from_its_checkpoint(tmp_path, byte_shards):
     assert resumed_steps == [1, 2, 3, 4, 5, 6]  # one metrics file: 1-3, then 4-6 after the restart
     assert losses(resumed_rows) == losses(straight_rows)
     assert resumed_rows[-1]["consumed_samples"] == straight_rows[-1]["consumed_samples"]
+
+
+def test_run_summary_names_run_dir_metrics_and_checkpoints(tmp_path):
+    from tessera.trainer.train import TrainState, run_summary
+
+    cfg = tiny_config(tmp_path / "run", tmp_path / "data")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step-00000010")
+    text = run_summary(cfg, TrainState(step=10))
+    assert "finished at step 10/10" in text
+    assert f"run directory  {tmp_path / 'run'}" in text
+    assert str(tmp_path / "run" / "metrics.jsonl") in text
+    assert "(latest: step-00000010)" in text
+    assert "stopped (run again to resume)" in run_summary(cfg, TrainState(step=4))
