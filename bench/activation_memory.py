@@ -14,6 +14,7 @@ import json
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 
 def _peak_rss_mb() -> float:
@@ -46,7 +47,8 @@ def measure(mode: str, layers: int, hidden: int, seq: int, batch: int) -> dict:
 
 
 def measure_in_subprocess(mode: str, layers: int, hidden: int, seq: int, batch: int) -> dict:
-    code = (f"import json, sys; sys.path.insert(0, {repr(sys.path[0])}); "
+    bench_dir = str(Path(__file__).resolve().parent)
+    code = (f"import json, sys; sys.path.insert(0, {bench_dir!r}); "
             f"from activation_memory import measure; "
             f"print('RESULT', json.dumps(measure({mode!r}, {layers}, {hidden}, {seq}, {batch})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
