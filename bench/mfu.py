@@ -99,7 +99,6 @@ def random_steps(cfg, count: int) -> list[list[tuple]]:
 
 def measure(cfg, steps: int, warmup: int, sdpa: str) -> dict:
     import torch
-
     from tessera.parallel.topology import destroy_distributed, init_distributed
     from tessera.trainer.config import ConfigError, validate, validate_layout
     from tessera.trainer.train import build_training_engine, train_step
@@ -177,8 +176,9 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
     args = parser.parse_args()
 
-    from tessera.cli import quiet_dependencies
     from tessera.trainer.config import ConfigError, load_config
+
+    from tessera.cli import quiet_dependencies
 
     quiet_dependencies()
     overrides = list(args.overrides)

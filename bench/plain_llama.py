@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from tessera.trainer.config import ModelConfig
+from torch import nn
 
 
 class RMSNorm(nn.Module):

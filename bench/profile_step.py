@@ -23,17 +23,18 @@ from trainer_overhead import PlainRunner, TesseraRunner, make_steps
 def rank_main(out_dir: str, options: dict) -> None:
     import torch
     import torch.distributed as dist
+    from tessera.parallel.topology import destroy_distributed, init_distributed
     from torch.profiler import ProfilerActivity, profile
 
     from tessera.cli import quiet_dependencies
-    from tessera.parallel.topology import destroy_distributed, init_distributed
 
     quiet_dependencies()
     topo = init_distributed(tp=1, pp=1)
     torch.set_num_threads(options["threads"])
-    runner = TesseraRunner(options["zero_stage"], topo)
     if options["plain"]:
-        runner = PlainRunner(runner.engine.module, topo.dp)
+        runner = PlainRunner(topo.dp)
+    else:
+        runner = TesseraRunner(options["zero_stage"], topo)
     steps = options["steps"]
     data = make_steps(runner.cfg, topo.dp_rank, topo.dp, 2 + steps)
     for micro_batches in data[:2]:

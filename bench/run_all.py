@@ -45,7 +45,8 @@ def run_script(name: str, args: list[str], json_path: Path | None) -> dict:
         argv += ["--json", str(json_path)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     started = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=BENCH_DIR.parent)
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=BENCH_DIR.parent,
+                          check=False)
     elapsed = time.perf_counter() - started
     result = {"name": name, "argv": args, "returncode": proc.returncode,
               "seconds": round(elapsed, 1), "stdout": _clean(proc.stdout)}
@@ -69,9 +70,10 @@ def _clean(text: str) -> str:
 
 def rows_trainer_overhead(result: dict) -> list[tuple]:
     return [(r["name"], r["ratio"], f">= {r['target']}",
-             f"tokens/s {r['tessera_tokens_per_s']:.0f} vs {r['baseline_tokens_per_s']:.0f}; "
+             (f"tokens/s {r['tessera_tokens_per_s']:.0f} vs {r['baseline_tokens_per_s']:.0f}; "
+             f"each build order {'/'.join(f'{x:.3f}' for x in r['ratio_each_order'])}; "
              f"CPU-time ratio {r['cpu_time_ratio']:.3f}; loss rel. diff "
-             f"{r['max_loss_rel_diff']:.1e}") for r in result.get("data", [])]
+             f"{r['max_loss_rel_diff']:.1e}")) for r in result.get("data", [])]
 
 
 def rows_tp_traffic(result: dict) -> list[tuple]:
@@ -79,8 +81,8 @@ def rows_tp_traffic(result: dict) -> list[tuple]:
     if not data:
         return []
     rows = [(f"TP all-reduce bytes/step, {r['term']}", r["ratio"], "= 1",
-             f"{r['calls']} calls, {r['bytes']} B (theory {r['theory_calls']}, "
-             f"{r['theory_bytes']} B)") for r in data["rows"]]
+             (f"{r['calls']} calls, {r['bytes']} B (theory {r['theory_calls']}, "
+             f"{r['theory_bytes']} B)")) for r in data["rows"]]
     blocks = [r for r in data["rows"] if r["term"].startswith("block")]
     measured, theory = sum(r["bytes"] for r in blocks), sum(r["theory_bytes"] for r in blocks)
     return [("TP all-reduce bytes/step, blocks (2 fwd + 2 bwd of b*s*h per block)",
@@ -89,9 +91,9 @@ def rows_tp_traffic(result: dict) -> list[tuple]:
 
 def rows_zero_memory(result: dict) -> list[tuple]:
     return [(f"ZeRO-{r['stage']} {r['precision']} dp={r['dp']} bytes/param", r["ratio"],
-             "within 10%", f"{r['total_per_psi']:.2f} measured vs {r['formula_per_psi']:.2f} "
+             "within 10%", (f"{r['total_per_psi']:.2f} measured vs {r['formula_per_psi']:.2f} "
              f"formula (params {r['params_per_psi']:.2f}, grads {r['grads_per_psi']:.2f}, "
-             f"optimizer {r['optimizer_per_psi']:.2f}); step peak {r['step_peak_per_psi']:.2f}")
+             f"optimizer {r['optimizer_per_psi']:.2f}); step peak {r['step_peak_per_psi']:.2f}"))
             for r in result.get("data", [])]
 
 
@@ -173,12 +175,12 @@ def target_lines(stdout: str) -> list[str]:
 
 def markdown(results: list[dict], info: dict) -> str:
     lines = [f"# Benchmark results ({info['date']})", "",
-             f"Machine: {info['machine']['cpu_model']}, {info['machine']['cores']} cores, "
+             (f"Machine: {info['machine']['cpu_model']}, {info['machine']['cores']} cores, "
              f"Python {info['machine']['python']}, torch {info['machine']['torch']}, "
              f"DeepSpeed {info['machine']['deepspeed']}, GPU: {info['machine']['cuda'] or 'none'}. "
              f"Load average (1 min) {info['machine']['load_avg_1min_at_start']} at the start, "
              f"{info['load_avg_1min_at_end']} at the end (a load above the core count means "
-             f"other jobs shared the machine: wall-time ratios are then noisy).", "",
+             f"other jobs shared the machine: wall-time ratios are then noisy)."), "",
              "| benchmark | figure | ratio | target | detail |", "|---|---|---|---|---|"]
     for result in results:
         rows = EXTRACT[result["name"]](result) if result["returncode"] == 0 else []
@@ -195,8 +197,8 @@ def markdown(results: list[dict], info: dict) -> str:
             lines += ["```", *verdicts, "```"]
     lines += ["", "## Full output", ""]
     for result in results:
-        lines += [f"### {result['name']} ({' '.join(result['argv']) or 'defaults'}, "
-                  f"{result['seconds']} s)", "```", result["stdout"].strip(), "```", ""]
+        lines += [(f"### {result['name']} ({' '.join(result['argv']) or 'defaults'}, "
+                  f"{result['seconds']} s)"), "```", result["stdout"].strip(), "```", ""]
     return "\n".join(lines) + "\n"
 
 

@@ -8,13 +8,15 @@ Two processes: Tessera at ZeRO 0, 1, 2 and 3 against DistributedDataParallel of 
 
 Every variant lives in the same process for the whole run and sees the same data tensors; steps
 alternate between variants (the order rotates each round), so machine load drifts onto all of
-them alike. Each process computes on one thread (`--threads`). The figure is tokens/s of Tessera over tokens/s of the baseline, from median step
+them alike. Each process computes on one thread (`--threads`). The whole comparison runs twice, the
+baseline built first and then last (the order of construction alone moves a CPU timing by up to
+10%), and the two ratios are combined by their geometric mean. The figure is tokens/s of Tessera over tokens/s of the baseline, from median step
 times (ratio >= 1: Tessera is faster). Beside it, the same ratio from the CPU time each process
-used per step (`time.process_time`), which other jobs on a shared machine disturb far less than
-wall time: on a quiet machine the two agree. The loss of each variant must follow the baseline's: the
+used per step (`time.process_time`), which other jobs on a shared machine disturb less than wall
+time: on a quiet machine the two agree. The loss of each variant must follow the baseline's: the
 largest relative difference over the run is printed with the ratios.
 
-Run: .venv/bin/python bench/trainer_overhead.py [--steps 12] [--warmup 2] [--dp 1 2] [--threads 1]
+Run: .venv/bin/python bench/trainer_overhead.py [--steps 6] [--warmup 1] [--dp 1 2] [--threads 1]
 """
 
 from __future__ import annotations
@@ -79,18 +81,20 @@ class TesseraRunner:
 class PlainRunner:
     """The plain model (DDP-wrapped on more than one rank), trained the way a plain loop does."""
 
-    def __init__(self, tessera_model, dp: int):
+    def __init__(self, dp: int):
         import torch
-
         from plain_llama import PlainLlama, load_from_tessera
+        from tessera.trainer.model import build_model, init_weights
         from tessera.trainer.optim import build_optimizer, build_scheduler
 
         cfg = tessera_config(0)
         self.name = "plain-ddp" if dp > 1 else "plain"
         self.cfg = cfg
         self.dp = dp
+        reference, _ = build_model(cfg.model, tp=1)  # Tessera's initial weights, from the seed
+        init_weights(reference, cfg.model, cfg.run.seed)
         model = PlainLlama(cfg.model)
-        load_from_tessera(model, tessera_model)
+        load_from_tessera(model, reference)
         self.params = list(model.parameters())
         self.model = torch.nn.parallel.DistributedDataParallel(model) if dp > 1 else model
         self.optimizer = build_optimizer(model, cfg.train)
@@ -121,21 +125,29 @@ class PlainRunner:
         return mean.item() / self.dp
 
 
-def rank_main(out_dir: str, stages: list[int], warmup: int, steps: int, threads: int) -> None:
+def build_runners(stages: list[int], topo, plain_first: bool) -> list:
+    """The variants, built in the given order. The order matters by itself on a CPU (the first
+    model built ran up to 10% slower than an identical one built after it, in one process), so
+    the driver runs both orders and combines them."""
+    names = ["plain", *stages] if plain_first else [*stages, "plain"]
+    return [PlainRunner(topo.dp) if name == "plain" else TesseraRunner(name, topo)
+            for name in names]
+
+
+def rank_main(out_dir: str, stages: list[int], warmup: int, steps: int, threads: int,
+              plain_first: bool) -> None:
     import torch
     import torch.distributed as dist
+    from tessera.parallel.topology import destroy_distributed, init_distributed
 
     from tessera.cli import quiet_dependencies
-    from tessera.parallel.topology import destroy_distributed, init_distributed
 
     quiet_dependencies()
     topo = init_distributed(tp=1, pp=1)
     # One compute thread per process by default: no thread then waits (spinning) on a descheduled
     # sibling when other jobs share the cores, so CPU time measures work.
     torch.set_num_threads(threads)
-    runners: list = [TesseraRunner(stage, topo) for stage in stages]
-    # The baseline starts from the weights Tessera initialized (ZeRO 3 holds only partitions).
-    runners.insert(0, PlainRunner(runners[0].engine.module, topo.dp))
+    runners = build_runners(stages, topo, plain_first)
     data = make_steps(runners[0].cfg, topo.dp_rank, topo.dp, warmup + steps)
     times = {r.name: [] for r in runners}
     cpu_times = {r.name: [] for r in runners}
@@ -183,37 +195,59 @@ def summarize(result: dict) -> list[dict]:
     return rows
 
 
+def combine(first: list[dict], second: list[dict]) -> list[dict]:
+    """Rows of the two build orders: ratios by geometric mean, tokens/s by mean."""
+    rows = []
+    second_by_name = {row["name"]: row for row in second}
+    for a in first:
+        b = second_by_name[a["name"]]
+        row = {**a, "ratio_each_order": [a["ratio"], b["ratio"]],
+               "steps_timed": a["steps_timed"] + b["steps_timed"],
+               "max_loss_rel_diff": max(a["max_loss_rel_diff"], b["max_loss_rel_diff"])}
+        for key in ("ratio", "cpu_time_ratio"):
+            row[key] = (a[key] * b[key]) ** 0.5
+        for key in ("tessera_tokens_per_s", "baseline_tokens_per_s"):
+            row[key] = (a[key] + b[key]) / 2
+        rows.append(row)
+    return rows
+
+
 def run(dps: list[int], warmup: int, steps: int, threads: int) -> list[dict]:
     rows = []
     for dp in dps:
         stages = [0] if dp == 1 else [0, 1, 2, 3]
-        body = [json.dumps(stages), str(warmup), str(steps), str(threads)]
-        result = launch_ranks(__file__, dp, body)[0]
-        rows.extend(summarize(result))
+        per_order = []
+        for plain_first in (False, True):
+            body = [json.dumps(stages), str(warmup), str(steps), str(threads), str(plain_first)]
+            per_order.append(summarize(launch_ranks(__file__, dp, body)[0]))
+        rows.extend(combine(*per_order))
     return rows
 
 
 def print_rows(rows: list[dict]) -> None:
     print(f"{'variant':<38}{'tessera tok/s':>14}{'baseline tok/s':>15}{'ratio':>7}{'target':>8}"
-          f"{'cpu-time ratio':>16}{'loss rel diff':>15}")
+          f"{'each order':>13}{'cpu-time ratio':>16}{'loss rel diff':>15}")
     for r in rows:
+        orders = "/".join(f"{x:.2f}" for x in r["ratio_each_order"])
         print(f"{r['name']:<38}{r['tessera_tokens_per_s']:>14.0f}{r['baseline_tokens_per_s']:>15.0f}"
-              f"{r['ratio']:>7.3f}{r['target']:>8.2f}{r['cpu_time_ratio']:>16.3f}"
+              f"{r['ratio']:>7.3f}{r['target']:>8.2f}{orders:>13}{r['cpu_time_ratio']:>16.3f}"
               f"{r['max_loss_rel_diff']:>15.1e}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per variant")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
+    parser.add_argument("--steps", type=int, default=6,
+                        help="timed steps per variant and build order (two orders)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
     parser.add_argument("--dp", type=int, nargs="+", default=[1, 2], choices=(1, 2))
     parser.add_argument("--threads", type=int, default=1, help="compute threads per process")
     parser.add_argument("--json", help="also write the rows to this file")
-    parser.add_argument("--rank-body", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--rank-body", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rank_body:
-        out_dir, stages, warmup, steps, threads = args.rank_body
-        rank_main(out_dir, json.loads(stages), int(warmup), int(steps), int(threads))
+        out_dir, stages, warmup, steps, threads, plain_first = args.rank_body
+        rank_main(out_dir, json.loads(stages), int(warmup), int(steps), int(threads),
+                  plain_first == "True")
         return 0
     rows = run(args.dp, args.warmup, args.steps, args.threads)
     print_rows(rows)

@@ -179,13 +179,23 @@ def measure_step(engine, clipper, batches, micro_batches: int) -> dict:
             "step_peak": max(model_states(item) for item in snapshots)}
 
 
+def random_batches(cfg, micro_batches: int, generator):
+    import torch
+
+    for _ in range(micro_batches):
+        tokens = torch.randint(0, cfg.model.vocab_size,
+                               (cfg.train.micro_batch_size, cfg.model.seq_len + 1),
+                               generator=generator)
+        yield tokens[:, :-1], tokens[:, 1:]
+
+
 def rank_main(out_dir: str) -> None:
     import torch
     import torch.distributed as dist
-
-    from tessera.cli import quiet_dependencies
     from tessera.parallel.topology import destroy_distributed, init_distributed
     from tessera.trainer.train import build_training_engine, train_step
+
+    from tessera.cli import quiet_dependencies
 
     quiet_dependencies()
     topo = init_distributed(tp=1, pp=1)
@@ -199,16 +209,9 @@ def rank_main(out_dir: str) -> None:
             psi = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
             generator = torch.Generator().manual_seed(topo.rank)
             micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * topo.dp)
-
-            def batches():
-                for _ in range(micro):
-                    tokens = torch.randint(0, cfg.model.vocab_size,
-                                           (cfg.train.micro_batch_size, cfg.model.seq_len + 1),
-                                           generator=generator)
-                    yield tokens[:, :-1], tokens[:, 1:]
-
-            train_step(engine, clipper, batches(), micro)  # Adam's state exists from here on
-            measured = measure_step(engine, clipper, batches(), micro)
+            train_step(engine, clipper, random_batches(cfg, micro, generator), micro)
+            # Adam's state exists from here on
+            measured = measure_step(engine, clipper, random_batches(cfg, micro, generator), micro)
             results.append({"dp": topo.dp, "stage": stage, "precision": precision, "psi": psi,
                             "optimizer_class": type(engine.optimizer).__name__, **measured})
             del engine, clipper
@@ -241,11 +244,12 @@ def print_rows(rows: list[dict]) -> None:
     print("bytes per parameter on rank 0 (Psi = model parameters), measured / formula")
     print(f"{'prec':<6}{'dp':>3}{'zero':>5}{'params':>12}{'grads':>12}{'optimizer':>14}"
           f"{'total':>14}{'ratio':>7}{'buffers':>9}{'step peak':>10}  point, optimizer")
+    def pair(r: dict, key: str) -> str:
+        return f"{r[key + '_per_psi']:.2f}/{r[key + '_formula_per_psi']:.2f}"
+
     for r in rows:
-        def pair(key):
-            return f"{r[key + '_per_psi']:.2f}/{r[key + '_formula_per_psi']:.2f}"
-        print(f"{r['precision']:<6}{r['dp']:>3}{r['stage']:>5}{pair('params'):>12}"
-              f"{pair('grads'):>12}{pair('optimizer'):>14}"
+        print(f"{r['precision']:<6}{r['dp']:>3}{r['stage']:>5}{pair(r, 'params'):>12}"
+              f"{pair(r, 'grads'):>12}{pair(r, 'optimizer'):>14}"
               f"{r['total_per_psi']:>6.2f}/{r['formula_per_psi']:<7.2f}{r['ratio']:>7.3f}"
               f"{r['buffers_per_psi']:>9.2f}{r['step_peak_per_psi']:>10.2f}  {r['point']}, "
               f"{r['optimizer_class']}")
