@@ -169,8 +169,9 @@ EXTRACT = {
 
 
 def target_lines(stdout: str) -> list[str]:
-    """A script's own verdict lines (those naming a target), kept verbatim."""
-    return [line.strip() for line in stdout.splitlines() if "target" in line.lower()]
+    """A script's own verdict lines (those naming a target or a bound), kept verbatim."""
+    return [line.strip() for line in stdout.splitlines()
+            if re.search(r"target|>=|<=", line, re.IGNORECASE) and not line.startswith("{")]
 
 
 def markdown(results: list[dict], info: dict) -> str:
@@ -189,9 +190,9 @@ def markdown(results: list[dict], info: dict) -> str:
                          f"{' / '.join(result.get('stderr_tail', [])[-2:])} |")
         for figure, value, target, detail in rows:
             lines.append(f"| {result['name']} | {figure} | {value:.3f} | {target} | {detail} |")
-    lines += ["", "## Each script's verdict lines, as printed", ""]
+    lines += ["", "## The other benchmarks' verdict lines, as printed", ""]
     for result in results:
-        verdicts = target_lines(result["stdout"])
+        verdicts = target_lines(result["stdout"]) if result["name"] not in OURS else []
         if verdicts:
             lines.append(f"**{result['name']}** ({result['seconds']} s)")
             lines += ["```", *verdicts, "```"]
