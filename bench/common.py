@@ -77,3 +77,20 @@ def machine() -> dict:
         "deepspeed": deepspeed.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def random_token_steps(cfg, num_steps: int, micro_batches: int, seed: int) -> list[list[tuple]]:
+    """`num_steps` steps of `micro_batches` host (CPU, int64) micro-batches of random tokens,
+    (input_ids, labels) as the loader hands them over."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    shape = (cfg.train.micro_batch_size, cfg.model.seq_len + 1)
+    steps = []
+    for _ in range(num_steps):
+        step = []
+        for _ in range(micro_batches):
+            tokens = torch.randint(0, cfg.model.vocab_size, shape, generator=generator)
+            step.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
+        steps.append(step)
+    return steps

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import machine
+from common import machine, random_token_steps
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "llama-1b-1gpu.yaml"
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, matched against
@@ -81,20 +81,8 @@ def sdpa_backend(name: str, device_type: str):
 
 def random_steps(cfg, count: int) -> list[list[tuple]]:
     """`count` distinct steps of host (CPU, int64) micro-batches, as the loader hands them over."""
-    import torch
-
-    generator = torch.Generator().manual_seed(cfg.run.seed)
     micro = cfg.train.global_batch_size // cfg.train.micro_batch_size
-    steps = []
-    for _ in range(count):
-        step = []
-        for _ in range(micro):
-            tokens = torch.randint(0, cfg.model.vocab_size,
-                                   (cfg.train.micro_batch_size, cfg.model.seq_len + 1),
-                                   generator=generator)
-            step.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
-        steps.append(step)
-    return steps
+    return random_token_steps(cfg, count, micro, seed=cfg.run.seed)
 
 
 def measure(cfg, steps: int, warmup: int, sdpa: str) -> dict:

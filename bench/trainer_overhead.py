@@ -26,7 +26,7 @@ import json
 import sys
 import time
 
-from common import bench_config, launch_ranks, median, write_rank_result
+from common import bench_config, launch_ranks, median, random_token_steps, write_rank_result
 
 # Big enough that compute dominates on a CPU core, small enough for a few-minute run.
 MODEL = {
@@ -47,20 +47,8 @@ def tessera_config(zero_stage: int):
 
 def make_steps(cfg, dp_rank: int, dp: int, num_steps: int) -> list[list[tuple]]:
     """Each step's micro-batches for this data-parallel rank (int64 token ids)."""
-    import torch
-
-    generator = torch.Generator().manual_seed(1000 + dp_rank)
     micro_batches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
-    steps = []
-    for _ in range(num_steps):
-        step = []
-        for _ in range(micro_batches):
-            tokens = torch.randint(0, cfg.model.vocab_size,
-                                   (cfg.train.micro_batch_size, cfg.model.seq_len + 1),
-                                   generator=generator)
-            step.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
-        steps.append(step)
-    return steps
+    return random_token_steps(cfg, num_steps, micro_batches, seed=1000 + dp_rank)
 
 
 class TesseraRunner:
