@@ -1,8 +1,10 @@
 """Pipeline bubble of DeepSpeed's 1F1B engine as Tessera drives it, against theory.
 
 For pp=2 and pp=4 and 4, 8, 16 micro-batches per step, each stage's idle fraction of the
-schedule's wall time (time not spent in forward or backward passes; the optimizer step and the
-gradient reductions are left out of the window) is printed beside (p-1)/(m+p-1).
+schedule's wall time is printed beside (p-1)/(m+p-1). The window of a step is common to all
+stages, as in the theory: from the first forward pass to start on any stage to the last backward
+pass to end on any stage (CLOCK_MONOTONIC, shared by the processes of one machine). A stage's
+idle time is the window less its own forward and backward passes.
 
 Two kinds of stage compute:
   sleep  every block sleeps a fixed time in forward (and twice that in backward), standing in for
@@ -39,26 +41,25 @@ def theory(p: int, m: int) -> float:
 
 
 def _instrument(engine) -> dict:
-    """Wrap the engine's instruction handlers to time compute and the schedule window."""
+    """Wrap the engine's forward and backward handlers to record busy time and its bounds."""
     from deepspeed.runtime.pipe import schedule
 
-    timings = {"busy_s": 0.0, "excluded_s": 0.0}
+    timings = {"busy_s": 0.0, "first_start": None, "last_end": None}
     compute = (schedule.ForwardPass, schedule.BackwardPass)
-    outside_window = (schedule.OptimizerStep, schedule.ReduceGrads, schedule.ReduceTiedGrads)
-    table = dict(engine._INSTRUCTION_MAP)
 
-    def timed(kind, handler):
+    def timed(handler):
         def run(self, *args, **kwargs):
-            start = time.perf_counter()
+            start = time.monotonic()
             handler(self, *args, **kwargs)
-            elapsed = time.perf_counter() - start
-            if kind in compute:
-                timings["busy_s"] += elapsed
-            elif kind in outside_window:
-                timings["excluded_s"] += elapsed
+            end = time.monotonic()
+            timings["busy_s"] += end - start
+            if timings["first_start"] is None:
+                timings["first_start"] = start
+            timings["last_end"] = end
         return run
 
-    engine._INSTRUCTION_MAP = {kind: timed(kind, h) for kind, h in table.items()}
+    engine._INSTRUCTION_MAP = {kind: timed(h) if kind in compute else h
+                               for kind, h in engine._INSTRUCTION_MAP.items()}
     return timings
 
 
@@ -119,15 +120,19 @@ def _measure(mode: str, p: int, m: int, steps: int) -> list[float]:
     data = batches()
     engine.train_batch(data_iter=data)  # warm-up step, not measured
     timings = _instrument(engine)
-    window_s = 0.0
+    world = dist.get_world_size()
+    busy_s = window_s = 0.0
     for _ in range(steps):
+        timings.update(busy_s=0.0, first_start=None, last_end=None)
         dist.barrier()
-        start = time.perf_counter()
         engine.train_batch(data_iter=data)
-        window_s += time.perf_counter() - start
-    window_s -= timings["excluded_s"]
-    idle = torch.tensor([1.0 - timings["busy_s"] / window_s])
-    gathered = [torch.zeros(1) for _ in range(dist.get_world_size())]
+        bounds = torch.tensor([timings["first_start"], timings["last_end"]], dtype=torch.float64)
+        every = [torch.zeros(2, dtype=torch.float64) for _ in range(world)]
+        dist.all_gather(every, bounds)
+        window_s += max(float(b[1]) for b in every) - min(float(b[0]) for b in every)
+        busy_s += timings["busy_s"]
+    idle = torch.tensor([1.0 - busy_s / window_s])
+    gathered = [torch.zeros(1) for _ in range(world)]
     dist.all_gather(gathered, idle)
     return [float(t) for t in gathered]
 
