@@ -190,15 +190,12 @@ class _LaneCutter:
             self._head_pos += n
             self._pos += n
 
-    def take(self, num_windows: int) -> np.ndarray:
-        out = np.empty((num_windows, self._window_tokens), dtype=self._dtype)
-        if self._stride == 1:
-            self._copy(out.reshape(-1), out.size)
-            return out
-        for row in out:
-            self._copy(row, self._window_tokens)
-            self._copy(None, (self._stride - 1) * self._window_tokens)
-        return out
+    def take_into(self, block: np.ndarray, rows: np.ndarray) -> None:
+        """Cut the next len(rows) windows of this stream into block[rows[0]], block[rows[1]], ..."""
+        for row in rows:
+            self._copy(block[row], self._window_tokens)
+            if self._stride > 1:
+                self._copy(None, (self._stride - 1) * self._window_tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,16 +279,18 @@ class _Stream:
         size = config.block_size or config.rows_per_stream
         schedule = self._plan.schedule
         sources = schedule.sources(self._next_relative, size)
+        # Window i of the block is emitted at position emitted_at[i] (identity without shuffle):
+        # each window is copied once, straight to where it is emitted.
+        emitted_at = np.arange(size)
+        if config.block_size:
+            number = self._next_relative // config.block_size
+            order = block_permutation(config.seed, self._stream, self._plan.segment, number, size)
+            emitted_at[order] = np.arange(size)
         block = np.empty((size, config.window_tokens), dtype=self._dtype)
         for index, name in enumerate(schedule.names):
             rows = np.flatnonzero(sources == index)
             if len(rows):
-                block[rows] = self._cutter(name).take(len(rows))
-        if config.block_size:
-            number = self._next_relative // config.block_size
-            block = block[
-                block_permutation(config.seed, self._stream, self._plan.segment, number, size)
-            ]
+                self._cutter(name).take_into(block, emitted_at[rows])
         self._block, self._block_pos = block, 0
         self._next_relative += size
 
@@ -530,18 +529,23 @@ class TrainLoader:
         Raises DataError (one line) when a stream stopped."""
         chunks = iter(self._dataloader())
         while True:
-            rows, skipped = [], 0
-            for _ in self.local_streams:
+            num_rows = len(self.local_streams) * self.rows_per_stream
+            inputs = torch.empty((num_rows, self.seq_len), dtype=torch.int64)
+            labels = torch.empty((num_rows, self.seq_len), dtype=torch.int64)
+            skipped = 0
+            for start in range(0, num_rows, self.rows_per_stream):
                 chunk = next(chunks)
                 if chunk.error is not None:
                     raise DataError(chunk.error)
-                rows.append(chunk.rows)
+                end = start + self.rows_per_stream
+                inputs.numpy()[start:end] = chunk.rows[:, :-1]  # widened to int64 as copied
+                labels.numpy()[start:end] = chunk.rows[:, 1:]
                 skipped += chunk.skipped
-            windows = torch.from_numpy(np.concatenate(rows).astype(np.int64))
-            micro_batches = []
-            for start in range(0, len(windows), self.micro_batch_size):
-                batch = windows[start : start + self.micro_batch_size]
-                micro_batches.append((batch[:, :-1].contiguous(), batch[:, 1:].contiguous()))
+            micro_batches = [
+                (inputs[start : start + self.micro_batch_size],
+                 labels[start : start + self.micro_batch_size])
+                for start in range(0, num_rows, self.micro_batch_size)
+            ]
             yield micro_batches, skipped
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

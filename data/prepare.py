@@ -10,10 +10,12 @@ import argparse
 import collections
 import dataclasses
 import hashlib
+import io
 import json
 import multiprocessing
 import os
 import sys
+import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -63,8 +65,9 @@ SAMPLE_KEY = "%09d"
 TMP_SUFFIX = ".tmp"
 # Written after each finished shard of a run still in progress; gone once the manifest is.
 JOURNAL_NAME = "prepare-progress.json"
-# One tokenization task: up to this much text or this many documents.
-BATCH_TEXT_CHARS = 4 * 2**20
+# One tokenization task: up to this much text or this many documents. Small tasks keep the
+# workers evenly loaded up to the end (a task costs well under a millisecond to hand over).
+BATCH_TEXT_CHARS = 2**18
 BATCH_MAX_DOCS = 1024
 
 Log = Callable[[str], None]
@@ -190,9 +193,9 @@ class ShardWriter:
             self._open()
         payload = encode_tokens(tokens, self.dtype)
         meta = json.dumps({"source": doc.source, "doc": doc.index}, sort_keys=True).encode()
-        self._tar.write(
-            {"__key__": SAMPLE_KEY % self._num_samples, TOKENS_EXT: payload, META_EXT: meta}
-        )
+        key = SAMPLE_KEY % self._num_samples
+        self._add_member(f"{key}.{META_EXT}", meta)  # extensions in sorted order, as webdataset
+        self._add_member(f"{key}.{TOKENS_EXT}", payload)
         self._num_samples += 1
         self._num_tokens += int(tokens.size)
         self._payload_bytes += len(payload)
@@ -213,13 +216,18 @@ class ShardWriter:
             self._tar = self._file = None
 
     def _open(self) -> None:
-        import webdataset
-
         self._tmp_path = self.directory / (SHARD_NAME % len(self.shards) + TMP_SUFFIX)
         self._file = open(self._tmp_path, "wb")  # noqa: SIM115 (open until the shard is full)
-        # encoder=False: values are bytes already; mtime=0 makes the tar reproducible.
-        self._tar = webdataset.TarWriter(self._file, encoder=False, mtime=0)
+        # A plain streamed tar, as webdataset's TarWriter writes (without importing torch).
+        self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.USTAR_FORMAT)
         self._num_tokens = self._num_samples = self._payload_bytes = 0
+
+    def _add_member(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mode = 0o444
+        info.mtime = 0  # reproducible shards
+        self._tar.addfile(info, io.BytesIO(data))
 
     def _close_current(self) -> None:
         self._tar.close()
