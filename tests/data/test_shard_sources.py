@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import http.server
 import shutil
 import subprocess
+import threading
 
 import numpy as np
 import pytest
@@ -54,6 +57,33 @@ def test_url_errors_name_the_url(data):
         resolve_shards(f"pipe:cat {data}/nothing/shard-000000.tar")
     with pytest.raises(DataError, match="shard-000009.tar is not listed"):
         resolve_shards(f"pipe:cat {data}/shard-000009.tar")
+
+
+@pytest.fixture
+def http_root(data):
+    """`data` served over HTTP on a free local port (webdataset opens http:// with curl)."""
+    handler = functools.partial(QuietHandler, directory=str(data))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    thread.join()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 (the base class's name)
+        pass
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="webdataset reads http:// with curl")
+def test_http_urls_stream_like_local_paths(data, http_root):
+    expected = take_steps(make_loader(data), 12)
+    for spec in (f"{http_root}/manifest.json", f"{http_root}/shard-{{000000..000003}}.tar"):
+        assert_steps_equal(take_steps(make_loader(spec), 12), expected)
+    (data / "shard-000002.tar").unlink()  # listed in the manifest, gone from the server
+    with pytest.raises(DataError, match="shard-000002.tar: shard is missing"):
+        take_steps(make_loader(f"{http_root}/manifest.json"), 12)
 
 
 @pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar")
