@@ -4,7 +4,10 @@ One process: Tessera at ZeRO 0 (megatron-core layers, DeepSpeed engine, `train_s
 the training loop calls it) against `plain_llama.PlainLlama` (plain torch.nn, same shapes and
 math, the same AdamW and schedule, grad clipping, no DeepSpeed) started from the same weights.
 Two processes: Tessera at ZeRO 0, 1, 2 and 3 against DistributedDataParallel of the plain model
-(gloo, `no_sync` over the accumulation micro-batches).
+(gloo, `no_sync` over the accumulation micro-batches), with gradient accumulation (2 micro-batches
+per rank per step) and without (1): ZeRO 2 and 3 keep only a partition of the gradients, so they
+reduce at every micro-batch (DeepSpeed has no `no_sync` for them) where DDP reduces once per step;
+the second comparison shows what that costs apart from everything else.
 
 Every variant lives in the same process for the whole run and sees the same data tensors; steps
 alternate between variants (the order rotates each round), so machine load drifts onto all of
@@ -41,8 +44,9 @@ TRAIN = {
 TARGETS = {1: 0.95, 2: 0.90}
 
 
-def tessera_config(zero_stage: int):
-    return bench_config({**MODEL, **TRAIN, "parallel.zero_stage": zero_stage})
+def tessera_config(zero_stage: int, global_batch: int):
+    return bench_config({**MODEL, **TRAIN, "train.global_batch_size": global_batch,
+                         "parallel.zero_stage": zero_stage})
 
 
 def make_steps(cfg, dp_rank: int, dp: int, num_steps: int) -> list[list[tuple]]:
@@ -52,11 +56,11 @@ def make_steps(cfg, dp_rank: int, dp: int, num_steps: int) -> list[list[tuple]]:
 
 
 class TesseraRunner:
-    def __init__(self, zero_stage: int, topo):
+    def __init__(self, zero_stage: int, topo, global_batch: int):
         from tessera.trainer.train import build_training_engine
 
         self.name = f"tessera-zero{zero_stage}"
-        self.cfg = tessera_config(zero_stage)
+        self.cfg = tessera_config(zero_stage, global_batch)
         self.engine, _, self.clipper = build_training_engine(self.cfg, topo)
 
     def step(self, micro_batches: list[tuple]) -> float:
@@ -69,13 +73,13 @@ class TesseraRunner:
 class PlainRunner:
     """The plain model (DDP-wrapped on more than one rank), trained the way a plain loop does."""
 
-    def __init__(self, dp: int):
+    def __init__(self, dp: int, global_batch: int):
         import torch
         from plain_llama import PlainLlama, load_from_tessera
         from tessera.trainer.model import build_model, init_weights
         from tessera.trainer.optim import build_optimizer, build_scheduler
 
-        cfg = tessera_config(0)
+        cfg = tessera_config(0, global_batch)
         self.name = "plain-ddp" if dp > 1 else "plain"
         self.cfg = cfg
         self.dp = dp
@@ -113,17 +117,17 @@ class PlainRunner:
         return mean.item() / self.dp
 
 
-def build_runners(stages: list[int], topo, plain_first: bool) -> list:
+def build_runners(stages: list[int], topo, plain_first: bool, global_batch: int) -> list:
     """The variants, built in the given order. The order matters by itself on a CPU (the first
     model built ran up to 10% slower than an identical one built after it, in one process), so
     the driver runs both orders and combines them."""
     names = ["plain", *stages] if plain_first else [*stages, "plain"]
-    return [PlainRunner(topo.dp) if name == "plain" else TesseraRunner(name, topo)
-            for name in names]
+    return [PlainRunner(topo.dp, global_batch) if name == "plain"
+            else TesseraRunner(name, topo, global_batch) for name in names]
 
 
 def rank_main(out_dir: str, stages: list[int], warmup: int, steps: int, threads: int,
-              plain_first: bool) -> None:
+              plain_first: bool, global_batch: int) -> None:
     import torch
     import torch.distributed as dist
     from tessera.parallel.topology import destroy_distributed, init_distributed
@@ -135,7 +139,7 @@ def rank_main(out_dir: str, stages: list[int], warmup: int, steps: int, threads:
     # One compute thread per process by default: no thread then waits (spinning) on a descheduled
     # sibling when other jobs share the cores, so CPU time measures work.
     torch.set_num_threads(threads)
-    runners = build_runners(stages, topo, plain_first)
+    runners = build_runners(stages, topo, plain_first, global_batch)
     data = make_steps(runners[0].cfg, topo.dp_rank, topo.dp, warmup + steps)
     times = {r.name: [] for r in runners}
     cpu_times = {r.name: [] for r in runners}
@@ -151,7 +155,8 @@ def rank_main(out_dir: str, stages: list[int], warmup: int, steps: int, threads:
             if index >= warmup:
                 times[runner.name].append(elapsed)
                 cpu_times[runner.name].append(elapsed_cpu)
-    write_rank_result(out_dir, {"dp": topo.dp, "times": times, "cpu_times": cpu_times,
+    micro_batches = global_batch // (topo.dp * TRAIN["train.micro_batch_size"])
+    write_rank_result(out_dir, {"dp": topo.dp, "micro_batches": micro_batches, "times": times, "cpu_times": cpu_times,
                                 "losses": losses,
                                 "tokens_per_step": runners[0].cfg.train.global_batch_size
                                 * runners[0].cfg.model.seq_len})
@@ -171,7 +176,8 @@ def summarize(result: dict) -> list[dict]:
                                                       result["losses"][baseline])]
         cpu_ratio = median(result["cpu_times"][baseline]) / median(result["cpu_times"][name])
         rows.append({
-            "name": f"{name} vs {baseline}, dp={result['dp']}",
+            "name": (f"{name} vs {baseline}, dp={result['dp']}, "
+                     f"{result['micro_batches']} micro-batch(es)/rank"),
             "tessera_tokens_per_s": result["tokens_per_step"] / step_s,
             "baseline_tokens_per_s": result["tokens_per_step"] / base_s,
             "ratio": base_s / step_s,
@@ -202,22 +208,27 @@ def combine(first: list[dict], second: list[dict]) -> list[dict]:
 
 def run(dps: list[int], warmup: int, steps: int, threads: int) -> list[dict]:
     rows = []
-    for dp in dps:
-        stages = [0] if dp == 1 else [0, 1, 2, 3]
+    global_batch = TRAIN["train.global_batch_size"]
+    micro = TRAIN["train.micro_batch_size"]
+    runs = [(1, [0], global_batch)] if 1 in dps else []
+    if 2 in dps:  # with accumulation, then one micro-batch per rank per step
+        runs += [(2, [0, 1, 2, 3], global_batch), (2, [0, 1, 2, 3], 2 * micro)]
+    for dp, stages, batch in runs:
         per_order = []
         for plain_first in (False, True):
-            body = [json.dumps(stages), str(warmup), str(steps), str(threads), str(plain_first)]
+            body = [json.dumps(stages), str(warmup), str(steps), str(threads), str(plain_first),
+                    str(batch)]
             per_order.append(summarize(launch_ranks(__file__, dp, body)[0]))
         rows.extend(combine(*per_order))
     return rows
 
 
 def print_rows(rows: list[dict]) -> None:
-    print(f"{'variant':<38}{'tessera tok/s':>14}{'baseline tok/s':>15}{'ratio':>7}{'target':>8}"
+    print(f"{'variant':<60}{'tessera tok/s':>14}{'baseline tok/s':>15}{'ratio':>7}{'target':>8}"
           f"{'each order':>13}{'cpu-time ratio':>16}{'loss rel diff':>15}")
     for r in rows:
         orders = "/".join(f"{x:.2f}" for x in r["ratio_each_order"])
-        print(f"{r['name']:<38}{r['tessera_tokens_per_s']:>14.0f}{r['baseline_tokens_per_s']:>15.0f}"
+        print(f"{r['name']:<60}{r['tessera_tokens_per_s']:>14.0f}{r['baseline_tokens_per_s']:>15.0f}"
               f"{r['ratio']:>7.3f}{r['target']:>8.2f}{orders:>13}{r['cpu_time_ratio']:>16.3f}"
               f"{r['max_loss_rel_diff']:>15.1e}")
 
@@ -230,12 +241,12 @@ def main() -> int:
     parser.add_argument("--dp", type=int, nargs="+", default=[1, 2], choices=(1, 2))
     parser.add_argument("--threads", type=int, default=1, help="compute threads per process")
     parser.add_argument("--json", help="also write the rows to this file")
-    parser.add_argument("--rank-body", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--rank-body", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rank_body:
-        out_dir, stages, warmup, steps, threads, plain_first = args.rank_body
+        out_dir, stages, warmup, steps, threads, plain_first, global_batch = args.rank_body
         rank_main(out_dir, json.loads(stages), int(warmup), int(steps), int(threads),
-                  plain_first == "True")
+                  plain_first == "True", int(global_batch))
         return 0
     rows = run(args.dp, args.warmup, args.steps, args.threads)
     print_rows(rows)
