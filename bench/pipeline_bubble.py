@@ -65,7 +65,6 @@ def _instrument(engine) -> dict:
 
 def _sleepy_block_class():
     import torch
-
     from tessera.trainer import model as model_module
 
     class _Sleep(torch.autograd.Function):
@@ -103,9 +102,8 @@ def _config(mode: str, p: int, m: int):
 def _measure(mode: str, p: int, m: int, steps: int) -> list[float]:
     import torch
     import torch.distributed as dist
-
-    from tessera.trainer.train import build_training_engine
     from tessera.parallel.topology import Topology
+    from tessera.trainer.train import build_training_engine
 
     cfg = _config(mode, p, m)
     topo = Topology(world_size=dist.get_world_size(), rank=dist.get_rank(), local_rank=0, tp=1, pp=p)
@@ -139,7 +137,6 @@ def _measure(mode: str, p: int, m: int, steps: int) -> list[float]:
 
 def rank_main(mode: str, p: int, steps: int, out: Path) -> None:
     import torch.distributed as dist
-
     from tessera.parallel.topology import destroy_distributed, init_distributed
 
     if mode == "sleep":
@@ -171,8 +168,9 @@ def main() -> int:
         rank_main(mode, int(p), args.steps, Path(out))
         return 0
 
-    from tessera.cli import quiet_dependencies
     from tessera.launch.local import launch_local
+
+    from tessera.cli import quiet_dependencies
 
     quiet_dependencies()
     modes = ("sleep", "real") if args.mode == "both" else (args.mode,)

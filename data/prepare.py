@@ -18,6 +18,8 @@ import sys
 import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -141,17 +143,30 @@ def tokenize(
         return
     serialized = tokenizer.to_str() if isinstance(tokenizer, HFTokenizer) else None
     context = multiprocessing.get_context("spawn")  # no fork after tokenizers' threads start
-    with context.Pool(workers, initializer=_init_worker, initargs=(serialized, dtype)) as pool:
+    # A process pool that reports a worker's death (the kernel's OOM killer, a kill -9) as
+    # BrokenProcessPool; multiprocessing.Pool would wait for its result for ever.
+    pool = ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init_worker, initargs=(serialized, dtype)
+    )
+    try:
         # A bounded window of tasks keeps memory flat; results are taken in submission order.
         pending: collections.deque = collections.deque()
         for batch in _batches(documents):
-            pending.append((batch, pool.apply_async(_encode_in_worker, ([d.text for d in batch],))))
+            pending.append((batch, pool.submit(_encode_in_worker, [d.text for d in batch])))
             if len(pending) >= 2 * workers:
                 done_batch, result = pending.popleft()
-                yield from zip(done_batch, result.get())
+                yield from zip(done_batch, result.result())
         while pending:
             done_batch, result = pending.popleft()
-            yield from zip(done_batch, result.get())
+            yield from zip(done_batch, result.result())
+    except BrokenProcessPool:
+        raise DataError(
+            "a tokenizer worker process died (killed, or out of memory?); the shards finished "
+            "so far are kept: run the same command again to continue, perhaps with fewer "
+            "--workers"
+        ) from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +234,9 @@ class ShardWriter:
         self._tmp_path = self.directory / (SHARD_NAME % len(self.shards) + TMP_SUFFIX)
         self._file = open(self._tmp_path, "wb")  # noqa: SIM115 (open until the shard is full)
         # A plain streamed tar, as webdataset's TarWriter writes (without importing torch).
-        self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.USTAR_FORMAT)
+        self._tar = tarfile.open(  # noqa: SIM115 (open until the shard is full)
+            fileobj=self._file, mode="w|", format=tarfile.USTAR_FORMAT
+        )
         self._num_tokens = self._num_samples = self._payload_bytes = 0
 
     def _add_member(self, name: str, data: bytes) -> None:

@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import os
+import signal
 import tarfile
 from pathlib import Path
 
@@ -493,6 +496,37 @@ def test_an_interrupted_run_continues_after_its_finished_shards(tmp_path, monkey
     assert any("reusing the tokenizer" in line for line in logged)
     if workers == 1:  # the documents of the 2 finished shards were not tokenized again
         assert 0 < sum(encoded) < straight.num_samples
+    names = sorted(p.name for p in (tmp_path / "straight").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "out").iterdir())
+    for name in names:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes()
+
+
+def test_a_killed_worker_stops_the_run_with_a_clear_error_and_keeps_finished_shards(
+    tmp_path, monkeypatch
+):
+    write_corpus(tmp_path / "in")
+    (tmp_path / "in" / "many.jsonl").write_text(
+        "".join(json.dumps({"text": f"{i}: {SENTENCES[i % 4]}"}) + "\n" for i in range(40))
+    )
+    monkeypatch.setattr(prepare_module, "BATCH_MAX_DOCS", 1)
+    options = {"shard_bytes": 150, "workers": 2}
+    prepare([str(tmp_path / "in")], tmp_path / "straight", log=lambda _: 0, **options)
+
+    written = []
+
+    def kill_a_worker_after_two_shards(line: str) -> None:
+        written.append(line.startswith("wrote shard-"))
+        if sum(written) == 2 and written[-1]:
+            os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)  # the OOM killer
+
+    with pytest.raises(DataError, match="tokenizer worker process died"):
+        prepare([str(tmp_path / "in")], tmp_path / "out", log=kill_a_worker_after_two_shards,
+                **options)
+    assert (tmp_path / "out" / "shard-000001.tar").is_file()
+    assert not list((tmp_path / "out").glob("*.tmp"))
+
+    prepare([str(tmp_path / "in")], tmp_path / "out", log=lambda _: 0, **options)  # continues
     names = sorted(p.name for p in (tmp_path / "straight").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "out").iterdir())
     for name in names:
