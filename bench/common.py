@@ -40,6 +40,12 @@ def write_rank_result(out_dir: str, result: Any) -> None:
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
 
 
+def write_json(path: str | None, figures: Any) -> None:
+    """A benchmark's `--json PATH` output (nothing when no path was given)."""
+    if path:
+        Path(path).write_text(json.dumps(figures, indent=1) + "\n")
+
+
 def bench_config(overrides: dict):
     """A Tessera Config from dotted overrides (no YAML file)."""
     from tessera.trainer.config import load_config

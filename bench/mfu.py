@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from common import machine, random_token_steps
+from common import machine, random_token_steps, write_json
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "llama-1b-1gpu.yaml"
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, matched against
@@ -193,8 +192,7 @@ def main() -> int:
     print(f"median step {figures['median_step_s']:.3f} s over {figures['steps_timed']} steps: "
           f"{figures['tokens_per_s']:.0f} tokens/s, {figures['tflops']:.4g} TFLOP/s, MFU {mfu}"
           f"{memory}; loss {figures['final_loss']:.3f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
+    write_json(args.json, figures)
     return 0
 
 

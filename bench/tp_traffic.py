@@ -35,11 +35,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 import traceback
 
-from common import bench_config, launch_ranks, write_rank_result
+from common import bench_config, launch_ranks, write_json, write_rank_result
 
 MODEL = {
     "model.vocab_size": 1024, "model.hidden_size": 128, "model.num_layers": 4,
@@ -258,9 +257,7 @@ def main() -> int:
     result = launch_ranks(__file__, 4, [])[0]
     rows = summarize(result)
     print_rows(result, rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"shape": result["shape"], "rows": rows}, f, indent=1)
+    write_json(args.json, {"shape": result["shape"], "rows": rows})
     return 0
 
 

@@ -29,7 +29,14 @@ import json
 import sys
 import time
 
-from common import bench_config, launch_ranks, median, random_token_steps, write_rank_result
+from common import (
+    bench_config,
+    launch_ranks,
+    median,
+    random_token_steps,
+    write_json,
+    write_rank_result,
+)
 
 # Big enough that compute dominates on a CPU core, small enough for a few-minute run.
 MODEL = {
@@ -250,9 +257,7 @@ def main() -> int:
         return 0
     rows = run(args.dp, args.warmup, args.steps, args.threads)
     print_rows(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(args.json, rows)
     return 0
 
 

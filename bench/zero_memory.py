@@ -35,10 +35,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 
-from common import bench_config, launch_ranks, write_rank_result
+from common import bench_config, launch_ranks, write_json, write_rank_result
 
 # Matrices above DeepSpeed's stage3_param_persistence_threshold (1e5 elements; smaller tensors,
 # here only the norm weights, stay whole on every rank at ZeRO 3), as in any real model.
@@ -271,9 +270,7 @@ def main() -> int:
     for dp in args.dp:
         rows.extend(summarize(launch_ranks(__file__, dp, [])[0]))
     print_rows(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(args.json, rows)
     return 0
 
 

@@ -537,6 +537,7 @@ class TrainLoader:
         while True:
             inputs = torch.empty((num_rows, self.seq_len), dtype=torch.int64)
             labels = torch.empty((num_rows, self.seq_len), dtype=torch.int64)
+            inputs_np, labels_np = inputs.numpy(), labels.numpy()  # views: written in place
             skipped = 0
             for worker in range(num_workers):
                 chunk = next(chunks)
@@ -546,8 +547,8 @@ class TrainLoader:
                 for k, stream in enumerate(range(worker, num_streams, num_workers)):
                     rows = chunk.rows[k * per_stream : (k + 1) * per_stream]
                     at = slice(stream * per_stream, (stream + 1) * per_stream)
-                    inputs.numpy()[at] = rows[:, :-1]  # widened to int64 as copied
-                    labels.numpy()[at] = rows[:, 1:]
+                    inputs_np[at] = rows[:, :-1]  # widened to int64 as copied
+                    labels_np[at] = rows[:, 1:]
             micro_batches = [
                 (inputs[start : start + self.micro_batch_size],
                  labels[start : start + self.micro_batch_size])

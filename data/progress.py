@@ -7,11 +7,15 @@ import time
 from collections.abc import Callable
 
 
-def _human(count: float) -> str:
+def human_count(value: float, *, fraction_below_1000: bool = False) -> str:
+    """1234567 -> '1.2M'. Below 1000 a whole number; with `fraction_below_1000`, one decimal
+    for a value that has a fraction (a rate of 2.5 files/s)."""
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if count >= scale:
-            return f"{count / scale:.1f}{unit}"
-    return f"{count:.0f}"
+        if abs(value) >= scale:
+            return f"{value / scale:.1f}{unit}"
+    if fraction_below_1000 and not float(value).is_integer():
+        return f"{value:.1f}"
+    return f"{value:.0f}"
 
 
 def _clock_text(seconds: float) -> str:
@@ -57,8 +61,8 @@ class Progress:
         remaining = self.total_bytes - self.done_bytes
         eta = _clock_text(remaining / byte_rate) if byte_rate > 0 else "?"
         return (
-            f"{100 * fraction:5.1f}%  {self.docs:,} documents ({_human(self.docs / elapsed)}/s)  "
-            f"{_human(self.tokens)} tokens ({_human(self.tokens / elapsed)}/s)  ETA {eta}"
+            f"{100 * fraction:5.1f}%  {self.docs:,} documents ({human_count(self.docs / elapsed)}/s)  "
+            f"{human_count(self.tokens)} tokens ({human_count(self.tokens / elapsed)}/s)  ETA {eta}"
         )
 
     def finish(self) -> None:

@@ -18,14 +18,13 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TextIO
 
+from tessera.data.progress import human_count
+
 BAR_WIDTH = 24
 
 
 def _count(value: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.1f}{unit}"
-    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+    return human_count(value, fraction_below_1000=True)
 
 
 def _clock(seconds: float) -> str:

@@ -18,6 +18,8 @@ import math
 import sys
 from pathlib import Path
 
+from tessera.data.progress import human_count
+
 
 class ReportError(ValueError):
     """A run directory without metrics, or an output format we do not write."""
@@ -53,8 +55,8 @@ class Run:
             "steps": f"{steps[-1]:,}",
             "final loss": _fmt(self.last("loss"), ".4f"),
             "eval loss": _fmt(self.last("eval/loss"), ".4f"),
-            "tokens": _count(tokens) if tokens else "-",
-            "tokens/s (median)": _count(_median(tokens_per_s)) if tokens_per_s else "-",
+            "tokens": human_count(tokens) if tokens else "-",
+            "tokens/s (median)": human_count(_median(tokens_per_s)) if tokens_per_s else "-",
             "MFU": f"{100 * mfu:.1f}%" if mfu is not None else "-",
             "train time": _duration(train_s),
         }
@@ -72,13 +74,6 @@ def _median(values: list[float]) -> float:
 
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
-
-
-def _count(value: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if value >= scale:
-            return f"{value / scale:.1f}{unit}"
-    return f"{value:.0f}"
 
 
 def _duration(seconds: float) -> str:
