@@ -163,6 +163,9 @@ def _slurm_conf(root: Path, cpus_per_node: int, memory_mb: int) -> str:
         f"SlurmctldHost={host}",
         f"SlurmctldPort={_free_port()}",
         "AuthType=auth/munge",
+        # A requeued job waits out the credential lifetime before it starts again (so messages of
+        # its previous run are never taken for the new one's): 120 s by default, 10 s here.
+        "AuthInfo=cred_expire=10",
         "SlurmUser=root",
         "SlurmdUser=root",
         f"StateSaveLocation={root}/state",
