@@ -17,7 +17,7 @@ import sys
 import time
 
 from common import launch_ranks, write_rank_result
-from trainer_overhead import TRAIN, PlainRunner, TesseraRunner, make_steps
+from trainer_overhead import TRAIN, Batch, PlainRunner, TesseraRunner, make_steps
 
 
 def rank_main(out_dir: str, options: dict) -> None:
@@ -31,11 +31,11 @@ def rank_main(out_dir: str, options: dict) -> None:
     quiet_dependencies()
     topo = init_distributed(tp=1, pp=1)
     torch.set_num_threads(options["threads"])
-    global_batch = TRAIN["train.global_batch_size"]
+    batch = Batch(TRAIN["train.global_batch_size"], TRAIN["train.micro_batch_size"])
     if options["plain"]:
-        runner = PlainRunner(topo.dp, global_batch)
+        runner = PlainRunner(topo.dp, batch)
     else:
-        runner = TesseraRunner(options["zero_stage"], topo, global_batch)
+        runner = TesseraRunner(options["zero_stage"], topo, batch)
     steps = options["steps"]
     data = make_steps(runner.cfg, topo.dp_rank, topo.dp, 2 + steps)
     for micro_batches in data[:2]:

@@ -7,24 +7,29 @@ Two processes: Tessera at ZeRO 0, 1, 2 and 3 against DistributedDataParallel of 
 (gloo, `no_sync` over the accumulation micro-batches), with gradient accumulation (2 micro-batches
 per rank per step) and without (1): ZeRO 2 and 3 keep only a partition of the gradients, so they
 reduce at every micro-batch (DeepSpeed has no `no_sync` for them) where DDP reduces once per step;
-the second comparison shows what that costs apart from everything else.
+the second comparison shows what that costs apart from everything else. A third compares ZeRO 2
+and 3 at micro-batches of 4,096 tokens (16 sequences; our 1B configs use 8,192 and 16,384): their
+costs are per micro-batch (collectives, DeepSpeed's per-module hooks), so this shows how much of
+the gap at 512-token micro-batches remains at a pretraining-sized micro-batch.
 
 Every variant lives in the same process for the whole run and sees the same data tensors; steps
 alternate between variants (the order rotates each round), so machine load drifts onto all of
 them alike. Each process computes on one thread (`--threads`). The whole comparison runs twice, the
 baseline built first and then last (the order of construction alone moves a CPU timing by up to
-10%), and the two ratios are combined by their geometric mean. The figure is tokens/s of Tessera over tokens/s of the baseline, from median step
-times (ratio >= 1: Tessera is faster). Beside it, the same ratio from the CPU time each process
+10%), and the two ratios are combined by their geometric mean. The figure is tokens/s of Tessera
+over tokens/s of the baseline, from median step times (ratio >= 1: Tessera is faster). Beside it, the same ratio from the CPU time each process
 used per step (`time.process_time`), which other jobs on a shared machine disturb less than wall
 time: on a quiet machine the two agree. The loss of each variant must follow the baseline's: the
 largest relative difference over the run is printed with the ratios.
 
 Run: .venv/bin/python bench/trainer_overhead.py [--steps 6] [--warmup 1] [--dp 1 2] [--threads 1]
+     [--large-micro-batch 16]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -51,8 +56,16 @@ TRAIN = {
 TARGETS = {1: 0.95, 2: 0.90}
 
 
-def tessera_config(zero_stage: int, global_batch: int):
-    return bench_config({**MODEL, **TRAIN, "train.global_batch_size": global_batch,
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """Sequences per step (all ranks) and per micro-batch."""
+    global_size: int
+    micro_size: int
+
+
+def tessera_config(zero_stage: int, batch: Batch):
+    return bench_config({**MODEL, **TRAIN, "train.global_batch_size": batch.global_size,
+                         "train.micro_batch_size": batch.micro_size,
                          "parallel.zero_stage": zero_stage})
 
 
@@ -63,11 +76,11 @@ def make_steps(cfg, dp_rank: int, dp: int, num_steps: int) -> list[list[tuple]]:
 
 
 class TesseraRunner:
-    def __init__(self, zero_stage: int, topo, global_batch: int):
+    def __init__(self, zero_stage: int, topo, batch: Batch):
         from tessera.trainer.train import build_training_engine
 
         self.name = f"tessera-zero{zero_stage}"
-        self.cfg = tessera_config(zero_stage, global_batch)
+        self.cfg = tessera_config(zero_stage, batch)
         self.engine, _, self.clipper = build_training_engine(self.cfg, topo)
 
     def step(self, micro_batches: list[tuple]) -> float:
@@ -80,13 +93,13 @@ class TesseraRunner:
 class PlainRunner:
     """The plain model (DDP-wrapped on more than one rank), trained the way a plain loop does."""
 
-    def __init__(self, dp: int, global_batch: int):
+    def __init__(self, dp: int, batch: Batch):
         import torch
         from plain_llama import PlainLlama, load_from_tessera
         from tessera.trainer.model import build_model, init_weights
         from tessera.trainer.optim import build_optimizer, build_scheduler
 
-        cfg = tessera_config(0, global_batch)
+        cfg = tessera_config(0, batch)
         self.name = "plain-ddp" if dp > 1 else "plain"
         self.cfg = cfg
         self.dp = dp
@@ -124,17 +137,17 @@ class PlainRunner:
         return mean.item() / self.dp
 
 
-def build_runners(stages: list[int], topo, plain_first: bool, global_batch: int) -> list:
+def build_runners(stages: list[int], topo, plain_first: bool, batch: Batch) -> list:
     """The variants, built in the given order. The order matters by itself on a CPU (the first
     model built ran up to 10% slower than an identical one built after it, in one process), so
     the driver runs both orders and combines them."""
     names = ["plain", *stages] if plain_first else [*stages, "plain"]
-    return [PlainRunner(topo.dp, global_batch) if name == "plain"
-            else TesseraRunner(name, topo, global_batch) for name in names]
+    return [PlainRunner(topo.dp, batch) if name == "plain"
+            else TesseraRunner(name, topo, batch) for name in names]
 
 
 def rank_main(out_dir: str, stages: list[int], warmup: int, steps: int, threads: int,
-              plain_first: bool, global_batch: int) -> None:
+              plain_first: bool, batch: Batch) -> None:
     import torch
     import torch.distributed as dist
     from tessera.parallel.topology import destroy_distributed, init_distributed
@@ -146,7 +159,7 @@ def rank_main(out_dir: str, stages: list[int], warmup: int, steps: int, threads:
     # One compute thread per process by default: no thread then waits (spinning) on a descheduled
     # sibling when other jobs share the cores, so CPU time measures work.
     torch.set_num_threads(threads)
-    runners = build_runners(stages, topo, plain_first, global_batch)
+    runners = build_runners(stages, topo, plain_first, batch)
     data = make_steps(runners[0].cfg, topo.dp_rank, topo.dp, warmup + steps)
     times = {r.name: [] for r in runners}
     cpu_times = {r.name: [] for r in runners}
@@ -162,11 +175,12 @@ def rank_main(out_dir: str, stages: list[int], warmup: int, steps: int, threads:
             if index >= warmup:
                 times[runner.name].append(elapsed)
                 cpu_times[runner.name].append(elapsed_cpu)
-    micro_batches = global_batch // (topo.dp * TRAIN["train.micro_batch_size"])
-    write_rank_result(out_dir, {"dp": topo.dp, "micro_batches": micro_batches, "times": times, "cpu_times": cpu_times,
-                                "losses": losses,
-                                "tokens_per_step": runners[0].cfg.train.global_batch_size
-                                * runners[0].cfg.model.seq_len})
+    cfg = runners[0].cfg
+    write_rank_result(out_dir, {
+        "dp": topo.dp, "micro_batches": batch.global_size // (topo.dp * batch.micro_size),
+        "micro_batch_tokens": batch.micro_size * cfg.model.seq_len, "times": times,
+        "cpu_times": cpu_times, "losses": losses,
+        "tokens_per_step": batch.global_size * cfg.model.seq_len})
     destroy_distributed()
 
 
@@ -183,8 +197,8 @@ def summarize(result: dict) -> list[dict]:
                                                       result["losses"][baseline])]
         cpu_ratio = median(result["cpu_times"][baseline]) / median(result["cpu_times"][name])
         rows.append({
-            "name": (f"{name} vs {baseline}, dp={result['dp']}, "
-                     f"{result['micro_batches']} micro-batch(es)/rank"),
+            "name": (f"{name} vs {baseline}, dp={result['dp']}, {result['micro_batches']} x "
+                     f"{result['micro_batch_tokens']}-token micro-batch(es)/rank"),
             "tessera_tokens_per_s": result["tokens_per_step"] / step_s,
             "baseline_tokens_per_s": result["tokens_per_step"] / base_s,
             "ratio": base_s / step_s,
@@ -213,18 +227,26 @@ def combine(first: list[dict], second: list[dict]) -> list[dict]:
     return rows
 
 
-def run(dps: list[int], warmup: int, steps: int, threads: int) -> list[dict]:
-    rows = []
-    global_batch = TRAIN["train.global_batch_size"]
-    micro = TRAIN["train.micro_batch_size"]
-    runs = [(1, [0], global_batch)] if 1 in dps else []
+def comparisons(dps: list[int], large_micro_batch: int) -> list[tuple[int, list[int], Batch]]:
+    """(dp, ZeRO stages, batch) of each side-by-side run."""
+    default = Batch(TRAIN["train.global_batch_size"], TRAIN["train.micro_batch_size"])
+    runs = [(1, [0], default)] if 1 in dps else []
     if 2 in dps:  # with accumulation, then one micro-batch per rank per step
-        runs += [(2, [0, 1, 2, 3], global_batch), (2, [0, 1, 2, 3], 2 * micro)]
-    for dp, stages, batch in runs:
+        runs += [(2, [0, 1, 2, 3], default), (2, [0, 1, 2, 3], Batch(2 * default.micro_size,
+                                                                     default.micro_size))]
+        if large_micro_batch:  # the per-micro-batch costs of ZeRO 2 and 3 against more tokens
+            runs.append((2, [2, 3], Batch(2 * large_micro_batch, large_micro_batch)))
+    return runs
+
+
+def run(dps: list[int], warmup: int, steps: int, threads: int,
+        large_micro_batch: int) -> list[dict]:
+    rows = []
+    for dp, stages, batch in comparisons(dps, large_micro_batch):
         per_order = []
         for plain_first in (False, True):
             body = [json.dumps(stages), str(warmup), str(steps), str(threads), str(plain_first),
-                    str(batch)]
+                    str(batch.global_size), str(batch.micro_size)]
             per_order.append(summarize(launch_ranks(__file__, dp, body)[0]))
         rows.extend(combine(*per_order))
     return rows
@@ -247,15 +269,19 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
     parser.add_argument("--dp", type=int, nargs="+", default=[1, 2], choices=(1, 2))
     parser.add_argument("--threads", type=int, default=1, help="compute threads per process")
+    parser.add_argument("--large-micro-batch", type=int, default=16,
+                        help="sequences per micro-batch of the extra ZeRO 2/3 comparison at dp=2 "
+                             "(0: skip it)")
     parser.add_argument("--json", help="also write the rows to this file")
-    parser.add_argument("--rank-body", nargs=7, help=argparse.SUPPRESS)
+    parser.add_argument("--rank-body", nargs=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rank_body:
-        out_dir, stages, warmup, steps, threads, plain_first, global_batch = args.rank_body
+        out_dir, stages, warmup, steps, threads, plain_first, global_size, micro_size = \
+            args.rank_body
         rank_main(out_dir, json.loads(stages), int(warmup), int(steps), int(threads),
-                  plain_first == "True", int(global_batch))
+                  plain_first == "True", Batch(int(global_size), int(micro_size)))
         return 0
-    rows = run(args.dp, args.warmup, args.steps, args.threads)
+    rows = run(args.dp, args.warmup, args.steps, args.threads, args.large_micro_batch)
     print_rows(rows)
     write_json(args.json, rows)
     return 0
