@@ -244,7 +244,7 @@ def main() -> None:
             "prepare_2_workers_mb_s_per_worker": round(median(prep2s) / 2, 2),
             "ratio_1_worker": round(prep1_ratio, 3),
             "ratio_2_workers_per_worker": round(prep2_ratio, 3),
-            "share_in_tokenizer_1_worker": round(tokenizer_share, 3),
+            "ratio_1_worker_in_one_run": round(tokenizer_share, 3),
         }
 
         data = root / "prepared-0"
