@@ -24,6 +24,7 @@ def _peak_rss_mb() -> float:
 def measure(mode: str, layers: int, hidden: int, seq: int, batch: int) -> dict:
     """In this process: forward + backward once; returns peak growth (MB), loss, grad checksum."""
     import torch
+
     from tessera.parallel.topology import destroy_distributed, init_distributed
     from tessera.trainer.config import ModelConfig
     from tessera.trainer.model import build_model, init_weights

@@ -86,6 +86,7 @@ def random_steps(cfg, count: int) -> list[list[tuple]]:
 
 def measure(cfg, steps: int, warmup: int, sdpa: str) -> dict:
     import torch
+
     from tessera.parallel.topology import destroy_distributed, init_distributed
     from tessera.trainer.config import ConfigError, validate, validate_layout
     from tessera.trainer.train import build_training_engine, train_step
@@ -163,9 +164,8 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
     args = parser.parse_args()
 
-    from tessera.trainer.config import ConfigError, load_config
-
     from tessera.cli import quiet_dependencies
+    from tessera.trainer.config import ConfigError, load_config
 
     quiet_dependencies()
     overrides = list(args.overrides)

@@ -65,6 +65,7 @@ def _instrument(engine) -> dict:
 
 def _sleepy_block_class():
     import torch
+
     from tessera.trainer import model as model_module
 
     class _Sleep(torch.autograd.Function):
@@ -102,6 +103,7 @@ def _config(mode: str, p: int, m: int):
 def _measure(mode: str, p: int, m: int, steps: int) -> list[float]:
     import torch
     import torch.distributed as dist
+
     from tessera.parallel.topology import Topology
     from tessera.trainer.train import build_training_engine
 
@@ -137,6 +139,7 @@ def _measure(mode: str, p: int, m: int, steps: int) -> list[float]:
 
 def rank_main(mode: str, p: int, steps: int, out: Path) -> None:
     import torch.distributed as dist
+
     from tessera.parallel.topology import destroy_distributed, init_distributed
 
     if mode == "sleep":
@@ -168,9 +171,8 @@ def main() -> int:
         rank_main(mode, int(p), args.steps, Path(out))
         return 0
 
-    from tessera.launch.local import launch_local
-
     from tessera.cli import quiet_dependencies
+    from tessera.launch.local import launch_local
 
     quiet_dependencies()
     modes = ("sleep", "real") if args.mode == "both" else (args.mode,)

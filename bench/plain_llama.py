@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from tessera.trainer.config import ModelConfig
 from torch import nn
+
+from tessera.trainer.config import ModelConfig
 
 
 class RMSNorm(nn.Module):

@@ -23,10 +23,10 @@ from trainer_overhead import TRAIN, Batch, PlainRunner, TesseraRunner, make_step
 def rank_main(out_dir: str, options: dict) -> None:
     import torch
     import torch.distributed as dist
-    from tessera.parallel.topology import destroy_distributed, init_distributed
     from torch.profiler import ProfilerActivity, profile
 
     from tessera.cli import quiet_dependencies
+    from tessera.parallel.topology import destroy_distributed, init_distributed
 
     quiet_dependencies()
     topo = init_distributed(tp=1, pp=1)

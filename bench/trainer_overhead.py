@@ -17,9 +17,9 @@ alternate between variants (the order rotates each round), so machine load drift
 them alike. Each process computes on one thread (`--threads`). The whole comparison runs twice, the
 baseline built first and then last (the order of construction alone moves a CPU timing by up to
 10%), and the two ratios are combined by their geometric mean. The figure is tokens/s of Tessera
-over tokens/s of the baseline, from median step times (ratio >= 1: Tessera is faster). Beside it, the same ratio from the CPU time each process
-used per step (`time.process_time`), which other jobs on a shared machine disturb less than wall
-time: on a quiet machine the two agree. The loss of each variant must follow the baseline's: the
+over tokens/s of the baseline, from median step times (ratio >= 1: Tessera is faster). Beside it,
+the same ratio from the CPU time each process used per step (`time.process_time`), which other
+jobs on a shared machine disturb less than wall time: on a quiet machine the two agree. The loss of each variant must follow the baseline's: the
 largest relative difference over the run is printed with the ratios.
 
 Run: .venv/bin/python bench/trainer_overhead.py [--steps 6] [--warmup 1] [--dp 1 2] [--threads 1]
@@ -96,6 +96,7 @@ class PlainRunner:
     def __init__(self, dp: int, batch: Batch):
         import torch
         from plain_llama import PlainLlama, load_from_tessera
+
         from tessera.trainer.model import build_model, init_weights
         from tessera.trainer.optim import build_optimizer, build_scheduler
 
@@ -150,9 +151,9 @@ def rank_main(out_dir: str, stages: list[int], warmup: int, steps: int, threads:
               plain_first: bool, batch: Batch) -> None:
     import torch
     import torch.distributed as dist
-    from tessera.parallel.topology import destroy_distributed, init_distributed
 
     from tessera.cli import quiet_dependencies
+    from tessera.parallel.topology import destroy_distributed, init_distributed
 
     quiet_dependencies()
     topo = init_distributed(tp=1, pp=1)

@@ -37,7 +37,7 @@ import argparse
 import collections
 import sys
 
-from common import bench_config, launch_ranks, write_json, write_rank_result
+from common import bench_config, launch_ranks, random_token_steps, write_json, write_rank_result
 
 # Matrices above DeepSpeed's stage3_param_persistence_threshold (1e5 elements; smaller tensors,
 # here only the norm weights, stay whole on every rank at ZeRO 3), as in any real model.
@@ -178,23 +178,12 @@ def measure_step(engine, clipper, batches, micro_batches: int) -> dict:
             "step_peak": max(model_states(item) for item in snapshots)}
 
 
-def random_batches(cfg, micro_batches: int, generator):
-    import torch
-
-    for _ in range(micro_batches):
-        tokens = torch.randint(0, cfg.model.vocab_size,
-                               (cfg.train.micro_batch_size, cfg.model.seq_len + 1),
-                               generator=generator)
-        yield tokens[:, :-1], tokens[:, 1:]
-
-
 def rank_main(out_dir: str) -> None:
-    import torch
     import torch.distributed as dist
-    from tessera.parallel.topology import destroy_distributed, init_distributed
-    from tessera.trainer.train import build_training_engine, train_step
 
     from tessera.cli import quiet_dependencies
+    from tessera.parallel.topology import destroy_distributed, init_distributed
+    from tessera.trainer.train import build_training_engine, train_step
 
     quiet_dependencies()
     topo = init_distributed(tp=1, pp=1)
@@ -206,11 +195,10 @@ def rank_main(out_dir: str) -> None:
                                 "train.global_batch_size": 4 * topo.dp})
             engine, _, clipper = build_training_engine(cfg, topo)
             psi = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
-            generator = torch.Generator().manual_seed(topo.rank)
             micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * topo.dp)
-            train_step(engine, clipper, random_batches(cfg, micro, generator), micro)
-            # Adam's state exists from here on
-            measured = measure_step(engine, clipper, random_batches(cfg, micro, generator), micro)
+            first, second = random_token_steps(cfg, 2, micro, seed=topo.rank)
+            train_step(engine, clipper, iter(first), micro)  # Adam's state exists from here on
+            measured = measure_step(engine, clipper, iter(second), micro)
             results.append({"dp": topo.dp, "stage": stage, "precision": precision, "psi": psi,
                             "optimizer_class": type(engine.optimizer).__name__, **measured})
             del engine, clipper

@@ -317,6 +317,12 @@ class Chunk:
     error: str | None = None
 
 
+def _worker_streams(num_streams: int, worker: int, num_workers: int) -> range:
+    """The local streams (indices) DataLoader worker `worker` of `num_workers` reads, in the order
+    its Chunk stacks their rows."""
+    return range(worker, num_streams, num_workers)
+
+
 class _StreamChunks(IterableDataset):
     """Per step, one Chunk with the rows of this worker's streams.
 
@@ -335,8 +341,8 @@ class _StreamChunks(IterableDataset):
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         try:
             streams = [
-                _Stream(self._config, stream, self._start_window)
-                for stream in self._streams[worker::num_workers]
+                _Stream(self._config, self._streams[i], self._start_window)
+                for i in _worker_streams(len(self._streams), worker, num_workers)
             ]
             while True:
                 rows, skipped = [], 0
@@ -544,7 +550,7 @@ class TrainLoader:
                 if chunk.error is not None:
                     raise DataError(chunk.error)
                 skipped += chunk.skipped
-                for k, stream in enumerate(range(worker, num_streams, num_workers)):
+                for k, stream in enumerate(_worker_streams(num_streams, worker, num_workers)):
                     rows = chunk.rows[k * per_stream : (k + 1) * per_stream]
                     at = slice(stream * per_stream, (stream + 1) * per_stream)
                     inputs_np[at] = rows[:, :-1]  # widened to int64 as copied
