@@ -12,6 +12,7 @@ from torch import nn
 
 from tessera.parallel.topology import MegatronMPU, Topology
 from tessera.trainer.config import Config
+from tessera.trainer.model import Block
 
 # A step count DeepSpeed never reaches: we print our own metrics lines.
 _NEVER = 10**12
@@ -30,6 +31,16 @@ def clips_own_gradients(cfg: Config) -> bool:
     return cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32"
 
 
+def zero_config(stage: int, bucket_elements: int) -> dict:
+    zero = {"stage": stage, "reduce_bucket_size": bucket_elements}
+    if stage == 3:
+        # ZeRO 3 gathers and releases a whole transformer block's parameters at once (as FSDP
+        # wraps each block): one fetch and one release per block and pass instead of one per
+        # linear layer and norm inside it (six), for the same memory bound of one block.
+        zero["leaf_module"] = {"classes": [f"{Block.__module__}.{Block.__qualname__}"]}
+    return zero
+
+
 def deepspeed_config(cfg: Config, dp: int, local_params: int = MAX_BUCKET_ELEMENTS) -> dict:
     """`local_params`: this rank's parameter count (it bounds the gradient bucket)."""
     t = cfg.train
@@ -39,8 +50,7 @@ def deepspeed_config(cfg: Config, dp: int, local_params: int = MAX_BUCKET_ELEMEN
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps(cfg, dp),
         "gradient_clipping": 0.0 if clips_own_gradients(cfg) else t.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage,
-                              "reduce_bucket_size": bucket_elements},
+        "zero_optimization": zero_config(cfg.parallel.zero_stage, bucket_elements),
         "bf16": {"enabled": t.precision == "bf16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": _NEVER,

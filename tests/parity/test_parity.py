@@ -25,6 +25,8 @@ LAYOUTS_2 = {
     "dp2-zero1": {"parallel.zero_stage": 1},
     "dp2-zero2": {"parallel.zero_stage": 2},
     "dp2-zero3": {"parallel.zero_stage": 3},
+    # ZeRO 3 gathers whole blocks, which recompute their inside during backward
+    "dp2-zero3-checkpointing": {"parallel.zero_stage": 3, "train.activation_checkpointing": "full"},
     "tp2": {"parallel.tp": 2},
     "pp2": {"parallel.pp": 2},
     "pp2-uneven-list": {"parallel.pp": 2, "parallel.pipeline_partition": "[1,3]"},

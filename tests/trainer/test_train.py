@@ -45,3 +45,25 @@ def test_run_summary_names_run_dir_metrics_and_checkpoints(tmp_path):
     assert str(tmp_path / "run" / "metrics.jsonl") in text
     assert "(latest: step-00000010)" in text
     assert "stopped (run again to resume)" in run_summary(cfg, TrainState(step=4))
+
+
+def zero3_gather_units(cfg) -> list[str]:
+    """Rank body: the modules a ZeRO-3 engine gathers as one unit (DeepSpeed's leaf modules)."""
+    from deepspeed.utils import z3_leaf_module
+
+    from tessera.data.format import read_manifest
+    from tessera.parallel.topology import destroy_distributed, init_distributed
+    from tessera.trainer.train import build_training_engine
+
+    cfg.model.vocab_size = read_manifest(cfg.data.shards).tokenizer.vocab_size
+    topo = init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.launch.backend)
+    engine, _, _ = build_training_engine(cfg, topo)
+    units = [name for name, module in engine.module.named_modules() if z3_leaf_module(module)]
+    destroy_distributed()
+    return units
+
+
+def test_zero3_gathers_each_block_whole(tmp_path, byte_shards):
+    cfg = tiny_config(tmp_path / "run", byte_shards, **{"parallel.zero_stage": 3})
+    for units in run_ranks(2, zero3_gather_units, cfg):
+        assert units == ["blocks.0", "blocks.1"]
