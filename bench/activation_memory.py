@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -51,7 +52,14 @@ def measure_in_subprocess(mode: str, layers: int, hidden: int, seq: int, batch: 
     code = (f"import json, sys; sys.path.insert(0, {bench_dir!r}); "
             f"from activation_memory import measure; "
             f"print('RESULT', json.dumps(measure({mode!r}, {layers}, {hidden}, {seq}, {batch})))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # A process of its own, alone in its process group (a caller's rendezvous is not its own).
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        tail = "\n".join(out.stderr.splitlines()[-20:])
+        raise RuntimeError(f"measuring activation memory ({mode}) failed, exit {out.returncode}:\n"
+                           f"{tail}")
     line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
