@@ -10,7 +10,9 @@ reduce at every micro-batch (DeepSpeed has no `no_sync` for them) where DDP redu
 the second comparison shows what that costs apart from everything else. A third compares ZeRO 2
 and 3 at micro-batches of 4,096 tokens (16 sequences; our 1B configs use 8,192 and 16,384): their
 costs are per micro-batch (collectives, DeepSpeed's per-module hooks), so this shows how much of
-the gap at 512-token micro-batches remains at a pretraining-sized micro-batch.
+the gap at 512-token micro-batches remains at a pretraining-sized micro-batch. Beside each ZeRO 3
+row: the ratio it would reach if only its collectives cost anything (timed bare over all the
+parameters in the same run, `zero3_bound`): on a CPU they cannot overlap compute.
 
 Every variant lives in the same process for the whole run and sees the same data tensors; steps
 alternate between variants (the order rotates each round), so machine load drifts onto all of
@@ -138,6 +140,31 @@ class PlainRunner:
         return mean.item() / self.dp
 
 
+def collective_seconds(numel: int, repeats: int = 10, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of bare gloo collectives over `numel` fp32 elements, all ranks: DDP's
+    gradient all-reduce, and ZeRO 3's traffic per micro-batch (a gradient reduce-scatter, a
+    parameter all-gather for the forward and one for the backward)."""
+    import torch
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    full = torch.randn(numel - numel % world)
+    shard = torch.empty(full.numel() // world)
+    ops = {"all_reduce": lambda: dist.all_reduce(full),
+           "reduce_scatter": lambda: dist.reduce_scatter_single(shard, full),
+           "all_gather": lambda: dist.all_gather_single(full, shard)}
+    seconds = {}
+    for name, op in ops.items():
+        times = []
+        for _ in range(warmup + repeats):
+            dist.barrier()
+            started = time.perf_counter()
+            op()
+            times.append(time.perf_counter() - started)
+        seconds[name] = median(times[warmup:])
+    return seconds
+
+
 def build_runners(stages: list[int], topo, plain_first: bool, batch: Batch) -> list:
     """The variants, built in the given order. The order matters by itself on a CPU (the first
     model built ran up to 10% slower than an identical one built after it, in one process), so
@@ -177,12 +204,23 @@ def rank_main(out_dir: str, stages: list[int], warmup: int, steps: int, threads:
                 times[runner.name].append(elapsed)
                 cpu_times[runner.name].append(elapsed_cpu)
     cfg = runners[0].cfg
+    plain = next(r for r in runners if isinstance(r, PlainRunner))
+    collectives = collective_seconds(sum(p.numel() for p in plain.params)) if topo.dp > 1 else {}
     write_rank_result(out_dir, {
         "dp": topo.dp, "micro_batches": batch.global_size // (topo.dp * batch.micro_size),
         "micro_batch_tokens": batch.micro_size * cfg.model.seq_len, "times": times,
-        "cpu_times": cpu_times, "losses": losses,
+        "cpu_times": cpu_times, "losses": losses, "collective_s": collectives,
         "tokens_per_step": batch.global_size * cfg.model.seq_len})
     destroy_distributed()
+
+
+def zero3_bound(base_s: float, collective_s: dict[str, float], micro_batches: int) -> float:
+    """The ratio ZeRO 3 would reach if everything but its collectives cost nothing and none of them
+    overlapped compute (the CPU accelerator has no streams; DeepSpeed calls its gradient
+    reduce-scatter synchronously): DDP's step against DDP's step plus ZeRO 3's bare traffic (per
+    micro-batch: a reduce-scatter of the gradients, two all-gathers of the parameters)."""
+    zero3_s = micro_batches * (collective_s["reduce_scatter"] + 2 * collective_s["all_gather"])
+    return base_s / (base_s + zero3_s)
 
 
 def summarize(result: dict) -> list[dict]:
@@ -208,6 +246,10 @@ def summarize(result: dict) -> list[dict]:
             "max_loss_rel_diff": max(diffs),
             "steps_timed": len(times),
         })
+        if name == "tessera-zero3":
+            rows[-1]["bound_without_overlap"] = zero3_bound(base_s, result["collective_s"],
+                                                            result["micro_batches"])
+            rows[-1]["collective_ms"] = {k: 1000 * v for k, v in result["collective_s"].items()}
     return rows
 
 
@@ -220,8 +262,9 @@ def combine(first: list[dict], second: list[dict]) -> list[dict]:
         row = {**a, "ratio_each_order": [a["ratio"], b["ratio"]],
                "steps_timed": a["steps_timed"] + b["steps_timed"],
                "max_loss_rel_diff": max(a["max_loss_rel_diff"], b["max_loss_rel_diff"])}
-        for key in ("ratio", "cpu_time_ratio"):
-            row[key] = (a[key] * b[key]) ** 0.5
+        for key in ("ratio", "cpu_time_ratio", "bound_without_overlap"):
+            if key in a:
+                row[key] = (a[key] * b[key]) ** 0.5
         for key in ("tessera_tokens_per_s", "baseline_tokens_per_s"):
             row[key] = (a[key] + b[key]) / 2
         rows.append(row)
@@ -261,6 +304,13 @@ def print_rows(rows: list[dict]) -> None:
         print(f"{r['name']:<60}{r['tessera_tokens_per_s']:>14.0f}{r['baseline_tokens_per_s']:>15.0f}"
               f"{r['ratio']:>7.3f}{r['target']:>8.2f}{orders:>13}{r['cpu_time_ratio']:>16.3f}"
               f"{r['max_loss_rel_diff']:>15.1e}")
+    for r in rows:
+        if "bound_without_overlap" in r:
+            ms = r["collective_ms"]
+            print(f"{r['name']}: at most {r['bound_without_overlap']:.3f} with its collectives "
+                  f"on the critical path (bare gloo over all parameters: reduce-scatter "
+                  f"{ms['reduce_scatter']:.1f} ms, all-gather {ms['all_gather']:.1f} ms; DDP's "
+                  f"all-reduce {ms['all_reduce']:.1f} ms, overlapped with its backward)")
 
 
 def main() -> int:
