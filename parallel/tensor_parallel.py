@@ -14,6 +14,7 @@ import zlib
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core import tensor_parallel as mcore_tp
 from megatron.core.model_parallel_config import ModelParallelConfig
@@ -52,8 +53,36 @@ def _mark_sharded(weight: torch.Tensor | None, dim: int) -> None:
         mcore_tp.set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)
 
 
+# With one tensor-parallel rank megatron-core's layers compute a plain matmul behind identity
+# autograd functions and a Python-level backward; `F.linear`/`F.embedding` give the same bits
+# with less work per call (bench/results/profile.md). Parameters, and so checkpoints, are the same.
+class ColumnParallelLinear(mcore_tp.ColumnParallelLinear):
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        if self.config.tensor_model_parallel_size > 1:
+            return super().forward(input_, weight, runtime_gather_output)
+        return F.linear(input_, self.weight if weight is None else weight), None
+
+
+class RowParallelLinear(mcore_tp.RowParallelLinear):
+    def forward(self, input_):
+        if self.config.tensor_model_parallel_size > 1:
+            return super().forward(input_)
+        return F.linear(input_, self.weight), None
+
+
+class VocabParallelEmbedding(mcore_tp.VocabParallelEmbedding):
+    def __init__(self, *args, config: ModelParallelConfig, **kwargs):
+        super().__init__(*args, config=config, **kwargs)
+        self.tensor_parallel_size = config.tensor_model_parallel_size
+
+    def forward(self, input_):
+        if self.tensor_parallel_size > 1:
+            return super().forward(input_)
+        return F.embedding(input_, self.weight)
+
+
 def column_parallel(config: ModelParallelConfig, in_features: int, out_features: int, *, skip_weight: bool = False):
-    layer = mcore_tp.ColumnParallelLinear(
+    layer = ColumnParallelLinear(
         in_features, out_features, config=config, init_method=_no_init, bias=False,
         gather_output=False, skip_weight_param_allocation=skip_weight,
     )
@@ -62,7 +91,7 @@ def column_parallel(config: ModelParallelConfig, in_features: int, out_features:
 
 
 def row_parallel(config: ModelParallelConfig, in_features: int, out_features: int):
-    layer = mcore_tp.RowParallelLinear(
+    layer = RowParallelLinear(
         in_features, out_features, config=config, init_method=_no_init, bias=False,
         input_is_parallel=True, skip_bias_add=False,
     )
@@ -71,7 +100,7 @@ def row_parallel(config: ModelParallelConfig, in_features: int, out_features: in
 
 
 def vocab_parallel_embedding(config: ModelParallelConfig, padded_vocab_size: int, hidden_size: int):
-    layer = mcore_tp.VocabParallelEmbedding(
+    layer = VocabParallelEmbedding(
         padded_vocab_size, hidden_size, init_method=_no_init, config=config,
         reduce_scatter_embeddings=config.sequence_parallel,
     )

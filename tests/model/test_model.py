@@ -60,3 +60,48 @@ def test_init_is_drawn_per_tensor_from_the_seed():
     assert torch.equal(a, seeded_normal(1, "layers.0.q.weight", (4, 4), 0.02))
     assert not torch.equal(a, seeded_normal(2, "layers.0.q.weight", (4, 4), 0.02))
     assert not torch.equal(a, seeded_normal(1, "layers.0.k.weight", (4, 4), 0.02))
+
+
+def one_rank_layers_against_megatron() -> list[tuple[str, bool, bool]]:
+    """At tp=1 our layers skip megatron-core's identity autograd functions; per layer, whether
+    their output, and their weight's and input's gradients, equal megatron-core's own path's."""
+    from megatron.core import tensor_parallel as mcore_tp
+
+    from tessera.parallel import tensor_parallel as tpl
+    from tessera.parallel.topology import destroy_distributed, init_distributed
+
+    init_distributed(tp=1, pp=1)
+    try:
+        config = tpl.megatron_config(1, torch.float32, sequence_parallel=False)
+        generator = torch.Generator().manual_seed(0)
+        x_SBH = torch.randn(8, 2, 16, generator=generator)
+        cases = [
+            ("column", tpl.column_parallel(config, 16, 24), mcore_tp.ColumnParallelLinear, x_SBH),
+            ("row", tpl.row_parallel(config, 16, 24), mcore_tp.RowParallelLinear, x_SBH),
+            ("embedding", tpl.vocab_parallel_embedding(config, 32, 16),
+             mcore_tp.VocabParallelEmbedding, torch.randint(0, 32, (2, 8), generator=generator)),
+        ]
+        equal = []
+        for name, layer, megatron_class, inputs in cases:
+            with torch.no_grad():
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator))
+            runs = []
+            for forward in (layer.forward, lambda i: megatron_class.forward(layer, i)):
+                layer.weight.grad = None
+                leaf = inputs.clone().requires_grad_(inputs.is_floating_point())
+                out = forward(leaf)
+                out = out[0] if isinstance(out, tuple) else out
+                (out * torch.arange(out.numel()).view(out.shape)).sum().backward()
+                runs.append((out.detach(), layer.weight.grad.clone(), leaf.grad))
+            ours, megatron = runs
+            inputs_equal = ours[2] is None or torch.equal(ours[2], megatron[2])
+            equal.append((name, torch.equal(ours[0], megatron[0]),
+                          torch.equal(ours[1], megatron[1]) and inputs_equal))
+        return equal
+    finally:
+        destroy_distributed(process_group_too=False)
+
+
+def test_one_rank_layers_compute_megatrons_bits():
+    (equal,) = run_ranks(1, one_rank_layers_against_megatron)
+    assert equal == [("column", True, True), ("row", True, True), ("embedding", True, True)]
