@@ -54,35 +54,30 @@ def _mark_sharded(weight: torch.Tensor | None, dim: int) -> None:
 
 
 # With one tensor-parallel rank megatron-core's layers compute a plain matmul behind identity
-# autograd functions and a Python-level backward; `F.linear`/`F.embedding` give the same bits
-# with less work per call (bench/results/profile.md). Parameters, and so checkpoints, are the same.
-class ColumnParallelLinear(mcore_tp.ColumnParallelLinear):
+# autograd functions and a Python-level backward; these subclasses, built only at tp=1, call
+# `F.linear`/`F.embedding`: same parameters (so checkpoints), same bits, less work per call
+# (bench/results/profile.md).
+class _OneRankColumnLinear(mcore_tp.ColumnParallelLinear):
     def forward(self, input_, weight=None, runtime_gather_output=None):
-        if self.config.tensor_model_parallel_size > 1:
-            return super().forward(input_, weight, runtime_gather_output)
         return F.linear(input_, self.weight if weight is None else weight), None
 
 
-class RowParallelLinear(mcore_tp.RowParallelLinear):
+class _OneRankRowLinear(mcore_tp.RowParallelLinear):
     def forward(self, input_):
-        if self.config.tensor_model_parallel_size > 1:
-            return super().forward(input_)
         return F.linear(input_, self.weight), None
 
 
-class VocabParallelEmbedding(mcore_tp.VocabParallelEmbedding):
-    def __init__(self, *args, config: ModelParallelConfig, **kwargs):
-        super().__init__(*args, config=config, **kwargs)
-        self.tensor_parallel_size = config.tensor_model_parallel_size
-
+class _OneRankEmbedding(mcore_tp.VocabParallelEmbedding):
     def forward(self, input_):
-        if self.tensor_parallel_size > 1:
-            return super().forward(input_)
         return F.embedding(input_, self.weight)
 
 
+def _layer_class(config: ModelParallelConfig, megatron_class: type, one_rank_class: type) -> type:
+    return one_rank_class if config.tensor_model_parallel_size == 1 else megatron_class
+
+
 def column_parallel(config: ModelParallelConfig, in_features: int, out_features: int, *, skip_weight: bool = False):
-    layer = ColumnParallelLinear(
+    layer = _layer_class(config, mcore_tp.ColumnParallelLinear, _OneRankColumnLinear)(
         in_features, out_features, config=config, init_method=_no_init, bias=False,
         gather_output=False, skip_weight_param_allocation=skip_weight,
     )
@@ -91,7 +86,7 @@ def column_parallel(config: ModelParallelConfig, in_features: int, out_features:
 
 
 def row_parallel(config: ModelParallelConfig, in_features: int, out_features: int):
-    layer = RowParallelLinear(
+    layer = _layer_class(config, mcore_tp.RowParallelLinear, _OneRankRowLinear)(
         in_features, out_features, config=config, init_method=_no_init, bias=False,
         input_is_parallel=True, skip_bias_add=False,
     )
@@ -100,7 +95,7 @@ def row_parallel(config: ModelParallelConfig, in_features: int, out_features: in
 
 
 def vocab_parallel_embedding(config: ModelParallelConfig, padded_vocab_size: int, hidden_size: int):
-    layer = VocabParallelEmbedding(
+    layer = _layer_class(config, mcore_tp.VocabParallelEmbedding, _OneRankEmbedding)(
         padded_vocab_size, hidden_size, init_method=_no_init, config=config,
         reduce_scatter_embeddings=config.sequence_parallel,
     )
