@@ -31,8 +31,12 @@ def clips_own_gradients(cfg: Config) -> bool:
     return cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32"
 
 
-def zero_config(stage: int, bucket_elements: int) -> dict:
+def zero_config(stage: int, bucket_elements: int, overlap_comm: bool = False) -> dict:
+    """`overlap_comm`: reduce gradient buckets on a side stream while backward goes on (CUDA,
+    dp > 1), into one contiguous buffer; on a CPU there are no streams to overlap with."""
     zero = {"stage": stage, "reduce_bucket_size": bucket_elements}
+    if overlap_comm and stage > 0:
+        zero.update(overlap_comm=True, contiguous_gradients=True)
     if stage == 3:
         # ZeRO 3 gathers and releases a whole transformer block's parameters at once (as FSDP
         # wraps each block): one fetch and one release per block and pass instead of one per
@@ -41,16 +45,19 @@ def zero_config(stage: int, bucket_elements: int) -> dict:
     return zero
 
 
-def deepspeed_config(cfg: Config, dp: int, local_params: int = MAX_BUCKET_ELEMENTS) -> dict:
-    """`local_params`: this rank's parameter count (it bounds the gradient bucket)."""
+def deepspeed_config(cfg: Config, dp: int, local_params: int = MAX_BUCKET_ELEMENTS,
+                     cuda: bool = False) -> dict:
+    """`local_params`: this rank's parameter count (it bounds the gradient bucket); `cuda`:
+    the engine runs on a GPU."""
     t = cfg.train
     bucket_elements = max(1, min(MAX_BUCKET_ELEMENTS, local_params))
+    overlap_comm = cuda and dp > 1
     return {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps(cfg, dp),
         "gradient_clipping": 0.0 if clips_own_gradients(cfg) else t.grad_clip,
-        "zero_optimization": zero_config(cfg.parallel.zero_stage, bucket_elements),
+        "zero_optimization": zero_config(cfg.parallel.zero_stage, bucket_elements, overlap_comm),
         "bf16": {"enabled": t.precision == "bf16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": _NEVER,
@@ -74,7 +81,8 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, 
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, topo.dp, sum(p.numel() for p in model.parameters())),
+        config=deepspeed_config(cfg, topo.dp, sum(p.numel() for p in model.parameters()),
+                                cuda=torch.cuda.is_available()),
         mpu=MegatronMPU if topo.pp == 1 else None,
     )
     if topo.pp == 1 and topo.dp == 1 and cfg.parallel.zero_stage == 0:

@@ -122,11 +122,6 @@ def _sum_over_tensor_parallel(grad: torch.Tensor) -> torch.Tensor:
     return grad
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token loss from vocabulary-sharded logits (fp32), without gathering the vocabulary."""
-    return mcore_tp.vocab_parallel_cross_entropy(logits.float().contiguous(), labels)
-
-
 def tp_rank_and_size() -> tuple[int, int]:
     return (
         parallel_state.get_tensor_model_parallel_rank(),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tessera.trainer.config import Config, load_config
+from tessera.trainer.config import Config, ModelConfig, load_config
 
 
 def tiny_config(run_dir: Path, shards: Path, **overrides) -> Config:
@@ -20,6 +20,13 @@ def tiny_config(run_dir: Path, shards: Path, **overrides) -> Config:
     }
     base.update(overrides)
     return load_config(None, [f"{k}={v}" for k, v in base.items()])
+
+
+def tiny_model_config(**overrides) -> ModelConfig:
+    """The same 2-layer, hidden-64 Llama as a ModelConfig, for tests of the model alone."""
+    fields = dict(vocab_size=255, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                  ffn_hidden_size=176, seq_len=32)
+    return ModelConfig(**{**fields, **overrides})
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -74,6 +74,10 @@ class TrainConfig:
     adam_beta2: float = 0.95  # AdamW second-moment decay
     adam_eps: float = 1e-8  # AdamW epsilon
     activation_checkpointing: str = "none"  # none | full (recompute each block in backward)
+    compile: bool = False  # torch.compile each transformer block (on CPU: needs a C++ compiler)
+    loss_chunk_tokens: int = 0  # > 0: project to the vocabulary and take the loss this many
+    # tokens at a time, gradients included, so the micro-batch's fp32 logits never exist at once
+    # (the largest activation with a big vocabulary); 0: the whole micro-batch's logits at once
     eval_interval: int = 100  # steps between evaluations on data.valid_shards (also at the end);
     # 0: only at the end
     eval_steps: int = 10  # global batches of held-out windows per evaluation (the same each time)
@@ -315,6 +319,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                f"model.seq_len={m.seq_len} must be divisible by parallel.tp={p.tp}")
     _check(t.activation_checkpointing in ("none", "full"), "train.activation_checkpointing",
            f"must be none or full, got {t.activation_checkpointing!r}")
+    _check(t.loss_chunk_tokens >= 0, "train.loss_chunk_tokens",
+           f"must be >= 0 (0: no chunks), got {t.loss_chunk_tokens}")
     _check(t.precision in ("fp32", "bf16"), "train.precision", f"must be fp32 or bf16, got {t.precision!r}")
     _check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 turns clipping off), got {t.grad_clip}")
     _check(0 <= t.min_lr <= t.lr, "train.min_lr", f"{t.min_lr} must lie between 0 and train.lr={t.lr}")

@@ -9,14 +9,22 @@ Hugging Face's Llama convention (rotate_half), so weights map to `LlamaForCausal
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
 from tessera.parallel import tensor_parallel as tpl
+from tessera.parallel.loss import (
+    chunked_vocab_parallel_loss,
+    head_input,
+    mask_padded_vocab,
+    vocab_parallel_loss,
+)
 from tessera.parallel.tensor_parallel import Part
-from tessera.trainer.config import ModelConfig
+from tessera.trainer.config import ConfigError, ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -46,17 +54,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x_BNSD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
     return x_BNSD * cos_SD + _rotate_half(x_BNSD) * sin_SD
-
-
-def mask_padded_vocab(logits_SBV: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Padded vocabulary entries get -inf logits: numerically absent from the softmax."""
-    tp_rank, _ = tpl.tp_rank_and_size()
-    local_vocab = logits_SBV.shape[-1]
-    first_id = tp_rank * local_vocab
-    if first_id + local_vocab <= vocab_size:
-        return logits_SBV
-    token_ids = torch.arange(first_id, first_id + local_vocab, device=logits_SBV.device)
-    return logits_SBV.masked_fill(token_ids >= vocab_size, float("-inf"))
 
 
 class Embedding(nn.Module):
@@ -107,22 +104,40 @@ class Block(nn.Module):
         self.mlp_norm = tpl.replicated(RMSNorm(hidden, cfg.norm_eps), mp_config)
         self.gate_up = tpl.column_parallel(mp_config, hidden, 2 * ffn)
         self.down = tpl.row_parallel(mp_config, ffn, hidden)
+        self.sequence_parallel_tp = tp if mp_config.sequence_parallel else 1
         self._rotary: tuple | None = None  # ((seq_len, device, dtype), cos_SD, sin_SD)
+        self._compute = self._layer  # train.compile swaps in the compiled version (`compile`)
 
     def forward(self, x_SBH: torch.Tensor) -> torch.Tensor:
+        # With sequence parallelism x holds this rank's slice of the sequence; rotary tables
+        # cover the whole sequence, which attention sees after the gather in qkv.
+        seq_len = x_SBH.shape[0] * self.sequence_parallel_tp
+        cos_SD, sin_SD = self._rotary_tables(seq_len, x_SBH.device, x_SBH.dtype)
         if self.checkpoint_activations and torch.is_grad_enabled():
             # Keep only the block's input; recompute its inside during backward.
-            return torch.utils.checkpoint.checkpoint(self._forward, x_SBH, use_reentrant=False)
-        return self._forward(x_SBH)
+            return torch.utils.checkpoint.checkpoint(self._compute, x_SBH, cos_SD, sin_SD,
+                                                     use_reentrant=False)
+        return self._compute(x_SBH, cos_SD, sin_SD)
 
-    def _forward(self, x_SBH: torch.Tensor) -> torch.Tensor:
-        x_SBH = x_SBH + self._attention(self.attn_norm(x_SBH))
+    def compile_layer(self) -> None:
+        """torch.compile the block's computation as one graph (train.compile).
+
+        The computation, not the module call, is compiled: DeepSpeed's ZeRO 3 hooks that gather
+        and release the block's parameters stay eager around it, and `fullgraph` makes any graph
+        break an error instead of a silent fall-back to eager.
+        """
+        self._compute = torch.compile(self._layer, fullgraph=True)
+
+    def _layer(self, x_SBH: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor
+               ) -> torch.Tensor:
+        x_SBH = x_SBH + self._attention(self.attn_norm(x_SBH), cos_SD, sin_SD)
         h_SBF2, _ = self.gate_up(self.mlp_norm(x_SBH))
         gate_SBF, up_SBF = h_SBF2.chunk(2, dim=-1)
         mlp_SBH, _ = self.down(F.silu(gate_SBF) * up_SBF)
         return x_SBH + mlp_SBH
 
-    def _attention(self, h_SBH: torch.Tensor) -> torch.Tensor:
+    def _attention(self, h_SBH: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor
+                   ) -> torch.Tensor:
         head_dim = self.cfg.head_dim
         qkv_SBX, _ = self.qkv(h_SBH)  # with sequence parallelism, gathered to the full sequence
         seq_len, batch = qkv_SBX.shape[0], qkv_SBX.shape[1]
@@ -132,7 +147,6 @@ class Block(nn.Module):
         q_BNSD = q.view(seq_len, batch, -1, head_dim).permute(1, 2, 0, 3)
         k_BNSD = k.view(seq_len, batch, -1, head_dim).permute(1, 2, 0, 3)
         v_BNSD = v.view(seq_len, batch, -1, head_dim).permute(1, 2, 0, 3)
-        cos_SD, sin_SD = self._rotary_tables(seq_len, h_SBH.device, q.dtype)
         q_BNSD = apply_rotary(q_BNSD, cos_SD, sin_SD)
         k_BNSD = apply_rotary(k_BNSD, cos_SD, sin_SD)
         out_BNSD = F.scaled_dot_product_attention(
@@ -187,15 +201,23 @@ class FinalNorm(nn.Module):
 
 
 class OutputLayer(nn.Module):
-    """The untied vocabulary-parallel output projection."""
+    """The untied vocabulary-parallel output projection.
 
-    def __init__(self, cfg: ModelConfig, mp_config, padded_vocab_size: int):
+    With `chunked_loss` (the last pipeline stage under train.loss_chunk_tokens) it hands its
+    input and weight to the loss, which projects a chunk of tokens at a time.
+    """
+
+    def __init__(self, cfg: ModelConfig, mp_config, padded_vocab_size: int,
+                 chunked_loss: bool = False):
         super().__init__()
         self.cfg = cfg
         self.padded_vocab_size = padded_vocab_size
+        self.chunked_loss = chunked_loss
         self.head = tpl.column_parallel(mp_config, cfg.hidden_size, padded_vocab_size)
 
-    def forward(self, x_SBH: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_SBH: torch.Tensor):
+        if self.chunked_loss:
+            return x_SBH, self.head.weight
         logits_SBV, _ = self.head(x_SBH)
         return mask_padded_vocab(logits_SBV, self.cfg.vocab_size)
 
@@ -205,15 +227,40 @@ class OutputLayer(nn.Module):
 
 
 def lm_loss(logits_SBV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy over the micro-batch."""
-    return tpl.vocab_parallel_cross_entropy(logits_SBV, labels_BS.t().contiguous()).mean()
+    """Mean next-token cross entropy over the micro-batch, from its logits."""
+    return vocab_parallel_loss(logits_SBV, labels_BS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkedLoss:
+    """Mean next-token cross entropy from the final hidden states and the output projection's
+    weight, `chunk_tokens` tokens at a time (train.loss_chunk_tokens): the micro-batch's logits
+    never exist at once (tessera.parallel.loss)."""
+
+    vocab_size: int
+    sequence_parallel: bool
+    chunk_tokens: int
+
+    def __call__(self, head_out: tuple[torch.Tensor, torch.Tensor], labels_BS: torch.Tensor
+                 ) -> torch.Tensor:
+        x_SBH, weight_VH = head_out
+        return chunked_vocab_parallel_loss(head_input(x_SBH, self.sequence_parallel), weight_VH,
+                                           labels_BS, self.vocab_size, self.chunk_tokens)
+
+
+def loss_function(cfg: ModelConfig, sequence_parallel: bool, loss_chunk_tokens: int):
+    """What the last stage's output goes through: logits -> `lm_loss`, or (hidden states,
+    weight) -> `ChunkedLoss`."""
+    if loss_chunk_tokens == 0:
+        return lm_loss
+    return ChunkedLoss(cfg.vocab_size, sequence_parallel, loss_chunk_tokens)
 
 
 class Llama(nn.Module):
     """The whole layer list in one pipeline stage (pp=1)."""
 
     def __init__(self, cfg: ModelConfig, mp_config, padded_vocab_size: int,
-                 checkpoint_activations: bool = False):
+                 checkpoint_activations: bool = False, loss_chunk_tokens: int = 0):
         super().__init__()
         self.cfg = cfg
         self.embedding = Embedding(cfg, mp_config, padded_vocab_size)
@@ -223,37 +270,78 @@ class Llama(nn.Module):
         self.final_norm = FinalNorm(cfg, mp_config)
         if not cfg.tie_embeddings:
             self.output = OutputLayer(cfg, mp_config, padded_vocab_size)
+        self.loss = loss_function(cfg, mp_config.sequence_parallel, loss_chunk_tokens)
 
-    def logits(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
         x_SBH = self.embedding(input_ids_BS)
         for block in self.blocks:
             x_SBH = block(x_SBH)
-        x_SBH = self.final_norm(x_SBH)
+        return self.final_norm(x_SBH)
+
+    def logits(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
+        x_SBH = self.hidden_states(input_ids_BS)
         if self.cfg.tie_embeddings:
             return self.embedding.project(x_SBH)
         return self.output(x_SBH)
 
     def forward(self, input_ids_BS: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
-        return lm_loss(self.logits(input_ids_BS), labels_BS)
+        if self.loss is lm_loss:
+            return lm_loss(self.logits(input_ids_BS), labels_BS)
+        # The weight is read here, not through the output layer's forward: under ZeRO 3 it stays
+        # gathered for this whole forward, and the chunked loss needs it in no backward.
+        head = self.embedding.embed if self.cfg.tie_embeddings else self.output.head
+        return self.loss((self.hidden_states(input_ids_BS), head.weight), labels_BS)
 
 
 def build_model(cfg: ModelConfig, tp: int, params_dtype: torch.dtype = torch.float32,
-                sequence_parallel: bool = False, checkpoint_activations: bool = False
-                ) -> tuple[Llama, int]:
+                sequence_parallel: bool = False, checkpoint_activations: bool = False,
+                loss_chunk_tokens: int = 0) -> tuple[Llama, int]:
     """The pp=1 model with megatron-core TP layers (uninitialized); returns it and the padded vocab."""
     assert cfg.vocab_size is not None, "model.vocab_size must be resolved before building"
     padded = tpl.padded_vocab_size(cfg.vocab_size, tp)
     mp_config = tpl.megatron_config(tp, params_dtype, sequence_parallel)
-    return Llama(cfg, mp_config, padded, checkpoint_activations), padded
+    model = Llama(cfg, mp_config, padded, checkpoint_activations, loss_chunk_tokens)
+    return model, padded
 
 
 def tied_projection(embedding: Embedding, x_SBH: torch.Tensor) -> torch.Tensor:
     return embedding.project(x_SBH)
 
 
+def tied_head_output(embedding: Embedding, x_SBH: torch.Tensor):
+    """The last stage's output for the chunked loss, with tied embeddings."""
+    return x_SBH, embedding.embed.weight
+
+
+def check_compile_works() -> None:
+    """Compile a tiny function now, so that train.compile where torch.compile cannot run (no C++
+    compiler for inductor on a CPU, no Triton on a GPU) stops with one line naming the key,
+    before any training, instead of an inductor traceback at the first step."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.compile(_compile_probe, fullgraph=True)(torch.ones(8, device=device))
+    except Exception as e:  # noqa: BLE001 - inductor raises many types; all mean "cannot compile"
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(
+            f"config key 'train.compile': torch.compile cannot run on this machine "
+            f"({type(e).__name__}: {first_line[:300]}); set train.compile=false"
+        ) from e
+
+
+def _compile_probe(x: torch.Tensor) -> torch.Tensor:
+    return torch.sin(x) * 2 + 1
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """train.compile: torch.compile each transformer block (as torchtitan and OLMo-core do)."""
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.compile_layer()
+
+
 def pipeline_layer_specs(cfg: ModelConfig, tp: int, params_dtype: torch.dtype = torch.float32,
-                         sequence_parallel: bool = False, checkpoint_activations: bool = False
-                         ) -> list:
+                         sequence_parallel: bool = False, checkpoint_activations: bool = False,
+                         loss_chunk_tokens: int = 0) -> list:
     """The same layers as DeepSpeed LayerSpecs: embedding, blocks, final norm, output.
 
     With tied embeddings the first and last stage each hold the embedding (DeepSpeed's
@@ -267,11 +355,12 @@ def pipeline_layer_specs(cfg: ModelConfig, tp: int, params_dtype: torch.dtype = 
     embed_args = (cfg, mp_config, padded)
     if cfg.tie_embeddings:
         first = TiedLayerSpec("embed", Embedding, *embed_args, tied_weight_attr=["embed.weight"])
-        last = TiedLayerSpec("embed", Embedding, *embed_args, forward_fn=tied_projection,
+        last = TiedLayerSpec("embed", Embedding, *embed_args,
+                             forward_fn=tied_head_output if loss_chunk_tokens else tied_projection,
                              tied_weight_attr=["embed.weight"])
     else:
         first = LayerSpec(Embedding, *embed_args)
-        last = LayerSpec(OutputLayer, *embed_args)
+        last = LayerSpec(OutputLayer, *embed_args, bool(loss_chunk_tokens))
     blocks = [LayerSpec(Block, cfg, mp_config, i, checkpoint_activations)
               for i in range(cfg.num_layers)]
     return [first, *blocks, LayerSpec(FinalNorm, cfg, mp_config), last]

@@ -24,7 +24,14 @@ from tessera.trainer.evaluate import resolve_valid
 from tessera.trainer.metrics import tag_warnings_with_rank
 from tessera.trainer.monitor import TrainMonitor
 from tessera.parallel.pipeline import build_pipeline
-from tessera.trainer.model import build_model, init_weights, lm_loss, pipeline_layer_specs
+from tessera.trainer.model import (
+    build_model,
+    check_compile_works,
+    compile_blocks,
+    init_weights,
+    loss_function,
+    pipeline_layer_specs,
+)
 from tessera.trainer.optim import build_optimizer, build_scheduler
 
 
@@ -184,15 +191,22 @@ def _loop(cfg, topo, engine, clipper, loader, state: TrainState, monitor: TrainM
 def build_training_engine(cfg: Config, topo: Topology):
     """Model (one stage's layers when pp > 1), optimizer, schedule, DeepSpeed engine."""
     checkpointing = cfg.train.activation_checkpointing == "full"
+    sequence_parallel, chunk_tokens = cfg.parallel.sequence_parallel, cfg.train.loss_chunk_tokens
     if topo.pp == 1:
-        model, _ = build_model(cfg.model, topo.tp, sequence_parallel=cfg.parallel.sequence_parallel,
-                               checkpoint_activations=checkpointing)
+        model, _ = build_model(cfg.model, topo.tp, sequence_parallel=sequence_parallel,
+                               checkpoint_activations=checkpointing, loss_chunk_tokens=chunk_tokens)
     else:
-        specs = pipeline_layer_specs(cfg.model, topo.tp,
-                                     sequence_parallel=cfg.parallel.sequence_parallel,
-                                     checkpoint_activations=checkpointing)
-        model = build_pipeline(specs, lm_loss, topo, cfg.parallel.pipeline_partition)
+        specs = pipeline_layer_specs(cfg.model, topo.tp, sequence_parallel=sequence_parallel,
+                                     checkpoint_activations=checkpointing,
+                                     loss_chunk_tokens=chunk_tokens)
+        loss_fn = loss_function(cfg.model, sequence_parallel, chunk_tokens)
+        model = build_pipeline(specs, loss_fn, topo, cfg.parallel.pipeline_partition)
     init_weights(model, cfg.model, cfg.run.seed)
+    if cfg.train.precision == "fp32" and torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # fp32 matmuls on TF32 tensor cores
+    if cfg.train.compile:
+        check_compile_works()
+        compile_blocks(model)
     optimizer = build_optimizer(model, cfg.train)
     clipper = None
     if ds_engine.clips_own_gradients(cfg):

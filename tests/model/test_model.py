@@ -4,17 +4,11 @@ import pytest
 import torch
 import torch.distributed as dist
 from multiproc import run_ranks
+from training import tiny_model_config
 
 from tessera.trainer.config import ModelConfig
 
 SEED = 7
-
-
-def tiny_config(**overrides) -> ModelConfig:
-    fields = dict(vocab_size=255, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                  ffn_hidden_size=176, seq_len=32)
-    fields.update(overrides)
-    return ModelConfig(**fields)
 
 
 def full_logits_and_loss(tp: int, cfg: ModelConfig) -> tuple[torch.Tensor, float, dict]:
@@ -43,7 +37,7 @@ def full_logits_and_loss(tp: int, cfg: ModelConfig) -> tuple[torch.Tensor, float
 
 @pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": True}], ids=["untied", "tied"])
 def test_tp2_forward_matches_tp1(overrides):
-    cfg = tiny_config(**overrides)
+    cfg = tiny_model_config(**overrides)
     (logits_1, loss_1, extra_1), = run_ranks(1, full_logits_and_loss, 1, cfg)
     results = run_ranks(2, full_logits_and_loss, 2, cfg)
     assert extra_1["padded"] == 255 and results[0][2]["padded"] == 256  # 255 padded for tp=2

@@ -55,14 +55,14 @@ def train_poisoned(plans: list[tuple]) -> list:
                 return loss * float("nan")
             return loss
 
-        model_module.lm_loss = train_module.lm_loss = poisoned
+        model_module.lm_loss = poisoned
         try:
             train_module.train(cfg)
             outcome = read_metrics(cfg.run.dir) if dist.get_rank() == 0 else None
         except NonFiniteError as e:
             outcome = str(e)
         finally:
-            model_module.lm_loss = train_module.lm_loss = original
+            model_module.lm_loss = original
         results.append(outcome)
     return results
 
