@@ -6,7 +6,9 @@ STAMP := $(VENV)/.tessera-installed
 STDLIB = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 DEMO_DATA := runs/demo-data
 
-.PHONY: setup demo test test-quick bench clean
+GPU_WHEELS := .gpu-wheels
+
+.PHONY: setup demo test test-quick bench gpu-wheels gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +34,15 @@ test-quick: setup
 # Every benchmark side by side, one table of ratios: bench/results/results.md (and .json)
 bench: setup
 	$(PY) bench/run_all.py
+
+# For a GPU machine that may be offline with only torch: the wheels it lacks (CPU side, here)
+gpu-wheels: setup
+	$(PY) bench/gpu_wheels.py --output $(GPU_WHEELS)
+
+# On the GPU machine, with its own python3: every GPU check in one call (no CUDA: exit 2);
+# writes bench/results/gpu-<device>.md and .json
+gpu-check:
+	$(PYTHON) bench/gpu_check.py --wheels $(GPU_WHEELS) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf runs

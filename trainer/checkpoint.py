@@ -33,6 +33,7 @@ cannot read) and reads its `.metadata` back with pickle.load.
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import dataclasses
 import datetime
 import hashlib
@@ -231,6 +232,17 @@ def compact(obj: Any) -> Any:
     return obj
 
 
+def holds_device_tensors(obj: Any) -> bool:
+    """Whether a (nested dict/list/tuple) object holds a tensor that is not in host memory."""
+    if isinstance(obj, torch.Tensor):
+        return obj.device.type != "cpu"
+    if isinstance(obj, dict):
+        return any(holds_device_tensors(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(holds_device_tensors(v) for v in obj)
+    return False
+
+
 def host_stager():
     """torch.distributed.checkpoint's stager (what its async_save copies to host memory with):
     host buffers cached per source storage and reused by every later save, pinned with CUDA."""
@@ -369,6 +381,9 @@ class TesseraCheckpointEngine(CheckpointEngine):
     def save_object(self, obj: Any, path: Path) -> None:
         if self._stager is None:
             self._submit(lambda: write_torch_file(compact(obj), path), path)
+        elif not holds_device_tensors(obj):  # RNG states, counters: a copy is all it takes (torch
+            staged = copy.deepcopy(obj)  # 2.11's stager refused such an object on CUDA)
+            self._submit(lambda: write_torch_file(compact(staged), path), path)
         else:  # reuses the previous save's buffers: its writes are done (`save` waited)
             staged = self._stager.stage(obj)
             self._submit(lambda: write_torch_file(compact(staged), path), path)

@@ -77,7 +77,8 @@ def find_step_dir(path: str | Path) -> Path:
 
 
 def build_generator(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A tp = 1 model holding `tensors` (needs a process group: `init_distributed(1, 1)`)."""
+    """A tp = 1 fp32 model holding `tensors`, on the GPU when there is one (needs a process
+    group: `init_distributed(1, 1)`)."""
     from tessera.parallel import tensor_parallel as tpl
     from tessera.trainer.model import build_model
 
@@ -90,7 +91,7 @@ def build_generator(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> torch
             for local_name, parts in layer.canonical_parts().items():
                 full = tpl.local_tensor(parts, lambda p: tensors[p.name].float(), 0, 1)
                 params[local_name].copy_(full)
-    return model.eval()
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
 @torch.no_grad()
@@ -103,12 +104,13 @@ def continue_ids(
     context_len: int,
 ) -> list[int]:
     """New token ids after `prompt_ids` (stops at EOS, which is not returned)."""
-    generator = torch.Generator().manual_seed(sampling.seed)
+    generator = torch.Generator().manual_seed(sampling.seed)  # sampling on the host: the same
+    device = next(model.parameters()).device  # tokens from a seed on any device
     ids = list(prompt_ids)
     new: list[int] = []
     for _ in range(sampling.max_new_tokens):
-        window = torch.tensor([ids[-context_len:]], dtype=torch.long)
-        logits_V = model.logits(window)[-1, 0, :vocab_size].float()  # logits are [S, B, V]
+        window = torch.tensor([ids[-context_len:]], dtype=torch.long, device=device)
+        logits_V = model.logits(window)[-1, 0, :vocab_size].float().cpu()  # logits: [S, B, V]
         if sampling.temperature <= 0:
             token = int(logits_V.argmax())
         else:
