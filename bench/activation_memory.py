@@ -10,12 +10,10 @@ Run: .venv/bin/python bench/activation_memory.py [--layers 8 --hidden 256 --seq 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import resource
-import subprocess
 import sys
-from pathlib import Path
+
+from common import in_fresh_process
 
 
 def _peak_rss_mb() -> float:
@@ -47,26 +45,9 @@ def measure(mode: str, layers: int, hidden: int, seq: int, batch: int) -> dict:
     return {"mode": mode, "growth_mb": growth_mb, "loss": loss.item(), "grad_checksum": checksum}
 
 
-def measure_in_subprocess(mode: str, layers: int, hidden: int, seq: int, batch: int) -> dict:
-    bench_dir = str(Path(__file__).resolve().parent)
-    code = (f"import json, sys; sys.path.insert(0, {bench_dir!r}); "
-            f"from activation_memory import measure; "
-            f"print('RESULT', json.dumps(measure({mode!r}, {layers}, {hidden}, {seq}, {batch})))")
-    # A process of its own, alone in its process group (a caller's rendezvous is not its own).
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        tail = "\n".join(out.stderr.splitlines()[-20:])
-        raise RuntimeError(f"measuring activation memory ({mode}) failed, exit {out.returncode}:\n"
-                           f"{tail}")
-    line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
-
-
 def compare(layers: int, hidden: int, seq: int, batch: int) -> tuple[dict, dict]:
-    none = measure_in_subprocess("none", layers, hidden, seq, batch)
-    full = measure_in_subprocess("full", layers, hidden, seq, batch)
+    none = in_fresh_process("activation_memory", "measure", "none", layers, hidden, seq, batch)
+    full = in_fresh_process("activation_memory", "measure", "full", layers, hidden, seq, batch)
     return none, full
 
 

@@ -39,6 +39,26 @@ def write_rank_result(out_dir: str, result: Any) -> None:
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
 
 
+def in_fresh_process(module: str, function: str, *args: Any) -> Any:
+    """`module.function(*args)` (bench/ importable) in a new Python process, alone in its own
+    process group (a caller's rendezvous variables are not passed on); its JSON result.
+
+    For measurements of a process's peak memory, which only a fresh process gives."""
+    import subprocess
+
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"from {module} import {function}; "
+            f"print('RESULT', json.dumps({function}(*{args!r})))")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        tail = "\n".join(out.stderr.splitlines()[-20:])
+        raise RuntimeError(f"{module}.{function}{args} failed, exit {out.returncode}:\n{tail}")
+    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
 def write_json(path: str | None, figures: Any) -> None:
     """A benchmark's `--json PATH` output (nothing when no path was given)."""
     if path:

@@ -27,13 +27,14 @@ from common import machine
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
-OURS = ("trainer_overhead", "tp_traffic", "zero_memory")
+OURS = ("trainer_overhead", "tp_traffic", "zero_memory", "speed_levers")
 THEIRS = ("pipeline_bubble", "activation_memory", "checkpoint_io", "data_throughput")
 QUICK_ARGS = {
     "trainer_overhead": ["--steps", "4", "--warmup", "1"],
     "zero_memory": ["--dp", "2"],
     "pipeline_bubble": ["--mode", "sleep", "--steps", "2"],
     "activation_memory": ["--layers", "4", "--seq", "512", "--batch", "4"],
+    "speed_levers": ["--steps", "3"],
     "checkpoint_io": ["--hidden", "256", "--layers", "2", "--repeats", "1"],
     "data_throughput": ["--rounds", "1", "--demo-steps", "2"],
 }
@@ -103,6 +104,22 @@ def rows_zero_memory(result: dict) -> list[tuple]:
             for r in result.get("data", [])]
 
 
+def rows_speed_levers(result: dict) -> list[tuple]:
+    data = result.get("data")
+    if not data:
+        return []
+    c, loss = data["compile"], data["loss"]
+    return [
+        ("train.compile: steady tokens/s, compiled / eager", c["speedup_ratio"], "> 1",
+         f"compile cost {c['compile_cost_s']:.1f} s (first step); losses within "
+         f"{c['max_loss_rel_diff']:.1e}"),
+        (f"train.loss_chunk_tokens={loss['chunk_tokens']}: peak step memory, chunked / whole "
+         f"({loss['vocab_size']} vocabulary)", loss["memory_ratio"], "< 1",
+         f"{loss['chunked_mb']:.0f} vs {loss['whole_mb']:.0f} MB; step time ratio "
+         f"{loss['step_time_ratio']:.2f}; losses within {loss['loss_rel_diff']:.1e}"),
+    ]
+
+
 def rows_pipeline_bubble(result: dict) -> list[tuple]:
     """The issue's target is in points of idle fraction, so the figure is the difference."""
     rows = []
@@ -164,6 +181,7 @@ EXTRACT = {
     "trainer_overhead": rows_trainer_overhead,
     "tp_traffic": rows_tp_traffic,
     "zero_memory": rows_zero_memory,
+    "speed_levers": rows_speed_levers,
     "pipeline_bubble": rows_pipeline_bubble,
     "activation_memory": rows_activation_memory,
     "checkpoint_io": rows_from_json_ratios,
