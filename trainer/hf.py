@@ -201,8 +201,8 @@ class HFCheckpoint:
         if not self.directory.is_dir():
             raise HFError(f"{self.directory}: no such directory")
         self.model = model_config_from_hf(self.directory)
+        self._pickled: dict[Path, Any] = {}  # filled while indexing pickle files
         self.tensors = self._index(allow_pickle)
-        self._pickled: dict[Path, Any] = {}
 
     def _index(self, allow_pickle: bool) -> dict[str, TensorInfo]:
         d = self.directory

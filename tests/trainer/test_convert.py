@@ -564,6 +564,25 @@ def test_bad_hf_directories(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_allow_pickle_reads_a_clean_bin_and_the_default_refuses_it(tmp_path):
+    from safetensors.torch import load_file
+
+    import shutil
+
+    clean = small_hf(tmp_path / "safetensors")
+    pickled = Path(shutil.copytree(clean, tmp_path / "pickled"))  # the same weights, as .bin
+    torch.save(load_file(pickled / "model.safetensors"), pickled / hf.PICKLE_FILE)
+    (pickled / "model.safetensors").unlink()
+    with pytest.raises(hf.HFError, match="--allow-pickle"):
+        hf.HFCheckpoint(pickled)
+    reference, loaded = hf.HFCheckpoint(clean), hf.HFCheckpoint(pickled, allow_pickle=True)
+    assert {k: v.shape for k, v in loaded.tensors.items()} == \
+        {k: v.shape for k, v in reference.tensors.items()}
+    names = ["embed.weight", "final_norm.weight", "layers.0.q.weight", "layers.0.down.weight"]
+    for name in names:
+        assert torch.equal(loaded.tensor(name), reference.tensor(name)), name
+
+
 @pytest.mark.slow
 def test_reshard_refuses_to_change_the_model_or_data(world4, tmp_path, capsys):
     source = str(world4["base"] / "source")
