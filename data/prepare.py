@@ -496,10 +496,19 @@ def _check_options(
 
 
 def _check_output(output_dir: Path) -> None:
+    """--output is new, empty (but for a killed run's temporary files), or an interrupted run of
+    ours (its journal says so): prepare never overwrites or deletes a file it did not write."""
     if output_dir.exists() and not output_dir.is_dir():
         raise DataError(f"{output_dir}: --output exists and is not a directory")
     if (output_dir / MANIFEST_NAME).exists():
         raise DataError(f"{output_dir}: already prepared; remove it or choose another --output")
+    if output_dir.is_dir() and not (output_dir / JOURNAL_NAME).exists():
+        foreign = sorted(p.name for p in output_dir.iterdir() if not p.name.endswith(TMP_SUFFIX))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3
+                                              else "")
+            raise DataError(f"{output_dir}: --output holds files tessera prepare did not write "
+                            f"({shown}); choose a new or empty directory")
 
 
 def _remove_stale(output_dir: Path, keep: set[str]) -> None:

@@ -35,7 +35,7 @@ from submitit.helpers import Checkpointable
 
 from tessera.launch.env import DistEnv, from_slurm
 from tessera.launch.signals import PREEMPTED_EXIT_CODE, StopSignal, parse_signal
-from tessera.trainer.config import Config, ConfigError, save_config, validate
+from tessera.trainer.config import Config, ConfigError, save_config, validate, validate_layout
 
 JOBS_FILE = "jobs.jsonl"  # under run.dir/slurm/: one line per submitted job
 SLURM_TOOLS = ("sbatch", "sinfo", "scontrol", "srun")
@@ -138,7 +138,7 @@ def check_config(cfg: Config) -> None:
     if s.gpus_per_node and per_node != s.gpus_per_node:
         raise ConfigError(f"config key '{per_node_key}': {per_node} ranks per node but "
                           f"slurm.gpus_per_node={s.gpus_per_node}; one rank per GPU")
-    validate(cfg, world_size=world_size(cfg))
+    validate_layout(cfg, world_size(cfg), f"{per_node_key} x slurm.nodes")
     if cfg.data.shards is None:
         raise ConfigError("config key 'data.shards': not set; point it at a `tessera prepare` "
                           "output")

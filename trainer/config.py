@@ -10,13 +10,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import signal
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -181,9 +183,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            layers.append(OmegaConf.load(path))
-        except (OmegaConfBaseException, ValueError, OSError) as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from e
+            loaded = OmegaConf.load(path)
+        except (OmegaConfBaseException, ValueError, OSError, yaml.YAMLError) as e:
+            reason = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            raise ConfigError(f"{path}: not valid YAML ({reason})") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (run:, "
+                              f"model:, train:, ...), not a list")
+        layers.append(loaded)
     layers.append(_parse_overrides(overrides))
     try:
         merged = OmegaConf.to_container(OmegaConf.merge(*layers), resolve=True) if layers else {}
@@ -296,15 +303,10 @@ def save_config(cfg: Config, path: str | Path) -> None:
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Checks that need several fields; `world_size` adds the layout checks when known."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
+    _check_numbers(cfg)  # first: the checks below divide by some of them
     _check(m.hidden_size % m.num_heads == 0, "model.hidden_size", f"{m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
     _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", f"{m.num_kv_heads} does not divide model.num_heads={m.num_heads}")
     _check(m.head_dim % 2 == 0, "model.hidden_size", f"head dim {m.head_dim} must be even for rotary embeddings")
-    for key, value in [("parallel.tp", p.tp), ("parallel.pp", p.pp), ("train.steps", t.steps),
-                       ("train.global_batch_size", t.global_batch_size),
-                       ("train.micro_batch_size", t.micro_batch_size), ("model.seq_len", m.seq_len),
-                       ("model.num_layers", m.num_layers), ("log.interval", cfg.log.interval),
-                       ("launch.nproc_per_node", cfg.launch.nproc_per_node)]:
-        _check(value >= 1, key, f"must be at least 1, got {value}")
     _check(m.num_heads % p.tp == 0, "parallel.tp", f"tp={p.tp} does not divide model.num_heads={m.num_heads}")
     _check(m.num_kv_heads % p.tp == 0, "parallel.tp", f"tp={p.tp} does not divide model.num_kv_heads={m.num_kv_heads}")
     _check(m.ffn_hidden_size % p.tp == 0, "parallel.tp", f"tp={p.tp} does not divide model.ffn_hidden_size={m.ffn_hidden_size}")
@@ -322,9 +324,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(t.loss_chunk_tokens >= 0, "train.loss_chunk_tokens",
            f"must be >= 0 (0: no chunks), got {t.loss_chunk_tokens}")
     _check(t.precision in ("fp32", "bf16"), "train.precision", f"must be fp32 or bf16, got {t.precision!r}")
-    _check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 turns clipping off), got {t.grad_clip}")
+    _check(math.isfinite(t.grad_clip) and t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 turns clipping off), got {t.grad_clip}")
     _check(0 <= t.min_lr <= t.lr, "train.min_lr", f"{t.min_lr} must lie between 0 and train.lr={t.lr}")
-    _check(t.lr > 0, "train.lr", f"must be positive, got {t.lr}")
     _check(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     _check(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",
            f"{t.global_batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size}")
@@ -406,12 +407,15 @@ def _check_partition(cfg: Config) -> None:
            f"{partition} sums to {sum(partition)} blocks but model.num_layers={layers}")
 
 
-def validate_layout(cfg: Config, world_size: int) -> None:
+def validate_layout(cfg: Config, world_size: int,
+                    ranks_from: str = "launch.nproc_per_node x nodes") -> None:
+    """`ranks_from`: the keys that set the rank count where the job runs (under Slurm's srun
+    launcher, slurm.tasks_per_node x slurm.nodes)."""
     p, t = cfg.parallel, cfg.train
     model_parallel = p.tp * p.pp
     _check(world_size % model_parallel == 0, "parallel.tp",
            f"world size {world_size} is not divisible by tp*pp = {p.tp}*{p.pp} = {model_parallel}; "
-           f"run a multiple of {model_parallel} ranks (launch.nproc_per_node x nodes) or change "
+           f"run a multiple of {model_parallel} ranks ({ranks_from}) or change "
            f"parallel.tp / parallel.pp")
     dp = world_size // model_parallel
     _check(t.global_batch_size % (t.micro_batch_size * dp) == 0, "train.global_batch_size",
@@ -422,6 +426,37 @@ def validate_layout(cfg: Config, world_size: int) -> None:
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:
     return world_size // (cfg.parallel.tp * cfg.parallel.pp)
+
+
+def _check_numbers(cfg: Config) -> None:
+    """Every count at least 1, every size of something positive, betas in [0, 1): a value out
+    of range fails here, not minutes later inside DeepSpeed or torch."""
+    m, p, t, d = cfg.model, cfg.parallel, cfg.train, cfg.data
+    at_least_1 = {
+        "model.hidden_size": m.hidden_size, "model.num_layers": m.num_layers,
+        "model.num_heads": m.num_heads, "model.num_kv_heads": m.num_kv_heads,
+        "model.ffn_hidden_size": m.ffn_hidden_size, "model.seq_len": m.seq_len,
+        "parallel.tp": p.tp, "parallel.pp": p.pp, "train.steps": t.steps,
+        "train.global_batch_size": t.global_batch_size,
+        "train.micro_batch_size": t.micro_batch_size, "log.interval": cfg.log.interval,
+        "launch.nproc_per_node": cfg.launch.nproc_per_node,
+        "data.max_consecutive_errors": d.max_consecutive_errors,
+    }
+    if m.vocab_size is not None:
+        at_least_1["model.vocab_size"] = m.vocab_size
+    if d.streams is not None:
+        at_least_1["data.streams"] = d.streams
+    for key, value in at_least_1.items():
+        _check(value >= 1, key, f"must be at least 1, got {value}")
+    positive = {"model.rope_theta": m.rope_theta, "model.norm_eps": m.norm_eps,
+                "model.init_std": m.init_std, "train.lr": t.lr, "train.adam_eps": t.adam_eps}
+    for key, value in positive.items():
+        _check(math.isfinite(value) and value > 0, key, f"must be a positive number, got {value}")
+    for key, value in (("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)):
+        _check(0 <= value < 1, key, f"must lie in [0, 1), got {value}")
+    _check(math.isfinite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay",
+           f"must be >= 0, got {t.weight_decay}")
+    _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0 (0: off), got {d.shuffle_buffer}")
 
 
 def _check(ok: bool, key: str, message: str) -> None:

@@ -122,7 +122,8 @@ def model_config_from_hf(directory: Path) -> ModelConfig:
         raise HFError(f"{path}: key {missing[0]!r} missing or not an integer")
     heads = raw["num_attention_heads"]
     head_dim = raw.get("head_dim") or raw["hidden_size"] // heads
-    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    # As transformers reads it: a legacy `rope_scaling` replaces `rope_parameters` whole.
+    rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
     unsupported = {
         "hidden_act": (raw.get("hidden_act", "silu"), "silu"),
         "attention_bias": (raw.get("attention_bias", False), False),
@@ -249,6 +250,20 @@ class HFCheckpoint:
             except Exception as e:
                 raise HFError(f"{path}: cannot be loaded ({str(e).strip().splitlines()[0]})") from e
         return self._pickled[path]
+
+    def tokenizer(self) -> tuple | None:
+        """The directory's tokenizer.json with what Tessera needs of it (vocabulary, EOS), for
+        the imported checkpoint to carry; None when there is none, or no EOS token in it."""
+        from tessera.data.format import DataError
+        from tessera.data.tokenizer import HF_TOKENIZER_FILE, HFTokenizer
+
+        path = self.directory / HF_TOKENIZER_FILE
+        if not path.is_file():
+            return None
+        try:
+            return HFTokenizer.from_file(path).info(), path.read_text()
+        except DataError:
+            return None
 
     def check(self, shapes: dict[str, tuple[int, ...]]) -> None:
         """Every tensor our model needs is there with its shape (names in the message)."""

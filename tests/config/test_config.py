@@ -88,6 +88,40 @@ def test_cross_field_errors_name_the_key(overrides, world_size, key, text):
         validate(cfg, world_size)
 
 
+@pytest.mark.parametrize("override, text", [
+    ("model.hidden_size=0", "must be at least 1, got 0"),
+    ("model.num_heads=0", "must be at least 1, got 0"),  # before anything divides by it
+    ("model.vocab_size=0", "must be at least 1, got 0"),
+    ("model.norm_eps=0", "must be a positive number"),
+    ("model.rope_theta=-5", "must be a positive number"),
+    ("train.lr=-1", "must be a positive number, got -1.0"),  # train.lr, not train.min_lr
+    ("train.adam_beta1=1.5", "must lie in \\[0, 1\\), got 1.5"),
+    ("train.adam_beta2=1.0", "must lie in \\[0, 1\\)"),
+    ("train.adam_eps=0", "must be a positive number"),
+    ("train.weight_decay=-0.1", "must be >= 0"),
+    ("data.streams=0", "must be at least 1"),
+    ("data.shuffle_buffer=-1", "must be >= 0"),
+    ("data.max_consecutive_errors=0", "must be at least 1"),
+])
+def test_numbers_out_of_range_name_the_key(override, text):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"config key '{key}': {text}"):
+        validate(load_config(None, [override]))
+
+
+@pytest.mark.parametrize("yaml_text, text", [
+    ("- run\n- model\n", "the top level must be a mapping of sections .*, not a list"),
+    ("train: {steps: [\n", "not valid YAML \\(while parsing a flow node; .*line 2, column 1\\)"),
+    ("train:\n  steps: 5\n  lr: : 3\n", "not valid YAML \\(mapping values are not allowed"),
+])
+def test_a_config_file_that_is_not_a_mapping_is_one_line(tmp_path, yaml_text, text):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=text) as error:
+        load_config(path)
+    assert "\n" not in str(error.value)
+
+
 def test_sequence_parallel_without_cuda_is_a_clear_error(tmp_path, byte_shards):
     from tessera.trainer.train import train
 

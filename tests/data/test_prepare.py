@@ -204,10 +204,20 @@ def test_stale_temporary_files_are_removed(tmp_path) -> None:
     output = tmp_path / "out"
     output.mkdir()
     (output / "shard-000000.tar.tmp").write_bytes(b"half written")
-    (output / "shard-000007.tar").write_bytes(b"from a run that never finished")
     prepare([str(tmp_path / "a.txt")], output, log=lambda _: 0)
     assert sorted(p.name for p in output.iterdir()) == [MANIFEST_NAME, "shard-000000.tar"]
     check_manifest_matches_files(output)
+
+
+def test_an_output_folder_holding_files_prepare_did_not_write_is_refused(tmp_path) -> None:
+    (tmp_path / "a.txt").write_text("text")
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "shard-000000.tar").write_bytes(b"a user's own shard")
+    with pytest.raises(DataError, match="--output holds files tessera prepare did not write "
+                                        "\\(shard-000000.tar\\); choose a new or empty"):
+        prepare([str(tmp_path / "a.txt")], output, log=lambda _: 0)
+    assert (output / "shard-000000.tar").read_bytes() == b"a user's own shard"
 
 
 def test_an_error_mid_run_leaves_no_temporary_shard(tmp_path, monkeypatch) -> None:

@@ -78,6 +78,20 @@ def test_invalid_config_fails_at_submit(tmp_path, byte_shards, overrides, key):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("launcher, ranks_from", [
+    ("srun", "slurm.tasks_per_node x slurm.nodes"),
+    ("torchrun", "launch.nproc_per_node x slurm.nodes"),
+])
+def test_a_rank_count_that_does_not_fit_names_the_launchers_key(tmp_path, byte_shards, launcher,
+                                                                 ranks_from):
+    """Under srun the ranks per node are slurm.tasks_per_node; launch.nproc_per_node is
+    torchrun's and the local launcher's."""
+    cfg = tiny_config(tmp_path / "run", byte_shards, **{
+        "parallel.tp": 2, "slurm.launcher": launcher, "launch.nproc_per_node": 1})
+    with pytest.raises(ConfigError, match=re.escape(f"run a multiple of 2 ranks ({ranks_from})")):
+        slurm.check_config(cfg)
+
+
 def test_cli_reports_an_invalid_config_in_one_line(tmp_path, byte_shards):
     done = run_cli("submit", *cli_overrides(tmp_path / "run", byte_shards, **{"slurm.nodes": 3}))
     assert done.returncode == 2, done.stdout + done.stderr

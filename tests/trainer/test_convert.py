@@ -558,6 +558,15 @@ def test_bad_hf_directories(tmp_path, capsys):
     )
     assert "rope_type" in from_hf_error(capsys, scaled, out)
 
+    # rope_parameters says default, a legacy rope_scaling says linear x4: transformers reads
+    # linear, so this is a scaled RoPE, not a plain one
+    legacy = small_hf(tmp_path / "legacy")
+    config = json.loads((legacy / "config.json").read_text())
+    config["rope_scaling"] = {"type": "linear", "factor": 4.0}
+    (legacy / "config.json").write_text(json.dumps(config))
+    assert "rope_parameters.rope_type='linear' is not supported" in \
+        from_hf_error(capsys, legacy, out)
+
     assert "model.hidden_size" in from_hf_error(
         capsys, small_hf(tmp_path / "ok"), out, "model.hidden_size=32"
     )
