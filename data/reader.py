@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -46,14 +47,14 @@ class _CountingReader:
 
     def __init__(self, stream, digest=None) -> None:
         self._stream = stream
-        self._digest = digest
+        self.digest = digest
         self.num_bytes = 0
 
     def read(self, size: int = -1) -> bytes:
         data = self._stream.read(size)
         self.num_bytes += len(data)
-        if self._digest is not None:
-            self._digest.update(data)
+        if self.digest is not None:
+            self.digest.update(data)
         return data
 
     def close(self) -> None:
@@ -85,8 +86,11 @@ def is_tokens_member(name: str) -> bool:
     return suffix is not None and suffix.lower() == TOKENS_EXT
 
 
-def iter_members(stream: _CountingReader, where: str) -> Iterator[Member | BadSamples]:
-    """The `.tokens` members of a tar stream, and notes (count 0) about damage found."""
+def iter_members(stream: _CountingReader, where: str, max_member_bytes: int | None = None
+                 ) -> Iterator[Member | BadSamples]:
+    """The `.tokens` members of a tar stream, and notes (count 0) about damage found. A member
+    whose header declares more than `max_member_bytes` is skipped (counted) before a byte of it
+    is decompressed into memory: a small gzip shard can hold a member of gigabytes."""
     try:
         tar = tarfile.open(fileobj=stream, mode="r|*", ignore_zeros=True)  # noqa: SIM115
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
@@ -108,6 +112,12 @@ def iter_members(stream: _CountingReader, where: str) -> Iterator[Member | BadSa
             if not info.isreg() or not is_tokens_member(info.name):
                 continue
             current = info.name
+            if max_member_bytes is not None and info.size > max_member_bytes:
+                yield BadSamples(1, f"{where}: member {info.name} declares {info.size} bytes, "
+                                    f"more than the {max_member_bytes} bytes of tokens the "
+                                    f"manifest lists for the whole shard; skipped unread")
+                last = current
+                continue
             payload = tar.extractfile(info).read()
             tar.members = []  # stream mode: keep memory flat
             yield Member(info.name, payload)
@@ -134,36 +144,72 @@ def check_payload(payload: bytes, dtype: str, vocab_size: int) -> str | None:
 def read_shard(shard: ResolvedShard) -> Iterator[np.ndarray | BadSamples]:
     """The token arrays of a shard's good samples in order, and `BadSamples` events.
 
-    The last event, if the shard is damaged, carries the EOS filler count that brings the shard
-    to its manifest token count. An undamaged shard that disagrees with its manifest is an error.
+    The shard is read whole first (one read, hashed as it comes) and checked against its
+    manifest's sha256. A shard whose hash differs shows damage (corrupt or truncated tar data,
+    bad samples: what parses is kept, as below), or else it is not the file that was prepared
+    (replaced or altered): then all its samples are skipped. The last event, if the shard is
+    damaged, carries the EOS filler count that brings the shard to its manifest token count. An
+    undamaged shard whose hash matches but that disagrees with its manifest is an error.
     """
-    stream = _CountingReader(open_shard(shard.path))
-    num_good = num_bad = good_tokens = 0
-    damaged = False
+    data, sha256, closed_badly = _read_whole(shard)
+    if shard.sha256 is None or sha256 == shard.sha256:
+        yield from _parse(shard, data, closed_badly)
+        return
     try:
-        for item in iter_members(stream, shard.path):
-            if isinstance(item, BadSamples):
-                damaged = True
-                yield item
-                continue
-            problem = check_payload(item.payload, shard.dtype, shard.vocab_size)
-            if problem is not None:
-                num_bad += 1
-                yield BadSamples(1, f"{shard.path}: member {item.name}: {problem}; skipped")
-                continue
-            tokens = decode_tokens(item.payload, shard.dtype)
-            num_good += 1
-            good_tokens += len(tokens)
-            if good_tokens > shard.num_tokens:
-                raise _changed(shard, f"more than {shard.num_tokens} tokens")
-            yield tokens
+        items = list(_parse(shard, data, closed_badly))
+    except DataError:  # holds other counts than its manifest: not the prepared file either
+        items = []
+    if any(isinstance(item, BadSamples) and (item.count or item.message) for item in items):
+        yield from items  # the damage found explains the hash
+        return
+    yield BadSamples(
+        shard.num_samples,
+        f"{shard.path}: sha256 differs from its manifest and no damage explains it (the file "
+        f"was replaced or altered after `tessera prepare`); all {shard.num_samples} samples "
+        f"skipped",
+        shard.num_tokens,
+    )
+
+
+def _read_whole(shard: ResolvedShard) -> tuple[bytes, str, bool]:
+    """The shard's bytes, their sha256, and whether closing the stream failed (a `pipe:`
+    command that exited with an error after writing some output)."""
+    stream = hashing_reader(open_shard(shard.path))[0]
+    closed_badly = False
+    try:
+        data = stream.read()
     finally:
         try:
             stream.close()
         except Exception as e:  # a pipe: command that failed
             if stream.num_bytes == 0:
                 raise DataError(f"{shard.path}: shard is missing ({_first_line(e)})") from e
+            closed_badly = True
+    return data, stream.digest.hexdigest(), closed_badly
+
+
+def _parse(shard: ResolvedShard, data: bytes, damaged: bool) -> Iterator[np.ndarray | BadSamples]:
+    """The samples of a shard's bytes, with the counts checked against its manifest."""
+    stream = _CountingReader(io.BytesIO(data))
+    max_member_bytes = shard.num_tokens * np.dtype(shard.dtype).itemsize
+    num_good = num_bad = good_tokens = 0
+    for item in iter_members(stream, shard.path, max_member_bytes):
+        if isinstance(item, BadSamples):
             damaged = True
+            num_bad += item.count
+            yield item
+            continue
+        problem = check_payload(item.payload, shard.dtype, shard.vocab_size)
+        if problem is not None:
+            num_bad += 1
+            yield BadSamples(1, f"{shard.path}: member {item.name}: {problem}; skipped")
+            continue
+        tokens = decode_tokens(item.payload, shard.dtype)
+        num_good += 1
+        good_tokens += len(tokens)
+        if good_tokens > shard.num_tokens:
+            raise _changed(shard, f"more than {shard.num_tokens} tokens")
+        yield tokens
     lost = shard.num_samples - num_good - num_bad
     if lost < 0:
         raise _changed(shard, f"{num_good + num_bad} samples, not {shard.num_samples},")

@@ -54,6 +54,7 @@ class ResolvedShard:
     dtype: str
     vocab_size: int = 2**32
     eos_id: int = 0
+    sha256: str | None = None  # the manifest's; the reader checks each read against it
 
     @property
     def url(self) -> str:
@@ -162,10 +163,11 @@ def _resolved(location: str, info, manifest: Manifest) -> ResolvedShard:
         dtype=manifest.dtype,
         vocab_size=manifest.tokenizer.vocab_size,
         eos_id=manifest.tokenizer.eos_id,
+        sha256=info.sha256,
     )
 
 
-def _read_url(url: str) -> str:
+def _read_url(url: str, what: str = "the manifest") -> str:
     from webdataset.gopen import gopen
 
     try:
@@ -175,9 +177,9 @@ def _read_url(url: str) -> str:
         finally:
             stream.close()
     except Exception as e:  # gopen raises OSError, ValueError or the scheme's own errors
-        raise DataError(f"{url}: cannot read the manifest ({_first_line(e)})") from e
+        raise DataError(f"{url}: cannot read {what} ({_first_line(e)})") from e
     if not data:
-        raise DataError(f"{url}: cannot read the manifest (nothing came back)")
+        raise DataError(f"{url}: cannot read {what} (nothing came back)")
     return data.decode("utf-8", errors="replace")
 
 
@@ -404,6 +406,30 @@ def resolve_data(shards: ShardsSpec | None, sources: Sequence[Any] | None) -> li
             "(or list weighted data.sources)"
         )
     return [Source(name=DEFAULT_SOURCE, weight=1.0, shards=tuple(resolve_shards(shards)))]
+
+
+def prepared_tokenizer(shard: ResolvedShard) -> tuple[TokenizerInfo, str | None]:
+    """The tokenizer `shard` was prepared with: its manifest's description and, for a Hugging
+    Face tokenizer, the text of its tokenizer.json. Read beside the shard, the way the shard is
+    read (a local directory, or the URL or pipe: command of the user's own data.shards), so
+    that a checkpoint can carry it (`generate` and `convert` then never open data paths)."""
+    from tessera.data.tokenizer import HF_TOKENIZER_FILE
+
+    if is_url(shard.path):
+        manifest_url = _sibling_url(shard.path, MANIFEST_NAME)
+        info = parse_manifest(_read_url(manifest_url), manifest_url).tokenizer
+        read = lambda name: _read_url(_sibling_url(shard.path, name), "the tokenizer")  # noqa: E731
+    else:
+        directory = os.path.dirname(shard.path)
+        info = read_manifest(directory).tokenizer
+        read = lambda name: Path(directory, name).read_text()  # noqa: E731
+    if info.kind != "hf":
+        return info, None
+    name = info.file or HF_TOKENIZER_FILE
+    try:
+        return info, read(name)
+    except OSError as e:
+        raise DataError(f"{shard.path}: cannot read the tokenizer {name} beside it ({e})") from e
 
 
 def data_vocab_size(sources: Sequence[Source]) -> int:

@@ -26,6 +26,7 @@ def free_port() -> int:
 def launch_local(nproc_per_node: int, args: list[str], module: bool = True) -> int:
     """Start `nproc_per_node` ranks of `python -m tessera <args>` (or `python <args>` with
     module=False, for a script); returns the exit code."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -49,4 +50,8 @@ def launch_local(nproc_per_node: int, args: list[str], module: bool = True) -> i
         print(f"tessera: rank {rank} failed with exit code {failure.exitcode}; its output is above",
               file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 1
+    except SignalException as e:  # Ctrl-C or a kill of this launcher: the ranks got SIGTERM
+        print(f"tessera: {e.sigval.name} received; the ranks were asked to stop (they save at "
+              f"a step boundary if they reach one in time)", file=sys.stderr)
+        return 128 + int(e.sigval)
     return 0

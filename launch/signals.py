@@ -18,6 +18,12 @@ import torch.distributed as dist
 
 # EX_TEMPFAIL (sysexits.h): stopped early on a signal after saving; running again resumes.
 PREEMPTED_EXIT_CODE = 75
+# Ctrl-C: the shell's 128 + SIGINT. Not a preemption: a Slurm job does not requeue on it.
+INTERRUPTED_EXIT_CODE = 130
+
+
+class Interrupted(Exception):
+    """Ctrl-C stopped the run at a step boundary, after it saved."""
 
 
 def parse_signal(name: str) -> signal.Signals:
@@ -60,7 +66,8 @@ class StopSignal:
         if not flag.item():
             return None
         agreed = signal.Signals(flag.item())
+        code = INTERRUPTED_EXIT_CODE if agreed == signal.SIGINT else PREEMPTED_EXIT_CODE
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"tessera: {agreed.name} received: stopping at this step boundary to save and "
-                  f"exit (exit code {PREEMPTED_EXIT_CODE}; running again resumes)", flush=True)
+                  f"exit (exit code {code}; running again resumes)", flush=True)
         return agreed

@@ -120,18 +120,21 @@ def _train(argv: list[str]) -> int:
     from tessera.data.format import DataError
     from tessera.launch.env import from_slurm, srun_step_tasks
     from tessera.launch.local import inside_distributed_launch, launch_local
-    from tessera.launch.signals import PREEMPTED_EXIT_CODE
+    from tessera.launch.signals import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Interrupted
     from tessera.trainer.checkpoint import CheckpointError
     from tessera.trainer.config import ConfigError, validate
     from tessera.trainer.health import NonFiniteError
+    from tessera.trainer.run_dir import RunLock, check_writable
 
     try:
         cfg = _load("tessera train", argv)
+        check_writable(cfg.run.dir)  # before any process starts
         if not inside_distributed_launch() and srun_step_tasks() > 1:
             from_slurm().export()  # `srun tessera train`: each task is a rank
         nproc = cfg.launch.nproc_per_node
         if nproc > 1 and not inside_distributed_launch():
             validate(cfg, world_size=nproc)  # fail here, before any process starts
+            RunLock(cfg.run.dir).check_free()  # (rank 0 takes the lock for the job's life)
             return launch_local(nproc, ["train", *argv])
         from tessera.trainer.train import train
 
@@ -140,6 +143,13 @@ def _train(argv: list[str]) -> int:
             return PREEMPTED_EXIT_CODE  # stopped on a signal, saved: running again resumes
     except (ConfigError, DataError, CheckpointError, NonFiniteError) as e:
         return _fail("train", e)
+    except Interrupted as e:  # Ctrl-C in the loop: saved at a step boundary
+        print(f"tessera train: {e}", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
+    except KeyboardInterrupt:  # Ctrl-C before the loop (or after it): nothing half-written
+        print("tessera train: interrupted outside the training loop; the last committed "
+              "checkpoint stands", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     return 0
 
 

@@ -5,6 +5,9 @@
         rng/rank-00003.pt               each rank's RNG states
         tessera_state.json              step, consumed samples, data cursor, layout
         config.yaml                     the resolved config of the run that saved it
+        tokenizer/info.json             the tokenizer of the training data (kind, vocabulary, EOS)
+        tokenizer/tokenizer.json        and its file, for a Hugging Face tokenizer: `generate`
+                                        and `convert` read these, never the run's data paths
         manifest.json                   written last: every file with its size and sha256, the
                                         step, layout, model, config hash and Tessera version
     checkpoints/latest                  the committed tag, replaced atomically
@@ -42,6 +45,7 @@ import os
 import random
 import re
 import shutil
+import stat
 import sys
 import threading
 import time
@@ -54,10 +58,17 @@ import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
 from tessera import __version__
+from tessera.data.format import TokenizerInfo
+from tessera.data.tokenizer import HF_TOKENIZER_FILE
+
+# A tokenizer as a checkpoint carries it: its description, and its tokenizer.json text (hf kind).
+CarriedTokenizer = tuple[TokenizerInfo, str | None]
 
 MANIFEST_FILE = "manifest.json"
 STATE_FILE = "tessera_state.json"
 CONFIG_FILE = "config.yaml"
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_INFO = f"{TOKENIZER_DIR}/info.json"
 LATEST_FILE = "latest"
 FORMAT = "tessera-checkpoint"
 FORMAT_VERSION = 1
@@ -75,6 +86,7 @@ ARCHITECTURE_FIELDS = (
 # Test hook only: seconds to sleep at each step of a save, so that a test can kill a job inside it.
 DELAY_ENV = "TESSERA_TEST_CHECKPOINT_DELAY_S"
 _TAG_RE = re.compile(r"^step-(\d+)$")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 WRITEBACK_BYTES = 32 << 20
 READ_CHUNK_BYTES = 16 << 20
 
@@ -341,6 +353,7 @@ class TesseraCheckpointEngine(CheckpointEngine):
         self._records: list[concurrent.futures.Future | FileRecord] = []
         self.pending: concurrent.futures.Future | None = None  # the async save not yet committed
         self._last_load: tuple | None = None
+        self.tokenizer: CarriedTokenizer | None = None  # saved into every checkpoint (`install`)
 
     # DeepSpeed's interface
     def create(self, info) -> None:
@@ -428,10 +441,13 @@ class TesseraCheckpointEngine(CheckpointEngine):
             pending.result()
 
 
-def install(engine, cfg) -> TesseraCheckpointEngine:
-    """Collective: give `engine` our checkpoint engine (every rank, once, after building it)."""
+def install(engine, cfg, tokenizer: CarriedTokenizer | None = None) -> TesseraCheckpointEngine:
+    """Collective: give `engine` our checkpoint engine (every rank, once, after building it);
+    every checkpoint it saves carries `tokenizer` (None: a run that has none, from-hf without
+    one)."""
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=30))
     ours = TesseraCheckpointEngine(cfg.checkpoint.async_save, group)
+    ours.tokenizer = tokenizer
     engine.checkpoint_engine = ours
     return ours
 
@@ -510,11 +526,50 @@ def save(engine, root: str | Path, step: int, state: dict, cfg) -> Path:
     if rank == 0:
         ours.save_text(json.dumps(state, indent=2), tmp / STATE_FILE)
         ours.save_text(to_yaml(cfg), tmp / CONFIG_FILE)
+        if ours.tokenizer is not None:
+            _save_tokenizer(ours, tmp, ours.tokenizer)
     keep = (cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
     ours.finish(lambda records: _commit_all(ours.commit_group, records, tmp, final, base, keep))
     if not ours.async_write:
         dist.barrier()
     return final
+
+
+def _save_tokenizer(ours: TesseraCheckpointEngine, tmp: Path, tokenizer: CarriedTokenizer
+                    ) -> None:
+    info, text = tokenizer
+    info = dataclasses.replace(info, file=HF_TOKENIZER_FILE if text is not None else None)
+    ours.save_text(json.dumps(dataclasses.asdict(info), indent=2), tmp / TOKENIZER_INFO)
+    if text is not None:
+        ours.save_text(text, tmp / TOKENIZER_DIR / HF_TOKENIZER_FILE)
+
+
+def carried_tokenizer(directory: str | Path) -> CarriedTokenizer | None:
+    """The tokenizer a committed checkpoint carries, its files checked against the manifest;
+    None for a checkpoint saved without one."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if TOKENIZER_INFO not in manifest["files"]:
+        return None
+    files = [TOKENIZER_INFO]
+    try:
+        info = TokenizerInfo(**json.loads((directory / TOKENIZER_INFO).read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{directory / TOKENIZER_INFO}: unreadable ({e})") from e
+    if info.kind not in ("bytes", "hf"):
+        raise CheckpointError(f"{directory / TOKENIZER_INFO}: unknown tokenizer kind {info.kind!r}")
+    # The file is always ours, whatever info.json names: nothing outside the checkpoint is read.
+    info = dataclasses.replace(info, file=HF_TOKENIZER_FILE if info.kind == "hf" else None)
+    if info.kind == "hf":
+        files.append(f"{TOKENIZER_DIR}/{HF_TOKENIZER_FILE}")
+    for relative in files:
+        entry = manifest["files"].get(relative)
+        problem = "not listed in the manifest" if entry is None else \
+            check_file(directory, relative, entry, checksum=True)
+        if problem:
+            raise CheckpointError(problem if entry else f"{directory / relative}: {problem}")
+    text = (directory / files[1]).read_text() if len(files) > 1 else None
+    return info, text
 
 
 def _commit_all(
@@ -576,6 +631,9 @@ def commit(tmp: Path, final: Path, base: dict, records: list[FileRecord]) -> Non
     write_text_file(json.dumps(manifest, indent=1), tmp / MANIFEST_FILE)
     _fsync_dir(tmp)
     _fault_point()
+    if final.is_symlink():
+        raise CheckpointError(f"{final} is a link, not a checkpoint of this run: cannot save "
+                              f"step {base['step']} over it; move the link away")
     if final.exists():  # the same step saved again (a rerun after a crash): replace it
         _delete_checkpoint(final)
     os.replace(tmp, final)
@@ -590,6 +648,10 @@ def wait(engine) -> None:
 
 
 def _delete_checkpoint(directory: Path) -> None:
+    """Delete a checkpoint of ours: never through a link (its target is not ours to delete)."""
+    if directory.is_symlink():
+        warn(f"{directory} is a link; retention leaves it (and what it points to) alone")
+        return
     manifest = directory / MANIFEST_FILE
     if manifest.exists():
         manifest.unlink()  # no longer a valid checkpoint before any of its files goes
@@ -598,11 +660,14 @@ def _delete_checkpoint(directory: Path) -> None:
 
 
 def committed_steps(root: str | Path) -> list[int]:
-    """Steps of the directories with a manifest (committed), ascending; not verified."""
+    """Steps of the directories with a manifest (committed), ascending; not verified. A step
+    directory that is a link is not among them: resume, fallback and retention stay inside
+    checkpoints/ (a link can still be loaded by naming it, e.g. checkpoint.load_from)."""
     root = Path(root)
     if not root.is_dir():
         return []
-    steps = [step_of(p.name) for p in root.iterdir() if (p / MANIFEST_FILE).is_file()]
+    steps = [step_of(p.name) for p in root.iterdir()
+             if not p.is_symlink() and (p / MANIFEST_FILE).is_file()]
     return sorted(s for s in steps if s is not None)
 
 
@@ -627,6 +692,8 @@ def remove_uncommitted(root: Path) -> None:
     """Rank 0, before a save: leftovers of saves that never committed (`*.tmp`) and directories
     whose deletion was cut short (no manifest)."""
     for path in root.iterdir():
+        if path.is_symlink():  # not ours: never deleted through
+            continue
         name = path.name
         uncommitted = name.endswith(TMP_SUFFIX) and step_of(name[: -len(TMP_SUFFIX)]) is not None
         half_deleted = step_of(name) is not None and not (path / MANIFEST_FILE).exists()
@@ -666,6 +733,10 @@ def read_manifest(directory: str | Path) -> dict:
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise CheckpointError(f"{path}: lists no files")
+    for name, entry in files.items():
+        problem = _entry_problem(name, entry)
+        if problem:
+            raise CheckpointError(f"{path}: file entry {name!r} {problem}")
     expected_step = step_of(Path(directory).name)
     if expected_step is not None and manifest.get("step") != expected_step:
         raise CheckpointError(
@@ -674,13 +745,34 @@ def read_manifest(directory: str | Path) -> dict:
     return manifest
 
 
+def _entry_problem(name: str, entry) -> str | None:
+    """What is wrong with a manifest's file entry: the name must be a plain relative path inside
+    the checkpoint (no `..`, no absolute or empty parts), the size a count, the hash 64 hex."""
+    parts = name.split("/")
+    if name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts):
+        return "is not a plain relative path inside the checkpoint"
+    if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) \
+            or isinstance(entry.get("bytes"), bool) or entry["bytes"] < 0:
+        return "has no byte count"
+    if not isinstance(entry.get("sha256"), str) or not _SHA256_RE.fullmatch(entry["sha256"]):
+        return "has no sha256"
+    return None
+
+
 def check_file(directory: Path, relative: str, entry: dict, checksum: bool) -> str | None:
-    """None if the file matches its manifest entry, else what is wrong (naming the file)."""
+    """None if the file matches its manifest entry, else what is wrong (naming the file). Only a
+    regular file inside `directory` matches: no link, device or fifo (a hash of /dev/zero
+    never ends); the size is compared before any byte is hashed."""
     path = directory / relative
     try:
-        size = path.stat().st_size
+        info = path.lstat()
     except OSError:
         return f"{path}: missing"
+    if not stat.S_ISREG(info.st_mode):
+        return f"{path}: not a regular file (a link, directory or device)"
+    if not path.resolve().is_relative_to(directory.resolve()):
+        return f"{path}: lies outside the checkpoint (through a linked directory)"
+    size = info.st_size
     if size != entry["bytes"]:
         return f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated or rewritten)"
     if checksum and file_sha256(path) != entry["sha256"]:

@@ -125,9 +125,10 @@ def to_hf(
 # Checkpoints written by engines at the target layout (every rank runs these)
 
 
-def _write_checkpoint(cfg: Config, fill: Callable, step: int, state: dict) -> Path:
+def _write_checkpoint(cfg: Config, fill: Callable, step: int, state: dict,
+                      tokenizer: checkpoint.CarriedTokenizer | None) -> Path:
     """Collective: an engine at `cfg`'s layout, filled by `fill(engine)`, saved as
-    run.dir/checkpoints/step-N with `state` (train state, data cursor) beside it."""
+    run.dir/checkpoints/step-N with `state` (train state, data cursor) and `tokenizer`."""
     from tessera.parallel.topology import destroy_distributed, init_distributed
     from tessera.trainer.config import validate_layout
     from tessera.trainer.train import build_training_engine
@@ -141,7 +142,7 @@ def _write_checkpoint(cfg: Config, fill: Callable, step: int, state: dict) -> Pa
     try:
         engine, _, _ = build_training_engine(cfg, topo)
         fill(engine)
-        checkpoint.install(engine, cfg)
+        checkpoint.install(engine, cfg, tokenizer)
         run_dir = Path(cfg.run.dir)
         layout = {
             "tp": topo.tp,
@@ -176,7 +177,8 @@ def reshard(ckpt: str | Path, cfg: Config, verify: bool = True) -> Path:
         restore_schedule(engine, counters["lr_scheduler"], counters)
 
     state = {k: v for k, v in reader.state.items() if k != "layout"}
-    return _write_checkpoint(cfg, fill, reader.manifest["step"], state)
+    tokenizer = checkpoint.carried_tokenizer(reader.directory)
+    return _write_checkpoint(cfg, fill, reader.manifest["step"], state, tokenizer)
 
 
 def from_hf(hf_dir: str | Path, cfg: Config, allow_pickle: bool = False) -> Path:
@@ -188,7 +190,8 @@ def from_hf(hf_dir: str | Path, cfg: Config, allow_pickle: bool = False) -> Path
     source.check(canonical_shapes(cfg.model))
     state = {"train": dataclasses.asdict(TrainState())}
     return _write_checkpoint(
-        cfg, lambda engine: fill_engine(engine, lambda n, _: source.tensor(n), None), 0, state
+        cfg, lambda engine: fill_engine(engine, lambda n, _: source.tensor(n), None), 0, state,
+        source.tokenizer(),
     )
 
 
@@ -217,9 +220,34 @@ def reshard_config(reader: CheckpointReader, out: Path, overrides: list[str]) ->
             )
     cfg = load_config(reader.directory / checkpoint.CONFIG_FILE, [*overrides, f"run.dir={out}"])
     cfg.checkpoint.load_from = None  # the new run resumes from its own checkpoint
+    for key in drop_data_commands(cfg):
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"tessera convert reshard: {key} of the checkpoint's config is a URL or pipe: "
+                  f"command; it is not copied (a checkpoint does not choose what runs): give "
+                  f"{key}=... to tessera train")
     _default_world(cfg, overrides)
     validate(cfg, world_size=None)
     return cfg
+
+
+def drop_data_commands(cfg: Config) -> list[str]:
+    """Set to null the data keys that name a URL or a pipe: command (which runs a shell
+    command), as a config read from a checkpoint holds them; returns the keys dropped."""
+    from tessera.data.sources import is_url
+
+    def commands(spec) -> bool:
+        if isinstance(spec, str):
+            return is_url(spec)
+        if isinstance(spec, dict):
+            return commands(spec.get("shards"))
+        return isinstance(spec, list) and any(commands(item) for item in spec)
+
+    dropped = []
+    for key in ("shards", "sources", "valid_shards"):
+        if commands(getattr(cfg.data, key)):
+            setattr(cfg.data, key, None)
+            dropped.append(f"data.{key}")
+    return dropped
 
 
 def from_hf_config(source: hf.HFCheckpoint, out: Path, overrides: list[str]) -> Config:

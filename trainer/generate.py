@@ -1,15 +1,17 @@
 """`tessera generate CKPT_DIR --prompt TEXT`: text from a checkpoint, to see what the model learned.
 
-One process, whatever layout saved the checkpoint: its full tensors (`canonical_reader.load_canonical_state`) go into a
-tp = 1 model, which continues the prompt token by token (greedy at temperature 0, else sampling
-from the top-k tokens), decoded with the run's tokenizer (the one its training data was prepared
-with, found through the checkpoint's config.yaml; `--tokenizer` names another).
+One process, whatever layout saved the checkpoint: its full tensors
+(`canonical_reader.load_canonical_state`) go into a tp = 1 model, which continues the prompt token
+by token (greedy at temperature 0, else sampling from the top-k tokens), decoded with the run's
+tokenizer (the one its training data was prepared with, which every checkpoint carries;
+`--tokenizer` names another).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from tessera.data.format import DataError, read_manifest
 from tessera.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 from tessera.trainer import checkpoint
 from tessera.trainer.checkpoint import CheckpointError
-from tessera.trainer.config import ConfigError, ModelConfig, load_config
+from tessera.trainer.config import ConfigError, ModelConfig
 
 USAGE = (
     "tessera generate CKPT_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] "
@@ -35,31 +37,23 @@ class Sampling:
 
 
 def tokenizer_for(step_dir: Path, override: str | None = None) -> Tokenizer:
-    """`override` (a prepared data directory or a tokenizer.json), else the tokenizer of the data
-    the run trained on (data.shards, or the first of data.sources, in the checkpoint's config)."""
+    """`override` (a prepared data directory or a tokenizer.json, from the user's command line),
+    else the tokenizer the checkpoint carries. Nothing the checkpoint's config names (its data
+    paths, which may be `pipe:` commands) is ever opened."""
     if override is not None:
         path = Path(override)
         if path.is_dir():
             return load_tokenizer(read_manifest(path).tokenizer, path)
         return HFTokenizer.from_file(path)
-    cfg = load_config(step_dir / checkpoint.CONFIG_FILE)
-    spec = (
-        cfg.data.shards
-        if cfg.data.shards is not None
-        else (cfg.data.sources or [{}])[0].get("shards")
-    )
-    first = spec if isinstance(spec, str) else (spec or [None])[0]
-    try:
-        from tessera.data.sources import resolve_shards
-
-        shard = Path(resolve_shards(first)[0].path)
-    except (DataError, TypeError) as e:
+    carried = checkpoint.carried_tokenizer(step_dir)
+    if carried is None:
         raise DataError(
-            f"cannot find the run's tokenizer through data.shards={first!r} of "
-            f"{step_dir / checkpoint.CONFIG_FILE} ({e}); pass --tokenizer with the "
-            f"prepared data directory or its tokenizer.json"
-        ) from None
-    return load_tokenizer(read_manifest(shard.parent).tokenizer, shard.parent)
+            f"{step_dir}: the checkpoint carries no tokenizer (saved by an older Tessera, or "
+            f"imported without one); pass --tokenizer with the prepared data directory or its "
+            f"tokenizer.json"
+        )
+    info, _ = carried
+    return load_tokenizer(info, step_dir / checkpoint.TOKENIZER_DIR)
 
 
 def find_step_dir(path: str | Path) -> Path:
@@ -185,9 +179,10 @@ def generate_command(argv: list[str]) -> int:
         if value < 0:
             print(f"tessera generate: error: {name} must be >= 0, got {value}", file=sys.stderr)
             return 2
-    if args.temperature < 0:
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
         print(
-            f"tessera generate: error: --temperature must be >= 0, got {args.temperature}",
+            f"tessera generate: error: --temperature must be a number >= 0, got "
+            f"{args.temperature}",
             file=sys.stderr,
         )
         return 2

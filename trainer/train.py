@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -14,8 +16,8 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from megatron.core import parallel_state
 
 from tessera.data.loader import Source, TrainLoader, choose_num_streams, resolve_data
-from tessera.data.sources import data_vocab_size
-from tessera.launch.signals import StopSignal
+from tessera.data.sources import data_vocab_size, prepared_tokenizer
+from tessera.launch.signals import Interrupted, StopSignal
 from tessera.parallel import engine as ds_engine
 from tessera.parallel.topology import Topology, destroy_distributed, env_world, init_distributed
 from tessera.trainer import checkpoint
@@ -23,6 +25,7 @@ from tessera.trainer.config import Config, ConfigError, save_config, validate, v
 from tessera.trainer.evaluate import resolve_valid
 from tessera.trainer.metrics import tag_warnings_with_rank
 from tessera.trainer.monitor import TrainMonitor
+from tessera.trainer.run_dir import check_writable, run_lock
 from tessera.parallel.pipeline import build_pipeline
 from tessera.trainer.model import (
     build_model,
@@ -71,11 +74,17 @@ def train(cfg: Config) -> TrainState:
         resolve_valid(cfg.data.valid_shards, shards)  # a bad path fails now, not after the build
     owns_process_group = not dist.is_initialized()
     world_size = dist.get_world_size() if dist.is_initialized() else env_world()[1]
-    validate_layout(cfg, world_size)  # one line for a torchrun/srun rank count that does not fit
+    # one line for a torchrun/srun rank count that does not fit, naming the key that sets it
+    under_srun = "SLURM_STEP_NUM_TASKS" in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ
+    ranks_from = ("slurm.tasks_per_node x slurm.nodes" if under_srun
+                  else "launch.nproc_per_node x nodes")
+    validate_layout(cfg, world_size, ranks_from)
+    check_writable(cfg.run.dir)
     topo = init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.launch.backend)
     try:
         validate_layout(cfg, topo.world_size)
-        return _train(cfg, topo, shards)
+        with run_lock(cfg.run.dir, topo.rank):  # one job per run directory
+            return _train(cfg, topo, shards)
     finally:
         destroy_distributed(process_group_too=owns_process_group)
 
@@ -84,8 +93,6 @@ def _train(cfg: Config, topo: Topology, shards: list[Source]) -> TrainState:
     run_dir = Path(cfg.run.dir)
     ckpt_root = run_dir / "checkpoints"
     if topo.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
         print(f"tessera: {topo.describe()}  run.dir={run_dir}", flush=True)
     tag_warnings_with_rank(topo.rank, topo.world_size)  # warnings of rank r say "[rank r]"
     _seed_everything(cfg.run.seed)
@@ -93,7 +100,10 @@ def _train(cfg: Config, topo: Topology, shards: list[Source]) -> TrainState:
     engine, scheduler, clipper = build_training_engine(cfg, topo)
 
     state = TrainState()
-    checkpoint.install(engine, cfg)
+    # Every checkpoint carries the data's tokenizer (rank 0 writes it): generate and convert
+    # read it there and never open a data path a checkpoint's config names.
+    tokenizer = prepared_tokenizer(shards[0].shards[0]) if topo.rank == 0 else None
+    checkpoint.install(engine, cfg, tokenizer)
     saved = checkpoint.resume(engine, ckpt_root, cfg)  # None: fresh; without "train": weights only
     if saved is not None and "train" in saved:
         state = TrainState(**saved["train"])
@@ -129,17 +139,22 @@ def _train(cfg: Config, topo: Topology, shards: list[Source]) -> TrainState:
     )
     if saved is not None and "data" in saved:
         loader.check_resume(saved["data"])
+    if topo.rank == 0:  # only now: a refused resume leaves the run's config.yaml as it was
+        save_config(cfg, run_dir / "config.yaml")
 
     monitor = TrainMonitor(cfg, topo, engine, loader, shards, start_step=state.step)
     try:
-        # Slurm's warning signal and SIGTERM stop the loop at a step boundary, saved
-        with StopSignal([cfg.slurm.signal, "TERM"]) as stop:
-            _loop(cfg, topo, engine, clipper, loader, state, monitor, ckpt_root, stop)
-        checkpoint.wait(engine)  # an asynchronous save still writing commits before the end
+        # Slurm's warning signal, SIGTERM and Ctrl-C stop the loop at a step boundary, saved
+        with StopSignal([cfg.slurm.signal, "TERM", "INT"]) as stop:
+            stopped_by = _loop(cfg, topo, engine, clipper, loader, state, monitor, ckpt_root, stop)
+            checkpoint.wait(engine)  # an asynchronous save still writing commits before the end
     finally:
         monitor.close()
     if topo.rank == 0:
         print(run_summary(cfg, state), flush=True)
+    if stopped_by == signal.SIGINT:
+        raise Interrupted(f"interrupted (Ctrl-C) and saved at step {state.step}; the same "
+                          f"command resumes")
     return state
 
 
@@ -161,11 +176,14 @@ def run_summary(cfg: Config, state: TrainState) -> str:
 
 
 def _loop(cfg, topo, engine, clipper, loader, state: TrainState, monitor: TrainMonitor,
-          ckpt_root: Path, stop: StopSignal) -> None:
+          ckpt_root: Path, stop: StopSignal) -> signal.Signals | None:
+    """The steps up to train.steps, or to the signal that stopped them (returned)."""
     steps = loader.steps(engine.device)  # collective: a data error on one rank stops all
     last_saved = state.step
+    stopped_by = None
     while state.step < cfg.train.steps:
-        if stop.agreed(engine.device):  # every rank stops after the same step
+        stopped_by = stop.agreed(engine.device)  # every rank stops after the same step
+        if stopped_by:
             break
         started = time.perf_counter()
         lr = engine.get_lr()[0]
@@ -186,6 +204,7 @@ def _loop(cfg, topo, engine, clipper, loader, state: TrainState, monitor: TrainM
             last_saved = state.step
     if last_saved != state.step:
         _save(engine, ckpt_root, state, loader, cfg)
+    return stopped_by
 
 
 def build_training_engine(cfg: Config, topo: Topology):

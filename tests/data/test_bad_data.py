@@ -6,6 +6,7 @@ row, stops the run with one clear error, on every rank."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import tarfile
@@ -203,6 +204,92 @@ def test_samples_of_wrong_dtype_or_shape_are_skipped(tmp_path, caplog):
         skipped=3,
         extra=bad,
     )
+
+
+def test_a_shard_whose_sha256_differs_without_visible_damage_is_skipped_whole(tmp_path, caplog):
+    """A lying checksum (or a shard swapped for another valid one): every sample of it is
+    skipped, counted and replaced by EOS; the other shards are read as they are."""
+    shards = [docs_for(1), docs_for(2), docs_for(3), docs_for(4)]
+    write_damaged(tmp_path, shards, {})
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["shards"][1]["sha256"] = "0" * 64
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    total = sum(len(d) for docs in shards for d in docs)
+    caplog.set_level(logging.WARNING, logger="tessera.data")
+    got, num_skipped = stream_tokens(tmp_path, total - total % 9)
+    np.testing.assert_array_equal(got, expected_stream(shards, {1: set(range(6))})[: len(got)])
+    assert num_skipped == 6
+    assert "shard-000001.tar: sha256 differs from its manifest and no damage explains it" in \
+        caplog.text
+
+
+def test_a_member_larger_than_its_shard_is_skipped_unread(tmp_path, caplog):
+    """A member whose header declares more bytes than the manifest lists for the whole shard
+    (a gzip bomb's shape) is skipped before it is decompressed into memory."""
+    huge = {2: [("000000006.tokens", bytes(20_000))]}  # 10,000 tokens; the shard lists ~100
+    check_case(
+        tmp_path, caplog, {}, {},
+        ["shard-000002.tar: member 000000006.tokens declares 20000 bytes, more than the"],
+        skipped=1, extra=huge,
+    )
+
+
+class _Zeros(io.RawIOBase):
+    """`size` zero bytes, made as they are read (a member of gigabytes costs no memory)."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        count = min(len(buffer), self.left)
+        buffer[:count] = bytes(count)
+        self.left -= count
+        return count
+
+
+def write_gzip_bomb(directory: Path, member_bytes: int) -> None:
+    """One gzip shard of a few MB holding one member of `member_bytes` zeros; its manifest (of
+    the attacker's making) lists it with its true sha256 and 100 tokens."""
+    directory.mkdir(parents=True)
+    path = directory / "shard-000000.tar"
+    with tarfile.open(path, "w:gz", compresslevel=1) as tar:
+        info = tarfile.TarInfo("000000000.tokens")
+        info.size = member_bytes
+        tar.addfile(info, io.BufferedReader(_Zeros(member_bytes)))
+    shard = ShardInfo(path.name, 100, 1, hashlib.sha256(path.read_bytes()).hexdigest())
+    tokenizer = TokenizerInfo(kind="bytes", vocab_size=VOCAB_SIZE, eos_id=EOS_ID)
+    write_manifest(directory, Manifest(tokenizer, "uint16", (shard,)))
+
+
+PEAK_RSS_AFTER_READING = """
+import resource, sys
+from tessera.data.reader import read_shard
+from tessera.data.sources import resolve_shards
+for shard in resolve_shards(sys.argv[1]):
+    for item in read_shard(shard):
+        pass
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_a_gzip_bomb_does_not_raise_memory(tmp_path):
+    """512 MiB of zeros in a 0.5 MB shard: reading it peaks below twice what a normal shard
+    costs the same process (reading the member whole took 3.4 GB for a 1.5 GB member)."""
+    import subprocess
+    import sys
+
+    write_gzip_bomb(tmp_path / "bomb", 512 * 2**20)
+    make_data(tmp_path / "normal", num_shards=1)
+    peaks = {}
+    for name in ("normal", "bomb"):
+        done = subprocess.run([sys.executable, "-c", PEAK_RSS_AFTER_READING, str(tmp_path / name)],
+                              capture_output=True, text=True, check=True)
+        peaks[name] = int(done.stdout.split()[-1])
+    assert (tmp_path / "bomb" / "shard-000000.tar").stat().st_size < 2**20 * 4
+    assert peaks["bomb"] < 2 * peaks["normal"], peaks
 
 
 def test_a_shard_listed_empty_in_its_manifest_is_skipped(tmp_path, caplog):

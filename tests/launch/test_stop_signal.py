@@ -10,10 +10,11 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from multiproc import run_ranks
 from training import losses, read_metrics, tiny_config
 
-from tessera.launch.signals import PREEMPTED_EXIT_CODE
+from tessera.launch.signals import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 from tessera.trainer import checkpoint
 
 
@@ -60,7 +61,12 @@ def test_usr2_on_one_rank_stops_all_at_one_step_and_resume_is_exact(tmp_path, by
     assert losses(rows) == losses(read_metrics(tmp_path / "straight"))  # bitwise
 
 
-def test_sigterm_makes_tessera_train_save_and_exit_75(tmp_path, byte_shards):
+@pytest.mark.parametrize("sig, code, line", [
+    (signal.SIGTERM, PREEMPTED_EXIT_CODE, "SIGTERM received"),
+    # Ctrl-C: the same save at a step boundary, then one line and the shell's 130 (no requeue)
+    (signal.SIGINT, INTERRUPTED_EXIT_CODE, "interrupted (Ctrl-C) and saved at step"),
+], ids=["sigterm", "ctrl-c"])
+def test_a_signal_makes_tessera_train_save_and_exit(tmp_path, byte_shards, sig, code, line):
     cfg_args = [f"{k}={v}" for k, v in {
         "run.dir": tmp_path / "run", "run.seed": 3, "data.shards": byte_shards, "data.streams": 2,
         "model.hidden_size": 64, "model.num_layers": 2, "model.num_heads": 4,
@@ -79,14 +85,14 @@ def test_sigterm_makes_tessera_train_save_and_exit_75(tmp_path, byte_shards):
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "no steps logged in 300 s"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
     output = log.read_text()
-    assert proc.returncode == PREEMPTED_EXIT_CODE, output
-    assert "SIGTERM received" in output
+    assert proc.returncode == code, output
+    assert line in output and "Traceback" not in output, output
     last_step = read_metrics(tmp_path / "run")[-1]["step"]
     assert last_step < 200
     assert checkpoint.latest_tag(tmp_path / "run" / "checkpoints") == checkpoint.tag_for(last_step)
