@@ -191,7 +191,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     args = parser.parse_args()
-    from tessera.cli import quiet_dependencies
+    from tessera.launch.env import quiet_dependencies
 
     quiet_dependencies()
     base = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir))

@@ -20,7 +20,7 @@ from typing import Any
 def launch_ranks(script: str, nproc: int, body_args: list[str]) -> list[Any]:
     """Run `python script --rank-body OUT_DIR *body_args` on `nproc` ranks; returns each rank's
     JSON result (rank order). Raises SystemExit with the launcher's code if a rank failed."""
-    from tessera.cli import quiet_dependencies
+    from tessera.launch.env import quiet_dependencies
     from tessera.launch.local import launch_local
 
     quiet_dependencies()

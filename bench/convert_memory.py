@@ -32,11 +32,11 @@ def anon_rss_bytes() -> int:
 
 def measure(ckpt: str, out: str, max_shard: str, tokenizer: str) -> None:
     """In a fresh process: peak anonymous memory of to_hf above the baseline after imports."""
-    from tessera.cli import quiet_dependencies
+    from tessera.launch.env import quiet_dependencies
 
     quiet_dependencies()
     import transformers  # noqa: F401 - imported before the baseline, as to_hf imports it
-    from tessera.trainer import hf
+    from tessera.trainer.convert import hf
     from tessera.trainer.convert import to_hf
 
     baseline, peak, done = anon_rss_bytes(), [0], threading.Event()
@@ -85,7 +85,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         total, largest = random_llama(root / "hf", args.hidden, args.layers)
-        from tessera.trainer import hf
+        from tessera.trainer.convert import hf
 
         (root / "tokenizer.json").write_text(hf.byte_tokenizer_json())
         subprocess.run(

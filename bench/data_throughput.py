@@ -178,7 +178,7 @@ def demo_model_speed(data: Path, run_dir: Path, steps: int) -> float:
     from tessera.trainer.config import load_config
     from tessera.trainer.train import train
 
-    from tessera.cli import quiet_dependencies
+    from tessera.launch.env import quiet_dependencies
 
     quiet_dependencies()
     cfg = load_config(

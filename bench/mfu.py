@@ -237,7 +237,7 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
     args = parser.parse_args()
 
-    from tessera.cli import quiet_dependencies
+    from tessera.launch.env import quiet_dependencies
     from tessera.trainer.config import ConfigError, load_config, validate
 
     quiet_dependencies()

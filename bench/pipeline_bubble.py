@@ -171,7 +171,7 @@ def main() -> int:
         rank_main(mode, int(p), args.steps, Path(out))
         return 0
 
-    from tessera.cli import quiet_dependencies
+    from tessera.launch.env import quiet_dependencies
     from tessera.launch.local import launch_local
 
     quiet_dependencies()

@@ -25,7 +25,7 @@ def rank_main(out_dir: str, options: dict) -> None:
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
-    from tessera.cli import quiet_dependencies
+    from tessera.launch.env import quiet_dependencies
     from tessera.parallel.topology import destroy_distributed, init_distributed
 
     quiet_dependencies()

@@ -117,7 +117,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8, help="timed steps after the first")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
-    from tessera.cli import quiet_dependencies
+    from tessera.launch.env import quiet_dependencies
 
     quiet_dependencies()
     figures = {"compile": measure_compile(args.steps), "loss": measure_loss()}

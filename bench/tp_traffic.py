@@ -178,7 +178,7 @@ def rank_main(out_dir: str) -> None:
     import torch
     from megatron.core import parallel_state
 
-    from tessera.cli import quiet_dependencies
+    from tessera.launch.env import quiet_dependencies
     from tessera.parallel.topology import destroy_distributed, init_distributed
     from tessera.trainer.train import build_training_engine, train_step
 

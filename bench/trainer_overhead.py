@@ -179,7 +179,7 @@ def rank_main(out_dir: str, stages: list[int], warmup: int, steps: int, threads:
     import torch
     import torch.distributed as dist
 
-    from tessera.cli import quiet_dependencies
+    from tessera.launch.env import quiet_dependencies
     from tessera.parallel.topology import destroy_distributed, init_distributed
 
     quiet_dependencies()

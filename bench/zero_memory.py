@@ -181,7 +181,7 @@ def measure_step(engine, clipper, batches, micro_batches: int) -> dict:
 def rank_main(out_dir: str) -> None:
     import torch.distributed as dist
 
-    from tessera.cli import quiet_dependencies
+    from tessera.launch.env import quiet_dependencies
     from tessera.parallel.topology import destroy_distributed, init_distributed
     from tessera.trainer.train import build_training_engine, train_step
 

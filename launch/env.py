@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 
 # MASTER_PORT = PORT_BASE + job id mod PORT_SPAN: every node derives the same port, and jobs
 # sharing a first node rarely collide. Below Linux's ephemeral range (32768-60999).
@@ -62,3 +63,15 @@ def from_slurm() -> DistEnv:
 def srun_step_tasks() -> int:
     """How many tasks the current `srun` step started (1 outside Slurm or in a batch shell)."""
     return int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
+
+
+def quiet_dependencies() -> None:
+    """Silence start-up notices of our dependencies that say nothing to a user of Tessera."""
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="megatron")
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        # Naming the accelerator spares DeepSpeed's "Setting accelerator to CPU" warning.
+        os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"

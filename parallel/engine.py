@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -11,8 +12,6 @@ from megatron.core import parallel_state
 from torch import nn
 
 from tessera.parallel.topology import MegatronMPU, Topology
-from tessera.trainer.config import Config
-from tessera.trainer.model import Block
 
 # A step count DeepSpeed never reaches: we print our own metrics lines.
 _NEVER = 10**12
@@ -21,44 +20,56 @@ _NEVER = 10**12
 MAX_BUCKET_ELEMENTS = 50_000_000
 
 
-def gradient_accumulation_steps(cfg: Config, dp: int) -> int:
-    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """What the DeepSpeed engine is built with: the train and parallel sections' batch,
+    clipping, precision and ZeRO settings (tessera.trainer.train makes it from the config)."""
+
+    global_batch_size: int  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int  # sequences per forward/backward on one rank
+    grad_clip: float  # 0: no clipping
+    precision: str  # fp32 | bf16
+    zero_stage: int
+    leaf_module: type | None = None  # ZeRO 3 gathers each instance's parameters at once
+
+    def gradient_accumulation_steps(self, dp: int) -> int:
+        return self.global_batch_size // (self.micro_batch_size * dp)
+
+    def clips_own_gradients(self) -> bool:
+        """Without ZeRO or bf16, DeepSpeed neither records the grad norm nor counts it right
+        across pipeline stages, so we measure and clip ourselves (`GradNormClipper`)."""
+        return self.zero_stage == 0 and self.precision == "fp32"
 
 
-def clips_own_gradients(cfg: Config) -> bool:
-    """Without ZeRO or bf16, DeepSpeed neither records the grad norm nor counts it right across
-    pipeline stages, so we measure and clip ourselves (`GradNormClipper`)."""
-    return cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32"
-
-
-def zero_config(stage: int, bucket_elements: int, overlap_comm: bool = False) -> dict:
+def zero_config(stage: int, bucket_elements: int, overlap_comm: bool = False,
+                leaf_module: type | None = None) -> dict:
     """`overlap_comm`: reduce gradient buckets on a side stream while backward goes on (CUDA,
     dp > 1), into one contiguous buffer; on a CPU there are no streams to overlap with."""
     zero = {"stage": stage, "reduce_bucket_size": bucket_elements}
     if overlap_comm and stage > 0:
         zero.update(overlap_comm=True, contiguous_gradients=True)
-    if stage == 3:
+    if stage == 3 and leaf_module is not None:
         # ZeRO 3 gathers and releases a whole transformer block's parameters at once (as FSDP
         # wraps each block): one fetch and one release per block and pass instead of one per
         # linear layer and norm inside it (six), for the same memory bound of one block.
-        zero["leaf_module"] = {"classes": [f"{Block.__module__}.{Block.__qualname__}"]}
+        zero["leaf_module"] = {"classes": [f"{leaf_module.__module__}.{leaf_module.__qualname__}"]}
     return zero
 
 
-def deepspeed_config(cfg: Config, dp: int, local_params: int = MAX_BUCKET_ELEMENTS,
+def deepspeed_config(options: EngineOptions, dp: int, local_params: int = MAX_BUCKET_ELEMENTS,
                      cuda: bool = False) -> dict:
     """`local_params`: this rank's parameter count (it bounds the gradient bucket); `cuda`:
     the engine runs on a GPU."""
-    t = cfg.train
     bucket_elements = max(1, min(MAX_BUCKET_ELEMENTS, local_params))
     overlap_comm = cuda and dp > 1
+    zero = zero_config(options.zero_stage, bucket_elements, overlap_comm, options.leaf_module)
     return {
-        "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": gradient_accumulation_steps(cfg, dp),
-        "gradient_clipping": 0.0 if clips_own_gradients(cfg) else t.grad_clip,
-        "zero_optimization": zero_config(cfg.parallel.zero_stage, bucket_elements, overlap_comm),
-        "bf16": {"enabled": t.precision == "bf16"},
+        "train_batch_size": options.global_batch_size,
+        "train_micro_batch_size_per_gpu": options.micro_batch_size,
+        "gradient_accumulation_steps": options.gradient_accumulation_steps(dp),
+        "gradient_clipping": 0.0 if options.clips_own_gradients() else options.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": options.precision == "bf16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": _NEVER,
         "wall_clock_breakdown": False,
@@ -71,8 +82,8 @@ def quiet_deepspeed() -> None:
     logger.setLevel(logging.WARNING)
 
 
-def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: Config,
-                 topo: Topology):
+def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                 options: EngineOptions, topo: Topology):
     """A DeepSpeed engine; a PipelineModule (pp > 1) brings its own process-group grid."""
     import deepspeed
 
@@ -81,11 +92,11 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, 
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, topo.dp, sum(p.numel() for p in model.parameters()),
+        config=deepspeed_config(options, topo.dp, sum(p.numel() for p in model.parameters()),
                                 cuda=torch.cuda.is_available()),
         mpu=MegatronMPU if topo.pp == 1 else None,
     )
-    if topo.pp == 1 and topo.dp == 1 and cfg.parallel.zero_stage == 0:
+    if topo.pp == 1 and topo.dp == 1 and options.zero_stage == 0:
         # Alone in its data-parallel group, DeepSpeed would still flatten every gradient,
         # all-reduce it over one rank and copy it back each step: three passes that change no bit.
         engine.enable_backward_allreduce = False

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import warnings
 
 from tessera import __version__
+from tessera.launch.env import quiet_dependencies
 
 COMMANDS = {
     "prepare": "tokenize text into WebDataset shards",
@@ -20,18 +19,6 @@ COMMANDS = {
     "generate": "continue a prompt with a checkpoint: tessera generate CKPT_DIR --prompt TEXT",
     "report": "loss and throughput plots of runs: tessera report RUN_DIR... --output FILE.png|.html",
 }
-
-
-def quiet_dependencies() -> None:
-    """Silence start-up notices of our dependencies that say nothing to a user of Tessera."""
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
-    warnings.filterwarnings("ignore", category=FutureWarning, module="megatron")
-    if "DS_ACCELERATOR" not in os.environ:
-        import torch
-
-        # Naming the accelerator spares DeepSpeed's "Setting accelerator to CPU" warning.
-        os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         case "print-config":
             return _print_config(rest)
         case "checkpoint":
-            from tessera.trainer.checkpoint_cli import checkpoint_command
+            from tessera.trainer.checkpoint.inspect import checkpoint_command
 
             return checkpoint_command(rest)
         case "convert":
@@ -155,18 +142,19 @@ def _train(argv: list[str]) -> int:
 
 def _submit(argv: list[str]) -> int:
     from tessera.data.format import DataError
-    from tessera.launch import slurm
+    from tessera.launch.slurm import SlurmError
+    from tessera.trainer import submit
     from tessera.trainer.config import ConfigError
 
     dry_run = "--dry-run" in argv
     try:
         cfg = _load("tessera submit", [arg for arg in argv if arg != "--dry-run"])
         if dry_run:
-            slurm.check_config(cfg)
-            print(slurm.sbatch_script(cfg), end="")
+            submit.check_config(cfg)
+            print(submit.sbatch_script(cfg), end="")
             return 0
-        job = slurm.submit(cfg)
-    except (ConfigError, DataError, slurm.SlurmError) as e:
+        job = submit.submit(cfg)
+    except (ConfigError, DataError, SlurmError) as e:
         return _fail("submit", e)
     print(f"tessera: submitted job {job.job_id} ({job.job_name}); logs in {job.log_dir}/\n"
           f"tessera: follow it with `tessera status {cfg.run.dir}`")
@@ -174,7 +162,7 @@ def _submit(argv: list[str]) -> int:
 
 
 def _status(argv: list[str]) -> int:
-    from tessera.launch.status import StatusError, status_lines
+    from tessera.trainer.status import StatusError, status_lines
 
     if len(argv) != 1 or argv[0].startswith("-"):
         print("usage: tessera status RUN_DIR", file=sys.stderr)

@@ -21,6 +21,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from tessera.launch.config import LaunchConfig, SlurmConfig
+
 
 class ConfigError(ValueError):
     """A configuration a user got wrong; the message names the key."""
@@ -129,33 +131,6 @@ class LogConfig:
     # looked up by CUDA device name (bf16 dense; H100/H200: 989), no MFU on CPU
     loss_spike_factor: float = 3.0  # warn when a step's loss exceeds this times the mean of the
     # previous 100 finite losses (counted in train/loss_spikes); 0: off
-
-
-@dataclasses.dataclass
-class LaunchConfig:
-    nproc_per_node: int = 1  # local ranks `tessera train` starts (one per GPU)
-    backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
-
-
-@dataclasses.dataclass
-class SlurmConfig:
-    partition: str | None = None  # None: the cluster's default partition
-    nodes: int = 1  # machines of the job
-    tasks_per_node: int = 1  # srun launcher: one task per GPU; torchrun launcher: must be 1
-    gpus_per_node: int = 0  # 0: a CPU job
-    time_min: int = 60  # the job's time limit in minutes
-    signal: str = "USR2"  # sent signal_lead_s before the time limit: save, exit, requeue
-    launcher: str = "srun"  # srun: a Slurm task per rank | torchrun: per node, nproc_per_node ranks
-    cpus_per_task: int | None = None  # None: Slurm's default
-    mem_gb: float | None = None  # memory per node; None: Slurm's default
-    account: str | None = None  # --account; None: Slurm's default
-    qos: str | None = None  # --qos; None: Slurm's default
-    constraint: str | None = None  # --constraint (node features); None: none
-    job_name: str | None = None  # None: tessera-<run name>
-    signal_lead_s: int = 120  # seconds before the time limit that `signal` arrives
-    max_requeues: int = 10  # requeues after a stop on a signal; then the job ends
-    sbatch_options: Any = dataclasses.field(default_factory=dict)  # {exclusive: true, ...}
-    setup: Any = dataclasses.field(default_factory=list)  # shell lines run before srun
 
 
 @dataclasses.dataclass

@@ -1,7 +1,7 @@
 """`tessera generate CKPT_DIR --prompt TEXT`: text from a checkpoint, to see what the model learned.
 
 One process, whatever layout saved the checkpoint: its full tensors
-(`canonical_reader.load_canonical_state`) go into a tp = 1 model, which continues the prompt token
+(`convert.reader.load_canonical_state`) go into a tp = 1 model, which continues the prompt token
 by token (greedy at temperature 0, else sampling from the top-k tokens), decoded with the run's
 tokenizer (the one its training data was prepared with, which every checkpoint carries;
 `--tokenizer` names another).
@@ -128,7 +128,7 @@ def generate(
 ) -> str:
     """The continuation of `prompt` (decoded text, without the prompt)."""
     from tessera.parallel.topology import destroy_distributed, init_distributed
-    from tessera.trainer.canonical_reader import load_canonical_state
+    from tessera.trainer.convert.reader import load_canonical_state
 
     step_dir = find_step_dir(ckpt_dir)
     cfg, tensors = load_canonical_state(step_dir)

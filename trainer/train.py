@@ -28,6 +28,7 @@ from tessera.trainer.monitor import TrainMonitor
 from tessera.trainer.run_dir import check_writable, run_lock
 from tessera.parallel.pipeline import build_pipeline
 from tessera.trainer.model import (
+    Block,
     build_model,
     check_compile_works,
     compile_blocks,
@@ -227,12 +228,22 @@ def build_training_engine(cfg: Config, topo: Topology):
         check_compile_works()
         compile_blocks(model)
     optimizer = build_optimizer(model, cfg.train)
+    options = engine_options(cfg)
     clipper = None
-    if ds_engine.clips_own_gradients(cfg):
+    if options.clips_own_gradients():
         clipper = ds_engine.GradNormClipper(optimizer, cfg.train.grad_clip)
     scheduler = build_scheduler(optimizer, cfg.train)
-    engine = ds_engine.build_engine(model, optimizer, scheduler, cfg, topo)
+    engine = ds_engine.build_engine(model, optimizer, scheduler, options, topo)
     return engine, scheduler, clipper
+
+
+def engine_options(cfg: Config) -> ds_engine.EngineOptions:
+    t = cfg.train
+    return ds_engine.EngineOptions(
+        global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
+        grad_clip=t.grad_clip, precision=t.precision, zero_stage=cfg.parallel.zero_stage,
+        leaf_module=Block,  # ZeRO 3 gathers one transformer block at a time
+    )
 
 
 def train_step(engine, clipper, batches, micro_batches: int) -> tuple[float, float]:

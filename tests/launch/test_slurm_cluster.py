@@ -14,7 +14,8 @@ import pytest
 from training import losses, read_metrics, tiny_config
 
 from tessera.launch import slurm
-from tessera.launch.status import status_lines
+from tessera.trainer import submit
+from tessera.trainer.status import status_lines
 from tessera.trainer import checkpoint
 from tessera.trainer.config import ConfigError
 
@@ -77,7 +78,7 @@ def known_jobs() -> list[str]:
 def uninterrupted(slurm_cluster, byte_shards, tmp_path_factory):
     """A 2-node job (srun launcher: Slurm starts both ranks) run to its end."""
     cfg = job_config(tmp_path_factory.mktemp("slurm") / "uninterrupted", byte_shards)
-    job = slurm.submit(cfg)
+    job = submit.submit(cfg)
     return cfg, job, wait_until_ended(job)
 
 
@@ -103,7 +104,7 @@ def test_usr2_mid_run_saves_requeues_and_matches_the_uninterrupted_job(uninterru
     reference: the same training either way, so the losses must agree bit for bit."""
     reference, _, _ = uninterrupted
     cfg = job_config(tmp_path / "preempted", byte_shards, **{"slurm.launcher": "torchrun"})
-    job = slurm.submit(cfg)
+    job = submit.submit(cfg)
     metrics = Path(cfg.run.dir) / "metrics.jsonl"
     wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3,
              "step 3 of the job")
@@ -131,7 +132,7 @@ def test_usr2_mid_run_saves_requeues_and_matches_the_uninterrupted_job(uninterru
 def test_dry_run_prints_the_script_submitit_submitted(uninterrupted):
     cfg, job, _ = uninterrupted
     submitted = (job.log_dir / f"{job.job_id}_submission.sh").read_text()
-    assert slurm.sbatch_script(cfg) == submitted
+    assert submit.sbatch_script(cfg) == submitted
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -147,7 +148,7 @@ def test_requests_the_cluster_cannot_run_fail_with_nothing_submitted(
     before = known_jobs()
     cfg = job_config(tmp_path / "run", byte_shards, **overrides)
     with pytest.raises((slurm.SlurmError, ConfigError)) as error:
-        slurm.submit(cfg)
+        submit.submit(cfg)
     assert message in str(error.value)
     assert known_jobs() == before
     assert not (tmp_path / "run" / "slurm").exists()

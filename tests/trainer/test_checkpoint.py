@@ -363,18 +363,20 @@ def scenario_async_write_failure(base: Path, shards: Path) -> dict:
     cfg = tiny_config(base / "async-fail", shards, **{"checkpoint.async": True})
     root = base / "async-fail" / "checkpoints"
     engine = _engine(cfg)
-    original = checkpoint.write_torch_file
+    from tessera.trainer.checkpoint import engine as checkpoint_engine  # where files are written
+
+    original = checkpoint_engine.write_torch_file
 
     def disk_full(obj, path):
         raise OSError(28, "No space left on device", str(path))
 
     if dist.get_rank() == 1:
-        checkpoint.write_torch_file = disk_full
+        checkpoint_engine.write_torch_file = disk_full
     try:
         checkpoint.save(engine, root, 1, {"step": 1}, cfg)
         error, _ = _quietly(lambda: checkpoint.wait(engine))
     finally:
-        checkpoint.write_torch_file = original
+        checkpoint_engine.write_torch_file = original
     out = {"error": str(error), "committed": checkpoint.committed_steps(root)}
     destroy_distributed(process_group_too=False)
     dist.barrier()

@@ -22,8 +22,8 @@ import pytest
 import torch
 import torch.distributed as dist
 from multiproc import run_ranks
-from tessera.trainer import hf
-from tessera.trainer.canonical_reader import KINDS, CheckpointReader
+from tessera.trainer.convert import hf
+from tessera.trainer.convert.reader import KINDS, CheckpointReader
 from tessera.trainer.checkpoint import CheckpointError
 from tessera.trainer.config import load_config
 from tessera.trainer.convert import (

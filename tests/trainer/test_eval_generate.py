@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 from multiproc import run_ranks
-from tessera.trainer.canonical_reader import load_canonical_state
+from tessera.trainer.convert.reader import load_canonical_state
 from tessera.trainer.generate import Sampling, generate
 from training import tiny_config, train_each
 

@@ -148,7 +148,7 @@ def test_retention_never_deletes_through_a_linked_step_directory(tmp_path, train
     assert checkpoint.committed_steps(root) == [5]
     checkpoint.apply_retention(root, keep_last=1)
     checkpoint.remove_uncommitted(root)
-    checkpoint._delete_checkpoint(root / "step-00000001")  # even when asked directly
+    checkpoint.delete_checkpoint(root / "step-00000001")  # even when asked directly
     assert (root / "step-00000001").is_symlink()
     assert (other_step / checkpoint.MANIFEST_FILE).read_bytes() == manifest_before
     assert checkpoint.problems(other_step) == []

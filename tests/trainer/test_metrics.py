@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from tessera.trainer.canonical_reader import canonical_shapes
+from tessera.trainer.convert.reader import canonical_shapes
 from tessera.trainer.config import load_config
 from tessera.trainer.health import LossSpikes, NonFiniteError, NonFiniteGuard
 from tessera.trainer.metrics import (

@@ -1,13 +1,75 @@
-"""`tessera checkpoint list RUN_DIR` and `tessera checkpoint inspect STEP_DIR`."""
+"""What a run's checkpoints are: `tessera checkpoint list RUN_DIR` and
+`tessera checkpoint inspect STEP_DIR`."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
-from tessera.trainer import checkpoint
-from tessera.trainer.checkpoint import CheckpointError, CheckpointInfo
+from tessera.trainer.checkpoint.format import (
+    ARCHITECTURE_FIELDS,
+    TMP_SUFFIX,
+    CheckpointError,
+    read_latest,
+    step_of,
+)
+from tessera.trainer.checkpoint.load import problems, read_manifest
+
+
+@dataclasses.dataclass
+class CheckpointInfo:
+    path: Path
+    step: int | None
+    num_bytes: int
+    layout: dict | None
+    valid: bool
+    reason: str  # why not valid ("" when valid)
+    manifest: dict | None = None
+
+
+def directory_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+def inspect(directory: str | Path, checksum: bool = True) -> CheckpointInfo:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
+    name = directory.name
+    step = step_of(name.removesuffix(TMP_SUFFIX))
+    manifest = None
+    try:
+        manifest = read_manifest(directory)
+    except CheckpointError:
+        pass
+    found = problems(directory, checksum)
+    if name.endswith(TMP_SUFFIX):
+        found = ["uncommitted (a save that did not finish)"]
+    return CheckpointInfo(
+        path=directory,
+        step=manifest["step"] if manifest else step,
+        num_bytes=directory_bytes(directory),
+        layout=manifest.get("layout") if manifest else None,
+        valid=not found,
+        reason=found[0] if found else "",
+        manifest=manifest,
+    )
+
+
+def list_checkpoints(root: str | Path, checksum: bool = False) -> list[CheckpointInfo]:
+    root = Path(root)
+    entries = []
+    for path in root.iterdir() if root.is_dir() else []:
+        name = path.name.removesuffix(TMP_SUFFIX)
+        if path.is_dir() and step_of(name) is not None:
+            entries.append(inspect(path, checksum))
+    return sorted(entries, key=lambda info: (info.step or 0, info.path.name))
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
 
 USAGE = """usage: tessera checkpoint list RUN_DIR [--verify]
        tessera checkpoint inspect STEP_DIR [--no-verify]
@@ -64,8 +126,8 @@ def list_command(path: Path, verify: bool) -> int:
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     if not root.is_dir():
         raise CheckpointError(f"{path}: no such run or checkpoints directory")
-    infos = checkpoint.list_checkpoints(root, checksum=verify)
-    latest = checkpoint.read_latest(root)
+    infos = list_checkpoints(root, checksum=verify)
+    latest = read_latest(root)
     checked = "checksums verified" if verify else "sizes checked; --verify checks sha256 too"
     print(f"{root}: {len(infos)} checkpoint(s), latest -> {latest or 'none'} ({checked})")
     if infos:
@@ -81,7 +143,7 @@ def list_command(path: Path, verify: bool) -> int:
 
 
 def inspect_command(directory: Path, verify: bool) -> int:
-    info = checkpoint.inspect(directory, checksum=verify)
+    info = inspect(directory, checksum=verify)
     checked = "checksums verified" if verify else "sizes checked, checksums not"
     print(
         f"{directory}: step {info.step}, {human_bytes(info.num_bytes)}, "
@@ -96,7 +158,7 @@ def inspect_command(directory: Path, verify: bool) -> int:
         model = manifest.get("model", {})
         print(
             "  model: "
-            + " ".join(f"{k}={model[k]}" for k in checkpoint.ARCHITECTURE_FIELDS if k in model)
+            + " ".join(f"{k}={model[k]}" for k in ARCHITECTURE_FIELDS if k in model)
         )
         files = manifest["files"]
         print(f"  files ({len(files)}):")

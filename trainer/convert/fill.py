@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 from tessera.parallel import tensor_parallel as tpl
-from tessera.trainer.canonical_reader import KINDS, MOMENTS, WEIGHT
+from tessera.trainer.convert.reader import KINDS, MOMENTS, WEIGHT
 from tessera.trainer.checkpoint import CheckpointError
 
 # (canonical name, kind) -> the full fp32 tensor; kind is weight, exp_avg or exp_avg_sq

@@ -13,6 +13,7 @@ from training import tiny_config
 from tessera.data.format import DataError
 from tessera.launch import slurm
 from tessera.launch.env import DistEnv
+from tessera.trainer import submit
 from tessera.trainer.config import ConfigError
 
 
@@ -55,9 +56,9 @@ def test_torchrun_launcher_runs_one_task_per_node(tmp_path, byte_shards):
     cfg = tiny_config(tmp_path / "run", byte_shards, **{
         "slurm.launcher": "torchrun", "slurm.nodes": 2, "launch.nproc_per_node": 4,
         "slurm.gpus_per_node": 4, "train.global_batch_size": 16})
-    slurm.check_config(cfg)
-    assert slurm.world_size(cfg) == 8
-    assert "#SBATCH --ntasks-per-node=1" in slurm.sbatch_script(cfg).splitlines()
+    submit.check_config(cfg)
+    assert submit.world_size(cfg) == 8
+    assert "#SBATCH --ntasks-per-node=1" in submit.sbatch_script(cfg).splitlines()
 
 
 @pytest.mark.parametrize("overrides, key", [
@@ -74,7 +75,7 @@ def test_torchrun_launcher_runs_one_task_per_node(tmp_path, byte_shards):
 def test_invalid_config_fails_at_submit(tmp_path, byte_shards, overrides, key):
     cfg = tiny_config(tmp_path / "run", byte_shards, **overrides)
     with pytest.raises((ConfigError, DataError), match=re.escape(key)):
-        slurm.submit(cfg)
+        submit.submit(cfg)
     assert not (tmp_path / "run").exists()
 
 
@@ -89,7 +90,7 @@ def test_a_rank_count_that_does_not_fit_names_the_launchers_key(tmp_path, byte_s
     cfg = tiny_config(tmp_path / "run", byte_shards, **{
         "parallel.tp": 2, "slurm.launcher": launcher, "launch.nproc_per_node": 1})
     with pytest.raises(ConfigError, match=re.escape(f"run a multiple of 2 ranks ({ranks_from})")):
-        slurm.check_config(cfg)
+        submit.check_config(cfg)
 
 
 def test_cli_reports_an_invalid_config_in_one_line(tmp_path, byte_shards):
@@ -104,7 +105,7 @@ def test_missing_slurm_tools_fail_before_anything_is_written(tmp_path, byte_shar
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
     cfg = tiny_config(tmp_path / "run", byte_shards, **{"slurm.nodes": 2})
     with pytest.raises(slurm.SlurmError, match="Slurm tools not found on PATH .*sbatch"):
-        slurm.submit(cfg)
+        submit.submit(cfg)
     assert not (tmp_path / "run").exists()
 
 
@@ -113,16 +114,14 @@ def _env(rank: int) -> DistEnv:
                    num_nodes=2, master_addr="n1", master_port=20001, job_id="1")
 
 
-def test_after_a_stop_only_task_0_requeues_and_at_most_max_requeues(tmp_path, byte_shards,
-                                                                    monkeypatch):
-    cfg = tiny_config(tmp_path / "run", byte_shards, **{"slurm.max_requeues": 2})
+def test_after_a_stop_only_task_0_requeues_and_at_most_max_requeues(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as leaving:
-        slurm._requeue_or_end(cfg, _env(rank=1))  # not task 0: leaves cleanly, requeues nothing
+        slurm.requeue_or_end(_env(rank=1), 2, None)  # not task 0: leaves cleanly, requeues nothing
     assert leaving.value.code == 0
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # a requeue attempt would fail loudly
     with pytest.raises(RuntimeError, match=r"2 requeues \(slurm.max_requeues=2\): not requeued"):
-        slurm._requeue_or_end(cfg, _env(rank=0))
+        slurm.requeue_or_end(_env(rank=0), 2, None)
 
 
 def test_status_without_slurm_reads_the_run_directory(tmp_path, monkeypatch, capsys):

@@ -1,10 +1,10 @@
 """`tessera convert`: a training checkpoint to Hugging Face and back, and from any parallel
 layout to any other.
 
-    to-hf    CKPT OUT   reads the checkpoint's files tensor by tensor (`canonical_reader`), in one
+    to-hf    CKPT OUT   reads the checkpoint's files tensor by tensor (`reader`), in one
                         process at any original layout, and writes a LlamaForCausalLM directory
     from-hf  HF OUT     ranks of the chosen layout build real engines, take the Hugging Face
-                        weights (`engine_fill`) and save a Tessera checkpoint
+                        weights (`fill`) and save a Tessera checkpoint
     reshard  CKPT OUT   the same with the whole training state: weights, fp32 masters, Adam
                         moments and step, schedule, DeepSpeed's counters, train state, data cursor
 
@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tessera.trainer import checkpoint, hf
-from tessera.trainer.canonical_reader import CheckpointReader, canonical_shapes
+from tessera.trainer import checkpoint
+from tessera.trainer.convert import hf
+from tessera.trainer.convert.reader import CheckpointReader, canonical_shapes
 from tessera.trainer.checkpoint import CheckpointError
 from tessera.trainer.config import Config, ConfigError, load_config, save_config, validate
 
@@ -165,7 +166,7 @@ def _write_checkpoint(cfg: Config, fill: Callable, step: int, state: dict,
 def reshard(ckpt: str | Path, cfg: Config, verify: bool = True) -> Path:
     """Collective: the full training state of `ckpt` at `cfg`'s layout, saved under run.dir.
     `verify`: check the files' sha256 first (on every rank; the command checks once, before)."""
-    from tessera.trainer.engine_fill import fill_engine, restore_schedule
+    from tessera.trainer.convert.fill import fill_engine, restore_schedule
 
     reader = CheckpointReader(ckpt, verify=verify)
     adam_step = reader.adam_step()
@@ -183,7 +184,7 @@ def reshard(ckpt: str | Path, cfg: Config, verify: bool = True) -> Path:
 
 def from_hf(hf_dir: str | Path, cfg: Config, allow_pickle: bool = False) -> Path:
     """Collective: the weights of a Hugging Face Llama as a step-0 checkpoint at `cfg`'s layout."""
-    from tessera.trainer.engine_fill import fill_engine
+    from tessera.trainer.convert.fill import fill_engine
     from tessera.trainer.train import TrainState
 
     source = hf.HFCheckpoint(hf_dir, allow_pickle)

@@ -11,7 +11,7 @@ tensor being assembled, so `tessera convert to-hf` runs anywhere for any origina
 local-to-full mapping is the model's own (`canonical_parts`, which initialization uses too), and
 the metadata DeepSpeed records in its files (names, shapes, partition addresses) is checked
 against it: a layout this module does not understand stops with an error, never wrong tensors.
-Writing goes the other way (`engine_fill`): real engines at the target layout take the tensors
+Writing goes the other way (`fill`): real engines at the target layout take the tensors
 and DeepSpeed writes its own format.
 
 Where DeepSpeed 0.19 keeps each parameter's state:

@@ -1,0 +1,71 @@
+"""Imports point one way: cli -> trainer -> (parallel, data, launch). parallel/, data/ and launch/
+import nothing of each other or of trainer/; nothing below the CLI imports the CLI."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# folder -> its package, and the packages of ours it may import besides itself
+PACKAGES = {"tessera": "tessera", "trainer": "tessera.trainer", "parallel": "tessera.parallel",
+            "data": "tessera.data", "launch": "tessera.launch"}
+MAY_IMPORT = {
+    "tessera": {"tessera.trainer", "tessera.parallel", "tessera.data", "tessera.launch"},
+    "tessera.trainer": {"tessera.parallel", "tessera.data", "tessera.launch"},
+    "tessera.parallel": set(),
+    "tessera.data": set(),
+    "tessera.launch": set(),
+}
+
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import of ours in a file, inside functions too."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            found += [(node.lineno, name) for name in names]
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+    return [(line, name) for line, name in found if name.split(".")[0] == "tessera"]
+
+
+def package_of(module: str) -> str | None:
+    """The package of ours a dotted name lies in (the umbrella's version is everyone's)."""
+    for package in sorted(MAY_IMPORT, key=len, reverse=True):
+        if module == package or module.startswith(package + "."):
+            return package
+    return None
+
+
+def wrong_way_edges() -> list[str]:
+    edges = []
+    for folder, package in PACKAGES.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for line, module in imported_modules(path):
+                target = package_of(module)
+                if module in ("tessera", "tessera.__version__") or target in (None, package):
+                    continue
+                if target not in MAY_IMPORT[package]:
+                    edges.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
+    return edges
+
+
+def test_imports_point_one_way():
+    assert wrong_way_edges() == []
+
+
+def test_the_check_sees_a_wrong_way_edge(tmp_path, monkeypatch):
+    """The walk itself: a module of parallel/ importing trainer/ is reported."""
+    (tmp_path / "parallel").mkdir()
+    (tmp_path / "parallel" / "bad.py").write_text(
+        "def f():\n    from tessera.trainer.config import Config\n")
+    for folder in PACKAGES:
+        (tmp_path / folder).mkdir(exist_ok=True)
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert wrong_way_edges() == [
+        "parallel/bad.py:2 imports tessera.trainer.config",
+        "parallel/bad.py:2 imports tessera.trainer.config.Config",
+    ]

@@ -1,0 +1,373 @@
+"""Reading: manifests checked (names confined to the checkpoint, sizes before hashes), the
+checkpoint's fit with the current config, resume with fallback to the newest valid one, and
+loading (full state or weights only)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import stat
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tessera import __version__
+from tessera.data.format import TokenizerInfo
+from tessera.data.tokenizer import HF_TOKENIZER_FILE
+from tessera.trainer.checkpoint.engine import checkpoint_engine
+from tessera.trainer.checkpoint.files import file_sha256, safe_load
+from tessera.trainer.checkpoint.format import (
+    ARCHITECTURE_FIELDS,
+    FORMAT,
+    FORMAT_VERSION,
+    LATEST_FILE,
+    MANIFEST_FILE,
+    SHA256_RE,
+    STATE_FILE,
+    TOKENIZER_DIR,
+    TOKENIZER_INFO,
+    CarriedTokenizer,
+    CheckpointError,
+    committed_steps,
+    rank,
+    read_latest,
+    step_of,
+    tag_for,
+    warn,
+)
+from tessera.trainer.checkpoint.rng import restore_rng_at_first_forward
+from tessera.trainer.checkpoint.save import canonical_shapes
+
+
+def carried_tokenizer(directory: str | Path) -> CarriedTokenizer | None:
+    """The tokenizer a committed checkpoint carries, its files checked against the manifest;
+    None for a checkpoint saved without one."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if TOKENIZER_INFO not in manifest["files"]:
+        return None
+    files = [TOKENIZER_INFO]
+    try:
+        info = TokenizerInfo(**json.loads((directory / TOKENIZER_INFO).read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{directory / TOKENIZER_INFO}: unreadable ({e})") from e
+    if info.kind not in ("bytes", "hf"):
+        raise CheckpointError(f"{directory / TOKENIZER_INFO}: unknown tokenizer kind {info.kind!r}")
+    # The file is always ours, whatever info.json names: nothing outside the checkpoint is read.
+    info = dataclasses.replace(info, file=HF_TOKENIZER_FILE if info.kind == "hf" else None)
+    if info.kind == "hf":
+        files.append(f"{TOKENIZER_DIR}/{HF_TOKENIZER_FILE}")
+    for relative in files:
+        entry = manifest["files"].get(relative)
+        problem = "not listed in the manifest" if entry is None else \
+            check_file(directory, relative, entry, checksum=True)
+        if problem:
+            raise CheckpointError(problem if entry else f"{directory / relative}: {problem}")
+    text = (directory / files[1]).read_text() if len(files) > 1 else None
+    return info, text
+
+
+def read_manifest(directory: str | Path) -> dict:
+    path = Path(directory) / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path}: missing; the directory is not a committed checkpoint"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a Tessera checkpoint manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format version {manifest.get('format_version')} is not "
+            f"{FORMAT_VERSION} (Tessera {__version__})"
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{path}: lists no files")
+    for name, entry in files.items():
+        problem = _entry_problem(name, entry)
+        if problem:
+            raise CheckpointError(f"{path}: file entry {name!r} {problem}")
+    expected_step = step_of(Path(directory).name)
+    if expected_step is not None and manifest.get("step") != expected_step:
+        raise CheckpointError(
+            f"{path}: says step {manifest.get('step')}, the directory step {expected_step}"
+        )
+    return manifest
+
+
+def _entry_problem(name: str, entry) -> str | None:
+    """What is wrong with a manifest's file entry: the name must be a plain relative path inside
+    the checkpoint (no `..`, no absolute or empty parts), the size a count, the hash 64 hex."""
+    parts = name.split("/")
+    if name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts):
+        return "is not a plain relative path inside the checkpoint"
+    if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) \
+            or isinstance(entry.get("bytes"), bool) or entry["bytes"] < 0:
+        return "has no byte count"
+    if not isinstance(entry.get("sha256"), str) or not SHA256_RE.fullmatch(entry["sha256"]):
+        return "has no sha256"
+    return None
+
+
+def check_file(directory: Path, relative: str, entry: dict, checksum: bool) -> str | None:
+    """None if the file matches its manifest entry, else what is wrong (naming the file). Only a
+    regular file inside `directory` matches: no link, device or fifo (a hash of /dev/zero
+    never ends); the size is compared before any byte is hashed."""
+    path = directory / relative
+    try:
+        info = path.lstat()
+    except OSError:
+        return f"{path}: missing"
+    if not stat.S_ISREG(info.st_mode):
+        return f"{path}: not a regular file (a link, directory or device)"
+    if not path.resolve().is_relative_to(directory.resolve()):
+        return f"{path}: lies outside the checkpoint (through a linked directory)"
+    size = info.st_size
+    if size != entry["bytes"]:
+        return f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated or rewritten)"
+    if checksum and file_sha256(path) != entry["sha256"]:
+        return f"{path}: sha256 does not match the manifest (the file is corrupt)"
+    return None
+
+
+def problems(
+    directory: str | Path, checksum: bool = True, share: tuple[int, int] = (0, 1)
+) -> list[str]:
+    """What makes `directory` unusable (empty: valid). `share` = (index, count) checks only every
+    count-th file from index, so that ranks can split the work."""
+    directory = Path(directory)
+    try:
+        manifest = read_manifest(directory)
+    except CheckpointError as e:
+        return [str(e)]
+    index, count = share
+    found = []
+    if index == 0:  # a tensor file the manifest does not vouch for could still be read
+        listed = set(manifest["files"])
+        found += [
+            f"{path}: not listed in the manifest"
+            for path in sorted(directory.rglob("*.pt"))
+            if path.relative_to(directory).as_posix() not in listed
+        ]
+    for relative, entry in sorted(manifest["files"].items())[index::count]:
+        problem = check_file(directory, relative, entry, checksum)
+        if problem:
+            found.append(problem)
+    return found
+
+
+def problems_collective(directory: Path, checksum: bool) -> list[str]:
+    """Collective: the ranks split the files, and all get the same list of problems."""
+    mine = problems(directory, checksum, share=(dist.get_rank(), dist.get_world_size()))
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return sorted({p for rank_problems in everyone for p in rank_problems})
+
+
+def _model_differences(manifest: dict, cfg, module) -> list[str]:
+    saved = manifest.get("model", {})
+    current = dataclasses.asdict(cfg.model)
+    diffs = [
+        f"model.{key}: checkpoint {saved.get(key)!r}, config {current[key]!r}"
+        for key in ARCHITECTURE_FIELDS
+        if saved.get(key) != current[key]
+    ]
+    if diffs:
+        return diffs
+    saved_shapes, shapes = manifest.get("tensors", {}), canonical_shapes(module)
+    for name in sorted(set(saved_shapes) | set(shapes)):
+        if name not in shapes:
+            diffs.append(f"tensor {name}: in the checkpoint, not in the model")
+        elif name not in saved_shapes:
+            diffs.append(f"tensor {name}: in the model, not in the checkpoint")
+        elif saved_shapes[name] != shapes[name]:
+            diffs.append(f"tensor {name}: checkpoint {saved_shapes[name]}, model {shapes[name]}")
+    return diffs
+
+
+def _layout_differences(manifest: dict, cfg, weights_only: bool) -> list[str]:
+    saved = manifest.get("layout", {})
+    world = dist.get_world_size()
+    current = {
+        "tp": cfg.parallel.tp,
+        "pp": cfg.parallel.pp,
+        "dp": world // (cfg.parallel.tp * cfg.parallel.pp),
+        "zero_stage": cfg.parallel.zero_stage,
+    }
+    keys = ["tp", "pp"]
+    if weights_only:
+        if saved.get("zero_stage") == 3:  # its model files hold partitions, not whole tensors
+            return [
+                (
+                    "zero_stage: a ZeRO-3 checkpoint holds no whole weights to load alone "
+                    "(convert it first with `tessera convert reshard`)"
+                )
+            ]
+    else:
+        keys.append("zero_stage")
+        if current["zero_stage"] > 0 or saved.get("zero_stage", 0) > 0:
+            keys.append("dp")  # ZeRO's optimizer partitions follow dp
+    labels = {"dp": "data-parallel size (world / (tp*pp))"}
+    return [
+        f"{labels.get(k, 'parallel.' + k)}: checkpoint {saved.get(k)}, now {current[k]}"
+        for k in keys
+        if saved.get(k) != current[k]
+    ]
+
+
+def check_compatible(directory: Path, manifest: dict, cfg, module, weights_only: bool) -> None:
+    diffs = _model_differences(manifest, cfg, module)
+    if diffs:
+        shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+        raise CheckpointError(f"{directory} was saved for another model: {shown}")
+    diffs = _layout_differences(manifest, cfg, weights_only)
+    if diffs:
+        raise CheckpointError(
+            f"{directory} was saved at another parallel layout ({'; '.join(diffs)}); "
+            f"reshard it with `tessera convert reshard {directory} OUT_DIR ...` and load that"
+        )
+
+
+def _candidates(root: Path) -> tuple[list[Path], str | None]:
+    """Checkpoints to try, in order: the one `latest` names, then the others newest first.
+    Also a note when `latest` is missing or names no committed checkpoint."""
+    steps = committed_steps(root)
+    latest = read_latest(root)
+    ordered = [root / tag_for(s) for s in reversed(steps)]
+    note = None
+    if latest is not None and (root / latest) in ordered:
+        ordered.remove(root / latest)
+        ordered.insert(0, root / latest)
+    elif ordered:
+        why = (
+            "missing" if latest is None else f"names {latest}, which is not a committed checkpoint"
+        )
+        note = f"{root / LATEST_FILE} is {why}"
+    return ordered, note
+
+
+def _first_valid(candidates: list[Path], note: str | None, checksum: bool) -> Path:
+    """Collective: the first candidate without problems; warns for each one skipped."""
+    rejected = []
+    for directory in candidates:
+        found = problems_collective(directory, checksum)
+        if not found:
+            if rank() == 0 and (rejected or note):
+                reasons = "; ".join(([note] if note else []) + rejected)
+                warn(f"{reasons}; resuming from {directory}, the newest valid checkpoint")
+            return directory
+        rejected.append(
+            f"{directory} is not valid: {found[0]}"
+            + (f" (and {len(found) - 1} more problems)" if len(found) > 1 else "")
+        )
+    more = f"; and {len(rejected) - 3} older ones" if len(rejected) > 3 else ""
+    raise CheckpointError("no valid checkpoint to load: " + "; ".join(rejected[:3]) + more)
+
+
+def resolve_step_dir(path: str | Path) -> Path:
+    """`checkpoint.load_from`: a step directory, a checkpoints directory or a run directory."""
+    path = Path(path)
+    if (path / MANIFEST_FILE).exists() or step_of(path.name) is not None:
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint.load_from: {path} does not exist")
+    candidates, _ = _candidates(root)
+    if not candidates:
+        raise CheckpointError(f"checkpoint.load_from: {path} holds no committed checkpoint")
+    return candidates[0]
+
+
+def resume(engine, root: str | Path, cfg) -> dict | None:
+    """Collective: restore the newest valid checkpoint of this run, else `checkpoint.load_from`.
+
+    Returns the saved Tessera state ({"train", "data", "layout"}) plus "directory" for a full
+    restore, only "directory" for a weights-only start, None when there is nothing to load.
+    """
+    root = Path(root)
+    candidates, note = _candidates(root)
+    if candidates:
+        if cfg.checkpoint.load_from and rank() == 0:
+            print(f"tessera: {root} has checkpoints: resuming them, not checkpoint.load_from")
+        directory = _first_valid(candidates, note, cfg.checkpoint.verify)
+        return load(engine, directory, cfg)
+    if cfg.checkpoint.load_from:
+        directory = resolve_step_dir(cfg.checkpoint.load_from)
+        found = problems_collective(directory, cfg.checkpoint.verify)
+        if found:
+            raise CheckpointError(f"checkpoint.load_from: {directory} is not valid: {found[0]}")
+        weights_only = cfg.checkpoint.load_weights_only
+        return load(engine, directory, cfg, weights_only=weights_only)
+    return None
+
+
+def load(engine, directory: str | Path, cfg, weights_only: bool = False) -> dict:
+    """Collective: restore a verified checkpoint directory into `engine` (and this rank's RNG)."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    check_compatible(directory, manifest, cfg, engine.module, weights_only)
+    if weights_only and engine.zero_optimization_partition_weights():
+        _load_weights_into_zero3(engine, directory)
+        return {"directory": str(directory)}
+    try:
+        path, _ = engine.load_checkpoint(
+            str(directory.parent),
+            tag=directory.name,
+            load_optimizer_states=not weights_only,
+            load_lr_scheduler_states=not weights_only,
+            load_module_only=weights_only,
+        )
+    finally:
+        checkpoint_engine(engine).forget_loads()
+    if path is None:
+        raise CheckpointError(f"{directory}: DeepSpeed found no model files for this rank")
+    if weights_only:
+        if dist.get_rank() == 0:
+            print(f"tessera: loaded the weights of {directory}", flush=True)
+        return {"directory": str(directory)}
+    rng_file = directory / "rng" / f"rank-{dist.get_rank():05d}.pt"
+    if rng_file.is_file():
+        restore_rng_at_first_forward(engine.module, safe_load(rng_file))
+    elif dist.get_rank() == 0:
+        warn(
+            f"{directory} has no RNG state for rank {dist.get_rank()} (another world size): "
+            f"RNG streams restart from the seed"
+        )
+    return {**json.loads((directory / STATE_FILE).read_text()), "directory": str(directory)}
+
+
+def _load_weights_into_zero3(engine, directory: Path) -> None:
+    """Weights only into a ZeRO-3 engine. DeepSpeed's own path for this goes through
+    zero_to_fp32, which unpickles with weights_only=False and reads the `latest` of the source
+    instead of the chosen step; so: the source's whole tensors (its ZeRO stage is at most 2),
+    loaded safely, copied in while DeepSpeed gathers the partitions, then DeepSpeed refreshes its
+    fp32 master partitions (as its load_checkpoint does after a module-only load)."""
+    import deepspeed
+    from megatron.core import parallel_state
+
+    path = (
+        directory / f"mp_rank_{parallel_state.get_tensor_model_parallel_rank():02d}_model_states.pt"
+    )
+    tensors = safe_load(path)["module"]
+    params = dict(engine.module.named_parameters())
+    missing = sorted(set(params) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{path}: holds no tensor for {', '.join(missing[:5])}")
+    gathered = deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0)
+    with gathered, torch.no_grad():
+        for name, param in params.items():
+            param.copy_(tensors[name])
+    engine.optimizer._restore_from_bit16_weights()
+    if dist.get_rank() == 0:
+        print(f"tessera: loaded the weights of {directory}", flush=True)
+
+
+def latest_tag(root: str | Path) -> str | None:
+    """The tag `latest` names if committed, else the newest committed one (not verified)."""
+    candidates, _ = _candidates(Path(root))
+    return candidates[0].name if candidates else None
