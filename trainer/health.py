@@ -18,9 +18,10 @@ its loss is), so the gradient check also covers the loss. The reported loss and 
 same on every rank (the loss is averaged over data-parallel ranks, the norm is global), so the
 bookkeeping below agrees across ranks without another collective.
 
-A skipped step still consumes its batch and counts as a step: the learning-rate schedule is
-stepped here for it (DeepSpeed skips the scheduler on overflow), so the learning rate stays a
-function of the step number and a resumed run follows the same schedule.
+A skipped step still consumes its batch and counts as a step: the loop steps the learning-rate
+schedule for it (`optim.count_skipped_update`; DeepSpeed skips the scheduler on overflow), so
+the learning rate stays a function of the step number and a resumed run follows the same
+schedule.
 """
 
 from __future__ import annotations
@@ -41,10 +42,9 @@ class NonFiniteError(RuntimeError):
 class NonFiniteGuard:
     """Counts skipped updates; stops the run when too many come in a row."""
 
-    def __init__(self, cfg: Config, scheduler):
+    def __init__(self, cfg: Config):
         self.skip = cfg.train.skip_nonfinite
         self.max_in_a_row = cfg.train.max_nonfinite_steps
-        self.scheduler = scheduler
         self.total = 0
         self.in_a_row = 0
 
@@ -63,8 +63,6 @@ class NonFiniteGuard:
             )
         self.total += 1
         self.in_a_row += 1
-        if self.scheduler is not None:
-            self.scheduler.step()  # keep the schedule a function of the step (see the module doc)
         if not self.skip:
             raise NonFiniteError(
                 f"step {step}: {what}: not finite (the update was not applied), and "

@@ -34,7 +34,7 @@ class TrainMonitor:
         self.evaluator = None
         if cfg.data.valid_shards is not None:
             self.evaluator = Evaluator(cfg, topo, resolve_valid(cfg.data.valid_shards, sources))
-        self.guard = NonFiniteGuard(cfg, engine.lr_scheduler)
+        self.guard = NonFiniteGuard(cfg)
         self.spikes = LossSpikes(cfg.log.loss_spike_factor)
         self.times = StepTimes(cfg, topo.world_size, engine.device, start_step)
         self.metrics = MetricsLog(cfg.run.dir, self.is_writer, cfg, start_step)

@@ -43,5 +43,24 @@ def lr_at(step_index: int, train: TrainConfig) -> float:
     return train.min_lr + (train.lr - train.min_lr) * cosine
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_at(i, train) / train.lr)
+
+
+def follow_schedule_at(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """On resume: set the learning rate the current schedule gives `step`. train.steps may have
+    changed since the save (a longer run); the same product LambdaLR forms, so an unchanged
+    schedule resumes bit for bit."""
+    for group, base_lr, factor in zip(
+        scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas
+    ):
+        group["lr"] = base_lr * factor(step)
+
+
+def count_skipped_update(engine) -> None:
+    """A step whose update was skipped (non-finite gradients, tessera.trainer.health) still
+    counts: DeepSpeed does not step the schedule then, so we do, and the learning rate stays a
+    function of the step number (a resumed run follows the same schedule)."""
+    if not engine.was_step_applied() and engine.lr_scheduler is not None:
+        engine.lr_scheduler.step()

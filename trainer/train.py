@@ -36,7 +36,12 @@ from tessera.trainer.model import (
     loss_function,
     pipeline_layer_specs,
 )
-from tessera.trainer.optim import build_optimizer, build_scheduler
+from tessera.trainer.optim import (
+    build_optimizer,
+    build_scheduler,
+    count_skipped_update,
+    follow_schedule_at,
+)
 
 
 @dataclasses.dataclass
@@ -108,12 +113,7 @@ def _train(cfg: Config, topo: Topology, shards: list[Source]) -> TrainState:
     saved = checkpoint.resume(engine, ckpt_root, cfg)  # None: fresh; without "train": weights only
     if saved is not None and "train" in saved:
         state = TrainState(**saved["train"])
-        # train.steps may have changed since the save (a longer run): follow the current schedule
-        # (the same product LambdaLR forms, so an unchanged schedule resumes bit for bit)
-        for group, base_lr, factor in zip(
-            scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas
-        ):
-            group["lr"] = base_lr * factor(state.step)
+        follow_schedule_at(scheduler, state.step)
         if topo.rank == 0:
             print(f"tessera: resumed from {saved['directory']} at step {state.step}", flush=True)
     if state.num_streams == 0:
@@ -191,6 +191,7 @@ def _loop(cfg, topo, engine, clipper, loader, state: TrainState, monitor: TrainM
         batches = iter(next(steps))
         data_s = time.perf_counter() - started
         loss, grad_norm = train_step(engine, clipper, batches, loader.micro_batches_per_step)
+        count_skipped_update(engine)
         step_s = time.perf_counter() - started
         state.step += 1
         state.consumed_samples += cfg.train.global_batch_size

@@ -191,15 +191,7 @@ def test_warnings_of_other_ranks_carry_the_rank():
 
 def test_guard_counts_skips_and_stops_after_too_many_in_a_row():
     cfg = model_config(**{"train.max_nonfinite_steps": 2})
-
-    class Schedule:
-        steps = 0
-
-        def step(self):
-            self.steps += 1
-
-    schedule = Schedule()
-    guard = NonFiniteGuard(cfg, schedule)
+    guard = NonFiniteGuard(cfg)
     assert guard.check(1, 2.0, 1.0, applied=True) == {
         "train/skipped": 0,
         "train/nonfinite_steps": 0,
@@ -213,10 +205,33 @@ def test_guard_counts_skips_and_stops_after_too_many_in_a_row():
     message = str(stopped.value)
     assert message.startswith("step 6: 3 steps in a row (steps 4-6)")
     assert "train.max_nonfinite_steps=2" in message and "train.lr" in message
-    assert schedule.steps == 4  # the schedule follows the step count through skipped steps
-    strict = NonFiniteGuard(model_config(**{"train.skip_nonfinite": False}), None)
+    strict = NonFiniteGuard(model_config(**{"train.skip_nonfinite": False}))
     with pytest.raises(NonFiniteError, match=r"^step 9: .*train.skip_nonfinite=false"):
         strict.check(9, float("nan"), float("nan"), applied=False)
+
+
+def test_a_skipped_update_still_steps_the_schedule():
+    from tessera.trainer.optim import count_skipped_update
+
+    class Schedule:
+        steps = 0
+
+        def step(self):
+            self.steps += 1
+
+    class Engine:
+        lr_scheduler = Schedule()
+        applied = True
+
+        def was_step_applied(self):
+            return self.applied
+
+    engine = Engine()
+    count_skipped_update(engine)
+    assert engine.lr_scheduler.steps == 0  # DeepSpeed stepped it with the update
+    engine.applied = False
+    count_skipped_update(engine)
+    assert engine.lr_scheduler.steps == 1  # skipped update: we step it
 
 
 def test_loss_spikes_against_the_running_mean():
