@@ -8,7 +8,7 @@ DEMO_DATA := runs/demo-data
 
 GPU_WHEELS := .gpu-wheels
 
-.PHONY: setup demo test test-quick bench gpu-wheels gpu-check clean
+.PHONY: setup demo test lint test-quick bench gpu-wheels gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,12 @@ $(DEMO_DATA)/manifest.json: | $(STAMP)
 demo: setup $(DEMO_DATA)/manifest.json
 	$(PY) -m tessera train --config configs/demo.yaml
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q -rs -p no:cacheprovider
+
+# pycodestyle, pyflakes and import order at the project's 100 columns (pyproject.toml)
+lint: setup
+	$(PY) -m ruff check
 
 test-quick: setup
 	$(PY) -m pytest -q -rs -p no:cacheprovider -m "not slow"

@@ -61,9 +61,10 @@ def main() -> int:
     none, full = compare(a.layers, a.hidden, a.seq, a.batch)
     print(f"layers={a.layers} hidden={a.hidden} seq={a.seq} batch={a.batch}")
     print(f"activation memory (peak RSS growth over one step): none {none['growth_mb']:.0f} MB, "
-          f"full {full['growth_mb']:.0f} MB, ratio full/none {full['growth_mb'] / none['growth_mb']:.2f}")
-    print(f"loss none {none['loss']!r} full {full['loss']!r}; "
-          f"equal: {none['loss'] == full['loss'] and none['grad_checksum'] == full['grad_checksum']}")
+          f"full {full['growth_mb']:.0f} MB, "
+          f"ratio full/none {full['growth_mb'] / none['growth_mb']:.2f}")
+    equal = none["loss"] == full["loss"] and none["grad_checksum"] == full["grad_checksum"]
+    print(f"loss none {none['loss']!r} full {full['loss']!r}; equal: {equal}")
     return 0
 
 

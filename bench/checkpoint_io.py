@@ -77,6 +77,7 @@ def build(hidden: int, layers: int, root: Path):
     """The engine after one optimizer step (so that AdamW holds its moments), with our
     synchronous and asynchronous checkpoint engines to swap in."""
     import torch
+
     from tessera.parallel.topology import init_distributed
     from tessera.trainer import checkpoint
     from tessera.trainer.train import build_training_engine
@@ -113,6 +114,7 @@ def build(hidden: int, layers: int, root: Path):
 
 def measure(hidden: int, layers: int, repeats: int, base: Path) -> dict:
     import torch.distributed as dist
+
     from tessera.trainer import checkpoint
 
     root = base / "checkpoints"

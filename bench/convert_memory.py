@@ -36,8 +36,8 @@ def measure(ckpt: str, out: str, max_shard: str, tokenizer: str) -> None:
 
     quiet_dependencies()
     import transformers  # noqa: F401 - imported before the baseline, as to_hf imports it
-    from tessera.trainer.convert import hf
-    from tessera.trainer.convert import to_hf
+
+    from tessera.trainer.convert import hf, to_hf
 
     baseline, peak, done = anon_rss_bytes(), [0], threading.Event()
 

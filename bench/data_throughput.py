@@ -131,6 +131,7 @@ def raw_read_speed(data: Path) -> tuple[float, int]:
 
     Also returns the tokens in one pass."""
     import numpy as np
+
     from tessera.data.format import read_manifest
 
     manifest = read_manifest(data)
@@ -175,10 +176,9 @@ def loader_speed(
 
 def demo_model_speed(data: Path, run_dir: Path, steps: int) -> float:
     """Tokens/s the demo model trains at (one process, tp=1), median step after warm-up."""
+    from tessera.launch.env import quiet_dependencies
     from tessera.trainer.config import load_config
     from tessera.trainer.train import train
-
-    from tessera.launch.env import quiet_dependencies
 
     quiet_dependencies()
     cfg = load_config(

@@ -82,9 +82,9 @@ def time_steps(step_fn, data: list[list[tuple]], steps: int, warmup: int) -> dic
 
 def measure_tessera(cfg, data, variants: list[str], steps: int, warmup: int) -> dict[str, dict]:
     """The Tessera variants on one engine, in the order of VARIANTS."""
+    from tessera.parallel.topology import destroy_distributed, init_distributed
     from tessera.trainer.model import ChunkedLoss, compile_blocks, lm_loss
     from tessera.trainer.train import build_training_engine, train_step
-    from tessera.parallel.topology import destroy_distributed, init_distributed
 
     topo = init_distributed(tp=1, pp=1, backend=cfg.launch.backend)
     try:

@@ -108,7 +108,8 @@ def _measure(mode: str, p: int, m: int, steps: int) -> list[float]:
     from tessera.trainer.train import build_training_engine
 
     cfg = _config(mode, p, m)
-    topo = Topology(world_size=dist.get_world_size(), rank=dist.get_rank(), local_rank=0, tp=1, pp=p)
+    topo = Topology(world_size=dist.get_world_size(), rank=dist.get_rank(), local_rank=0, tp=1,
+                    pp=p)
     engine, _, _ = build_training_engine(cfg, topo)
     generator = torch.Generator().manual_seed(0)
 
@@ -164,7 +165,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=("sleep", "real", "both"), default="both")
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--rank-body", nargs=3, metavar=("MODE", "P", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--rank-body", nargs=3, metavar=("MODE", "P", "OUT"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rank_body:
         mode, p, out = args.rank_body

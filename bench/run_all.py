@@ -59,7 +59,7 @@ def run_script(name: str, args: list[str], json_path: Path | None) -> dict:
 
 
 def _clean(text: str) -> str:
-    """Drop dependency noise (warnings, DeepSpeed notices, launcher lines) from a script's output."""
+    """A script's output without dependency noise (warnings, DeepSpeed notices, launchers)."""
     noise = re.compile(r"warn|^\s*return func|^DeepSpeed|^\[rank\d|^[WIE]\d{4} |^USDT|^/",
                        re.IGNORECASE)
     return "\n".join(line for line in text.splitlines() if not noise.search(line))

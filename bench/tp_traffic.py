@@ -243,7 +243,8 @@ def print_rows(result: dict, rows: list[dict]) -> None:
     measured = sum(r["bytes"] for r in blocks)
     expected = sum(r["theory_bytes"] for r in blocks)
     print(f"block all-reduces (the issue's theory: 2 forward + 2 backward of b*s*h per block and "
-          f"micro-batch): {measured} bytes measured / {expected} theory = {measured / expected:.3f}")
+          f"micro-batch): {measured} bytes measured / {expected} theory = "
+          f"{measured / expected:.3f}")
 
 
 def main() -> int:

@@ -21,8 +21,9 @@ baseline built first and then last (the order of construction alone moves a CPU 
 10%), and the two ratios are combined by their geometric mean. The figure is tokens/s of Tessera
 over tokens/s of the baseline, from median step times (ratio >= 1: Tessera is faster). Beside it,
 the same ratio from the CPU time each process used per step (`time.process_time`), which other
-jobs on a shared machine disturb less than wall time: on a quiet machine the two agree. The loss of each variant must follow the baseline's: the
-largest relative difference over the run is printed with the ratios.
+jobs on a shared machine disturb less than wall time: on a quiet machine the two agree. The loss
+of each variant must follow the baseline's: the largest relative difference over the run is
+printed with the ratios.
 
 Run: .venv/bin/python bench/trainer_overhead.py [--steps 6] [--warmup 1] [--dp 1 2] [--threads 1]
      [--large-micro-batch 16]

@@ -3,12 +3,12 @@
 A prepared directory holds:
 
     manifest.json           this file's `Manifest`, written last (its presence means "complete")
-    tokenizer.json          the Hugging Face tokenizer, when the tokenizer is not the built-in byte one
+    tokenizer.json          the Hugging Face tokenizer (none for the built-in byte tokenizer)
     shard-000000.tar ...    WebDataset shards
 
 Each sample in a shard is one document:
 
-    <key>.tokens     the token ids as raw little-endian integers of the manifest's dtype, EOS included
+    <key>.tokens     the token ids, raw little-endian integers of the manifest's dtype, EOS included
     <key>.json       metadata: {"source": input file, "doc": document index in that file}
 
 Keys are "%09d" of the document's index within its shard.
@@ -32,6 +32,13 @@ META_EXT = "json"
 
 class DataError(ValueError):
     """Bad data or a bad data path given by the user (names the file)."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none): what a
+    one-line report quotes of a dependency's error."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 @dataclasses.dataclass(frozen=True)

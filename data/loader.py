@@ -30,6 +30,8 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
 from tessera.data.format import DataError
 from tessera.data.mixture import SHARD_ORDER_TAG, Segment, StreamPlan, block_permutation
 from tessera.data.reader import BadSamples, read_shard
@@ -42,7 +44,6 @@ from tessera.data.sources import (
     resolve_shards,
     shards_fingerprint,
 )
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 __all__ = [
     "DataError",
@@ -67,7 +68,8 @@ log = logging.getLogger("tessera.data")
 # Lanes: one source's shards, read in a seeded order per epoch
 
 
-def epoch_shard_order(num_shards: int, epoch: int, seed: int, shuffle: bool, key: int = 0):
+def epoch_shard_order(num_shards: int, epoch: int, seed: int, shuffle: bool, key: int = 0
+                      ) -> np.ndarray:
     if not shuffle:
         return np.arange(num_shards)
     return np.random.default_rng([seed, SHARD_ORDER_TAG, key, epoch]).permutation(num_shards)
@@ -385,7 +387,7 @@ def _check_positive(**values: int) -> None:
             raise DataError(f"{name} must be >= 1, got {value}")
 
 
-def _as_sources(shards) -> list[Source]:
+def _as_sources(shards: ShardsSpec | Sequence[Source]) -> list[Source]:
     if isinstance(shards, Sequence) and not isinstance(shards, str) and shards:
         if all(isinstance(s, Source) for s in shards):
             return list(shards)

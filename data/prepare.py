@@ -23,6 +23,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
+
 from tessera.data.format import (
     MANIFEST_NAME,
     META_EXT,
@@ -43,7 +44,7 @@ from tessera.data.inputs import (
     iter_documents,
     total_bytes,
 )
-from tessera.data.progress import Progress, terminal_writer
+from tessera.data.progress import Progress
 from tessera.data.tokenizer import (
     HF_TOKENIZER_FILE,
     ByteTokenizer,
@@ -364,13 +365,15 @@ def prepare(
     workers: int = 1,
     log: Log = print,
     progress: Callable[[str], None] | None = None,
-    progress_interval_s: float = 1.0,
+    progress_interval_s: float = 10.0,
+    progress_bar: bool = False,
 ) -> Manifest:
     """Tokenize INPUTS into shards in OUTPUT and write its manifest (last). See the module doc.
 
     `tokenizer` is a tokenizer.json path; `train_tokenizer_vocab` trains a byte-level BPE of
     that vocab size on the inputs first; neither means the built-in byte tokenizer. A run
     interrupted in OUTPUT continues after its last finished shard (same inputs and options).
+    Progress: a line every `progress_interval_s` to `progress`, or a bar on the terminal.
     """
     start = time.perf_counter()
     globs = (glob,) if isinstance(glob, str) else tuple(glob)
@@ -411,7 +414,7 @@ def prepare(
         _write_journal(output_dir, fingerprint, shards, position)
 
     writer = ShardWriter(output_dir, dtype, shard_bytes, log, finished, on_close=record)
-    meter = _progress_meter(files, next_position, progress, progress_interval_s)
+    meter = _progress_meter(files, next_position, progress, progress_interval_s, progress_bar)
     offsets = _file_offsets(files)
     try:
         documents = iter_all_documents(files, text_field, start=next_position)
@@ -419,15 +422,19 @@ def prepare(
             if tokens.size:
                 writer.add(tokens, doc)
             if meter is not None:
-                meter.update(1, int(tokens.size), offsets[doc.file_index] + doc.end_byte)
+                done_bytes = offsets[doc.file_index] + doc.end_byte
+                meter.advance(max(0, done_bytes - meter.done), documents=1,
+                              tokens=int(tokens.size))
         shards = writer.finish()
     except BaseException:
         writer.abort()
+        if meter is not None:
+            meter.finish(completed=False)  # a bar is closed before the error message
         raise
+    if meter is not None:
+        meter.finish(completed=bool(shards))
     if not shards:
         raise DataError(f"{', '.join(inputs)}: empty input (no documents with any tokens)")
-    if meter is not None:
-        meter.finish()
 
     if isinstance(tok, HFTokenizer):
         tok.save(output_dir)
@@ -465,11 +472,14 @@ def _progress_meter(
     start: tuple[int, int],
     write: Callable[[str], None] | None,
     interval_s: float,
+    bar: bool,
 ) -> Progress | None:
-    if write is None:
+    """Input bytes done out of all of them (a resumed run starts where it left off)."""
+    if write is None and not bar:
         return None
     done = sum(f.num_bytes for f in files[: start[0]])
-    return Progress(total_bytes(files), write, interval_s=interval_s, done_bytes=done)
+    return Progress("prepare", total_bytes(files), "B", write=write, interactive=bar,
+                    interval_s=interval_s, done=done)
 
 
 def _file_offsets(files: Sequence[InputFile]) -> list[int]:
@@ -630,7 +640,8 @@ def prepare_command(argv: list[str]) -> int:
         parser.print_usage(sys.stderr)
         print(f"{parser.prog}: error: give INPUT files and --output DIR", file=sys.stderr)
         return 2
-    write, interval_s = terminal_writer(sys.stderr)
+    bar = sys.stderr.isatty() and not args.no_progress
+    lines = None if args.no_progress or bar else _stderr_line
     try:
         prepare(
             args.inputs,
@@ -642,17 +653,17 @@ def prepare_command(argv: list[str]) -> int:
             text_field=args.text_field,
             workers=args.workers,
             log=print,
-            progress=None if args.no_progress else write,
-            progress_interval_s=interval_s,
+            progress=lines,
+            progress_bar=bar,
         )
     except DataError as e:
-        if sys.stderr.isatty() and not args.no_progress:
-            print(file=sys.stderr)
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1
-    if sys.stderr.isatty() and not args.no_progress:
-        print(file=sys.stderr)
     return 0
+
+
+def _stderr_line(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)

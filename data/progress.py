@@ -1,10 +1,31 @@
-"""The progress line of `tessera prepare`: documents/s, tokens/s and an ETA from input bytes."""
+"""Progress of a long command (prepare, verify, convert, reshard, generate's loading), and the
+human-readable counts and durations of Tessera's lines and reports.
+
+On a terminal a tqdm bar, redrawn in place and closed by a newline (so what the command prints
+next starts on a line of its own); in a log file or a pipe a plain line every `interval_s`
+seconds (10 by default) and a final one:
+
+    with progress("verify", total=len(files), unit="files") as bar:
+        for path in files:
+            check(path)
+            bar.advance(1, note=path.name)
+
+`advance` may carry named counts shown with their rates (`bar.advance(n_bytes, documents=3,
+tokens=1200)`); it costs a clock read when nothing is drawn, so it can be called per item.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+LOG_INTERVAL_S = 10.0
 
 
 def human_count(value: float, *, fraction_below_1000: bool = False) -> str:
@@ -18,72 +39,132 @@ def human_count(value: float, *, fraction_below_1000: bool = False) -> str:
     return f"{value:.0f}"
 
 
-def _clock_text(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+def human_bytes(num_bytes: float) -> str:
+    """1536 -> '1.5 KB' (powers of 1024)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if num_bytes < 1024 or unit == "GB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    raise AssertionError
+
+
+def clock_text(seconds: float) -> str:
+    """A duration as H:MM:SS, or M:SS under an hour."""
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def _rate(value: float) -> str:
+    return human_count(value, fraction_below_1000=True)
 
 
 class Progress:
-    """Counts documents, tokens and input bytes; writes a line every `interval_s` seconds."""
+    """Counts work done out of `total` (None: unknown), as a bar or as lines.
+
+    `write`: where plain lines go (default: stderr); `interactive`: a tqdm bar instead (default:
+    when the lines would go to a terminal)."""
 
     def __init__(
         self,
-        total_bytes: int,
-        write: Callable[[str], None],
+        label: str,
+        total: float | None = None,
+        unit: str = "items",
         *,
-        interval_s: float = 1.0,
-        done_bytes: int = 0,  # input already covered by shards of an interrupted run
+        write: Callable[[str], None] | None = None,
+        stream: TextIO | None = None,
+        interactive: bool | None = None,
+        interval_s: float | None = None,
+        done: float = 0,
         clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.total_bytes = max(1, total_bytes)
-        self.write = write
-        self.interval_s = interval_s
+    ):
+        self.stream = stream or sys.stderr
+        self.interactive = (write is None and self.stream.isatty()) if interactive is None \
+            else interactive
+        self.write = write or self._write_line
+        self.label, self.total, self.unit = label, total, unit
+        self.interval_s = LOG_INTERVAL_S if interval_s is None else interval_s
         self.clock = clock
-        self.started = clock()
-        self.last_written = self.started
-        self.first_bytes = self.done_bytes = done_bytes
-        self.docs = 0
-        self.tokens = 0
+        self.started = self.last_drawn = clock()
+        self.first_done = self.done = done  # done: already covered (a resumed command)
+        self.counts: dict[str, float] = {}
+        self.note = ""
+        self._bar = self._tqdm() if self.interactive else None
 
-    def update(self, docs: int, tokens: int, done_bytes: int) -> None:
-        self.docs += docs
-        self.tokens += tokens
-        self.done_bytes = max(self.done_bytes, done_bytes)
+    def _tqdm(self) -> tqdm:
+        from tqdm import tqdm
+
+        return tqdm(total=self.total, initial=self.done, desc=self.label, unit=self.unit,
+                    unit_scale=self.unit == "B", file=self.stream, leave=True, dynamic_ncols=True,
+                    mininterval=min(self.interval_s, 0.2))
+
+    def advance(self, amount: float = 1, note: str | None = None, **counts: float) -> None:
+        self.done += amount
+        for name, value in counts.items():
+            self.counts[name] = self.counts.get(name, 0) + value
+        if note is not None:
+            self.note = note
+        if self._bar is not None:
+            self._bar.update(amount)
+            if counts or note is not None:
+                self._bar.set_postfix_str(self._details(self.clock()), refresh=False)
+            return
         now = self.clock()
-        if now - self.last_written >= self.interval_s:
-            self.last_written = now
+        if now - self.last_drawn >= self.interval_s:
+            self.last_drawn = now
             self.write(self.line(now))
 
-    def line(self, now: float | None = None) -> str:
-        elapsed = max(1e-9, (self.clock() if now is None else now) - self.started)
-        fraction = min(1.0, self.done_bytes / self.total_bytes)
-        byte_rate = (self.done_bytes - self.first_bytes) / elapsed
-        remaining = self.total_bytes - self.done_bytes
-        eta = _clock_text(remaining / byte_rate) if byte_rate > 0 else "?"
-        return (
-            f"{100 * fraction:5.1f}%  {self.docs:,} documents ({human_count(self.docs / elapsed)}/s)  "
-            f"{human_count(self.tokens)} tokens ({human_count(self.tokens / elapsed)}/s)  ETA {eta}"
-        )
+    def line(self, now: float | None = None, final: bool = False) -> str:
+        """The plain line: label, share done, counts with their rates, ETA (or total time)."""
+        now = self.clock() if now is None else now
+        elapsed = max(now - self.started, 1e-9)
+        rate = (self.done - self.first_done) / elapsed
+        parts = [self.label]
+        if self.total:
+            parts.append(f"{100 * min(self.done / self.total, 1.0):5.1f}%")
+            parts.append(f"{_rate(self.done)}/{_rate(self.total)} {self.unit}")
+        else:
+            parts.append(f"{_rate(self.done)} {self.unit}")
+        parts.append(f"{_rate(rate)} {self.unit}/s")
+        details = self._details(now)
+        if details:
+            parts.append(details)
+        if final:
+            parts.append(f"in {clock_text(elapsed)}")
+        elif self.total and rate > 0:
+            parts.append(f"ETA {clock_text((self.total - self.done) / rate)}")
+        if self.note and not final:
+            parts.append(self.note)
+        return "  ".join(parts)
 
-    def finish(self) -> None:
-        self.done_bytes = self.total_bytes
-        self.write(self.line())
+    def _details(self, now: float) -> str:
+        elapsed = max(now - self.started, 1e-9)
+        return "  ".join(f"{value:,.0f} {name} ({_rate(value / elapsed)}/s)"
+                         for name, value in self.counts.items())
+
+    def finish(self, completed: bool = True) -> None:
+        """The bar closed by a newline; or, in a log, a last plain line when the work completed
+        (a failure's own message says enough)."""
+        if self._bar is not None:
+            self._bar.set_postfix_str(self._details(self.clock()), refresh=False)
+            self._bar.close()
+        elif completed:
+            self.write(self.line(final=True))
+
+    def _write_line(self, text: str) -> None:
+        self.stream.write(text + "\n")
+        self.stream.flush()
 
 
-def terminal_writer(stream=None) -> tuple[Callable[[str], None], float]:
-    """(write, interval_s): one line rewritten in place on a terminal; a line every 10 s in a
-    log file."""
-    stream = stream or sys.stderr
-    if stream.isatty():
-
-        def write(line: str) -> None:
-            stream.write("\r" + line + "\x1b[K")
-            stream.flush()
-
-        return write, 0.5
-
-    def write_line(line: str) -> None:
-        stream.write(line + "\n")
-        stream.flush()
-
-    return write_line, 10.0
+@contextlib.contextmanager
+def progress(label: str, total: float | None = None, unit: str = "items",
+             **options) -> Iterator[Progress]:
+    """A Progress that finishes when the block ends (also on an error: a terminal's bar is
+    closed before the error message)."""
+    bar = Progress(label, total, unit, **options)
+    try:
+        yield bar
+    except BaseException:
+        bar.finish(completed=False)
+        raise
+    bar.finish()

@@ -18,11 +18,13 @@ import io
 import tarfile
 import zlib
 from collections.abc import Iterator
+from typing import BinaryIO
 
 import numpy as np
-from tessera.data.format import TOKENS_EXT, DataError, decode_tokens
-from tessera.data.sources import ResolvedShard, is_url
 from webdataset.tariterators import base_plus_ext
+
+from tessera.data.format import TOKENS_EXT, DataError, decode_tokens, first_line
+from tessera.data.sources import ResolvedShard, is_url
 
 TAR_BLOCK = 512
 
@@ -45,7 +47,7 @@ class Member:
 class _CountingReader:
     """A read-only stream that counts (and optionally hashes) the bytes read through it."""
 
-    def __init__(self, stream, digest=None) -> None:
+    def __init__(self, stream: BinaryIO, digest: hashlib._Hash | None = None) -> None:
         self._stream = stream
         self.digest = digest
         self.num_bytes = 0
@@ -61,7 +63,7 @@ class _CountingReader:
         self._stream.close()
 
 
-def open_shard(location: str):
+def open_shard(location: str) -> BinaryIO:
     """The shard's byte stream (a file, or gopen's stream for a URL); DataError if missing."""
     try:
         if is_url(location):
@@ -72,12 +74,8 @@ def open_shard(location: str):
     except FileNotFoundError:
         raise DataError(f"{location}: shard is missing (listed in its manifest)") from None
     except Exception as e:  # gopen's scheme handlers raise OSError, ValueError, ...
-        raise DataError(f"{location}: cannot open shard ({_first_line(e)})") from e
+        raise DataError(f"{location}: cannot open shard ({first_line(e)})") from e
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def is_tokens_member(name: str) -> bool:
@@ -95,8 +93,8 @@ def iter_members(stream: _CountingReader, where: str, max_member_bytes: int | No
         tar = tarfile.open(fileobj=stream, mode="r|*", ignore_zeros=True)  # noqa: SIM115
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         if stream.num_bytes == 0 and isinstance(e, OSError):
-            raise DataError(f"{where}: shard is missing or unreadable ({_first_line(e)})") from e
-        what = "empty file" if stream.num_bytes == 0 else f"not a tar file ({_first_line(e)})"
+            raise DataError(f"{where}: shard is missing or unreadable ({first_line(e)})") from e
+        what = "empty file" if stream.num_bytes == 0 else f"not a tar file ({first_line(e)})"
         yield BadSamples(0, f"{where}: {what}")
         return
     expected_offset = 0
@@ -124,8 +122,8 @@ def iter_members(stream: _CountingReader, where: str, max_member_bytes: int | No
             last = current
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         if stream.num_bytes == 0:
-            raise DataError(f"{where}: shard is missing or unreadable ({_first_line(e)})") from e
-        yield BadSamples(0, f"{where}: truncated in member {current} ({_first_line(e)})")
+            raise DataError(f"{where}: shard is missing or unreadable ({first_line(e)})") from e
+        yield BadSamples(0, f"{where}: truncated in member {current} ({first_line(e)})")
 
 
 def check_payload(payload: bytes, dtype: str, vocab_size: int) -> str | None:
@@ -183,7 +181,7 @@ def _read_whole(shard: ResolvedShard) -> tuple[bytes, str, bool]:
             stream.close()
         except Exception as e:  # a pipe: command that failed
             if stream.num_bytes == 0:
-                raise DataError(f"{shard.path}: shard is missing ({_first_line(e)})") from e
+                raise DataError(f"{shard.path}: shard is missing ({first_line(e)})") from e
             closed_badly = True
     return data, stream.digest.hexdigest(), closed_badly
 
@@ -233,6 +231,6 @@ def _changed(shard: ResolvedShard, holds: str) -> DataError:
     )
 
 
-def hashing_reader(stream) -> tuple[_CountingReader, object]:
+def hashing_reader(stream: BinaryIO) -> tuple[_CountingReader, hashlib._Hash]:
     digest = hashlib.sha256()
     return _CountingReader(stream, digest), digest

@@ -26,11 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import braceexpand
+
 from tessera.data.format import (
     MANIFEST_NAME,
     DataError,
     Manifest,
     TokenizerInfo,
+    first_line,
     parse_manifest,
     read_manifest,
 )
@@ -177,15 +179,11 @@ def _read_url(url: str, what: str = "the manifest") -> str:
         finally:
             stream.close()
     except Exception as e:  # gopen raises OSError, ValueError or the scheme's own errors
-        raise DataError(f"{url}: cannot read {what} ({_first_line(e)})") from e
+        raise DataError(f"{url}: cannot read {what} ({first_line(e)})") from e
     if not data:
         raise DataError(f"{url}: cannot read {what} (nothing came back)")
     return data.decode("utf-8", errors="replace")
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # ---------------------------------------------------------------------------------------------

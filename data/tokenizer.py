@@ -10,9 +10,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from tessera.data.format import DataError, TokenizerInfo
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer as RawTokenizer
+
+from tessera.data.format import DataError, TokenizerInfo, first_line
 
 BYTE_VOCAB_SIZE = 257
 BYTE_EOS_ID = 256
@@ -58,7 +61,7 @@ class ByteTokenizer:
 class HFTokenizer:
     """A Hugging Face `tokenizers.Tokenizer` (a tokenizer.json) with a known EOS token."""
 
-    def __init__(self, tokenizer, source: str = "<in memory>") -> None:
+    def __init__(self, tokenizer: RawTokenizer, source: str = "<in memory>") -> None:
         eos_id = _find_eos_id(tokenizer)
         if eos_id is None:
             names = ", ".join(EOS_CANDIDATES)
@@ -82,7 +85,7 @@ class HFTokenizer:
         try:
             raw = RawTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            raise DataError(f"{path}: cannot load tokenizer ({_first_line(e)})") from e
+            raise DataError(f"{path}: cannot load tokenizer ({first_line(e)})") from e
         return cls(raw, source=str(path))
 
     @classmethod
@@ -162,14 +165,10 @@ def load_tokenizer(info: TokenizerInfo, directory: str | os.PathLike) -> Tokeniz
     return tokenizer
 
 
-def _find_eos_id(tokenizer) -> int | None:
+def _find_eos_id(tokenizer: RawTokenizer) -> int | None:
     for name in EOS_CANDIDATES:
         token_id = tokenizer.token_to_id(name)
         if token_id is not None:
             return token_id
     return None
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

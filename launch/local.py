@@ -10,6 +10,7 @@ import os
 import socket
 import sys
 import uuid
+from collections.abc import Callable
 
 
 def inside_distributed_launch() -> bool:
@@ -21,6 +22,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launch_or_run(nproc_per_node: int, argv: list[str], run: Callable[[], int]) -> int:
+    """`nproc_per_node` local ranks of `python -m tessera <argv>`; or `run()` in this process
+    when it is the only rank, or a rank already (started by torchrun, srun or us)."""
+    if nproc_per_node > 1 and not inside_distributed_launch():
+        return launch_local(nproc_per_node, argv)
+    return run()
 
 
 def launch_local(nproc_per_node: int, args: list[str], module: bool = True) -> int:

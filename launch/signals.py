@@ -12,6 +12,7 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Iterable
+from types import FrameType
 
 import torch
 import torch.distributed as dist
@@ -50,12 +51,12 @@ class StopSignal:
                 self._previous[sig] = signal.signal(sig, self._record)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
 
-    def _record(self, signum: int, frame) -> None:
+    def _record(self, signum: int, frame: FrameType | None) -> None:
         self.received = signal.Signals(signum)
 
     def agreed(self, device: torch.device | str = "cpu") -> signal.Signals | None:

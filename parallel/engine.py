@@ -8,6 +8,7 @@ import math
 
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.engine import DeepSpeedEngine
 from megatron.core import parallel_state
 from torch import nn
 
@@ -15,6 +16,8 @@ from tessera.parallel.topology import MegatronMPU, Topology
 
 # A step count DeepSpeed never reaches: we print our own metrics lines.
 _NEVER = 10**12
+# What build_engine returns (DeepSpeed's PipelineEngine, with pp > 1, is one too).
+Engine = DeepSpeedEngine
 # DeepSpeed's default gradient bucket, 5e8 elements, is allocated whole by ZeRO 1-3 (2 GB a rank
 # in fp32) whatever the model; we cap it at this and at the rank's own parameter count.
 MAX_BUCKET_ELEMENTS = 50_000_000
@@ -82,8 +85,9 @@ def quiet_deepspeed() -> None:
     logger.setLevel(logging.WARNING)
 
 
-def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-                 options: EngineOptions, topo: Topology):
+def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, options: EngineOptions,
+                 topo: Topology) -> Engine:
     """A DeepSpeed engine; a PipelineModule (pp > 1) brings its own process-group grid."""
     import deepspeed
 
@@ -133,7 +137,7 @@ class GradNormClipper:
         self.last_norm = float("nan")
         optimizer.register_step_pre_hook(self._before_step)
 
-    def _before_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         norm = grad_norm_of(params)
         self.last_norm = norm.item()
@@ -152,7 +156,7 @@ class GradNormClipper:
                     param.grad.mul_(scale)
 
 
-def step_grad_norm(engine, clipper: GradNormClipper | None) -> float:
+def step_grad_norm(engine: Engine, clipper: GradNormClipper | None) -> float:
     """The global gradient norm (before clipping) of the step just taken."""
     if clipper is not None:
         return clipper.last_norm

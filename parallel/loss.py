@@ -17,6 +17,8 @@ wherever the chunked projection's logits are.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -79,7 +81,8 @@ def _chunks(tokens: int, chunk_tokens: int) -> list[slice]:
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TH, weight_VH, labels_T, vocab_size: int, chunk_tokens: int):
+    def forward(ctx: Any, x_TH: torch.Tensor, weight_VH: torch.Tensor, labels_T: torch.Tensor,
+                vocab_size: int, chunk_tokens: int) -> torch.Tensor:
         tokens = x_TH.shape[0]
         grad_x_TH = torch.empty_like(x_TH)
         # Each chunk's weight gradient is rounded to the weight's dtype, then summed in fp32.
@@ -98,7 +101,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return torch.cat(losses).mean()
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple:
         grad_x_TH, grad_w_VH = ctx.saved_tensors
         grad_x = grad_x_TH * grad_loss.to(grad_x_TH.dtype)
         grad_w = (grad_w_VH * grad_loss).to(ctx.weight_dtype)

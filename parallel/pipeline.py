@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import torch
 from deepspeed.pipe import PipelineModule
 
 from tessera.parallel.topology import Topology, deepspeed_topology
@@ -22,7 +26,7 @@ def stage_boundaries(blocks_per_stage: list[int]) -> list[int]:
 class _PipelineModule(PipelineModule):
     """DeepSpeed's PipelineModule, plus an explicit list of blocks per stage."""
 
-    def __init__(self, *args, boundaries: list[int] | None = None, **kwargs):
+    def __init__(self, *args: Any, boundaries: list[int] | None = None, **kwargs: Any) -> None:
         self._explicit_boundaries = boundaries
         super().__init__(*args, **kwargs)
 
@@ -35,7 +39,8 @@ class _PipelineModule(PipelineModule):
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
 
-def build_pipeline(specs: list, loss_fn, topo: Topology, partition) -> PipelineModule:
+def build_pipeline(specs: list, loss_fn: Callable[..., torch.Tensor], topo: Topology,
+                   partition: str | list[int]) -> PipelineModule:
     """`partition`: "parameters" (balanced by parameter count), "uniform", or blocks per stage."""
     if isinstance(partition, list):
         return _PipelineModule(layers=specs, loss_fn=loss_fn, topology=deepspeed_topology(topo),

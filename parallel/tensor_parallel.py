@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from typing import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,8 @@ class Part:
     padded_rows: int | None = None  # full rows after zero-padding (vocabulary padding)
 
 
-def megatron_config(tp: int, params_dtype: torch.dtype, sequence_parallel: bool) -> ModelParallelConfig:
+def megatron_config(tp: int, params_dtype: torch.dtype, sequence_parallel: bool
+                    ) -> ModelParallelConfig:
     # We initialize every weight ourselves (layout-independent), so megatron-core only allocates.
     return ModelParallelConfig(
         tensor_model_parallel_size=tp,
@@ -58,17 +59,18 @@ def _mark_sharded(weight: torch.Tensor | None, dim: int) -> None:
 # `F.linear`/`F.embedding`: same parameters (so checkpoints), same bits, less work per call
 # (bench/results/profile.md).
 class _OneRankColumnLinear(mcore_tp.ColumnParallelLinear):
-    def forward(self, input_, weight=None, runtime_gather_output=None):
+    def forward(self, input_: torch.Tensor, weight: torch.Tensor | None = None,
+                runtime_gather_output: bool | None = None) -> tuple[torch.Tensor, None]:
         return F.linear(input_, self.weight if weight is None else weight), None
 
 
 class _OneRankRowLinear(mcore_tp.RowParallelLinear):
-    def forward(self, input_):
+    def forward(self, input_: torch.Tensor) -> tuple[torch.Tensor, None]:
         return F.linear(input_, self.weight), None
 
 
 class _OneRankEmbedding(mcore_tp.VocabParallelEmbedding):
-    def forward(self, input_):
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_, self.weight)
 
 
@@ -76,7 +78,8 @@ def _layer_class(config: ModelParallelConfig, megatron_class: type, one_rank_cla
     return one_rank_class if config.tensor_model_parallel_size == 1 else megatron_class
 
 
-def column_parallel(config: ModelParallelConfig, in_features: int, out_features: int, *, skip_weight: bool = False):
+def column_parallel(config: ModelParallelConfig, in_features: int, out_features: int, *,
+                    skip_weight: bool = False) -> mcore_tp.ColumnParallelLinear:
     layer = _layer_class(config, mcore_tp.ColumnParallelLinear, _OneRankColumnLinear)(
         in_features, out_features, config=config, init_method=_no_init, bias=False,
         gather_output=False, skip_weight_param_allocation=skip_weight,
@@ -85,7 +88,8 @@ def column_parallel(config: ModelParallelConfig, in_features: int, out_features:
     return layer
 
 
-def row_parallel(config: ModelParallelConfig, in_features: int, out_features: int):
+def row_parallel(config: ModelParallelConfig, in_features: int, out_features: int
+                 ) -> mcore_tp.RowParallelLinear:
     layer = _layer_class(config, mcore_tp.RowParallelLinear, _OneRankRowLinear)(
         in_features, out_features, config=config, init_method=_no_init, bias=False,
         input_is_parallel=True, skip_bias_add=False,
@@ -94,7 +98,8 @@ def row_parallel(config: ModelParallelConfig, in_features: int, out_features: in
     return layer
 
 
-def vocab_parallel_embedding(config: ModelParallelConfig, padded_vocab_size: int, hidden_size: int):
+def vocab_parallel_embedding(config: ModelParallelConfig, padded_vocab_size: int,
+                             hidden_size: int) -> mcore_tp.VocabParallelEmbedding:
     layer = _layer_class(config, mcore_tp.VocabParallelEmbedding, _OneRankEmbedding)(
         padded_vocab_size, hidden_size, init_method=_no_init, config=config,
         reduce_scatter_embeddings=config.sequence_parallel,
@@ -138,6 +143,16 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
 # Local tensors from full tensors
 
 
+def canonical_params(model: torch.nn.Module) -> Iterator[tuple[torch.nn.Parameter, list[Part]]]:
+    """Every local parameter of a model whose layers state their `canonical_parts`, with the
+    full tensors it is cut from: what initialization, generation and conversion fill."""
+    for layer in model.modules():
+        if hasattr(layer, "canonical_parts"):
+            params = dict(layer.named_parameters())
+            for local_name, parts in layer.canonical_parts().items():
+                yield params[local_name], parts
+
+
 def local_slice(full: torch.Tensor, part: Part, tp_rank: int, tp: int) -> torch.Tensor:
     if part.padded_rows is not None and part.padded_rows > full.shape[0]:
         pad = full.new_zeros((part.padded_rows - full.shape[0], *full.shape[1:]))
@@ -147,7 +162,8 @@ def local_slice(full: torch.Tensor, part: Part, tp_rank: int, tp: int) -> torch.
     return full.chunk(tp, dim=part.split_dim)[tp_rank]
 
 
-def local_tensor(parts: list[Part], full_of: Callable[[Part], torch.Tensor], tp_rank: int, tp: int) -> torch.Tensor:
+def local_tensor(parts: list[Part], full_of: Callable[[Part], torch.Tensor], tp_rank: int,
+                 tp: int) -> torch.Tensor:
     pieces = [local_slice(full_of(p), p, tp_rank, tp) for p in parts]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
 

@@ -8,12 +8,15 @@ megatron-core's `parallel_state` is initialized here and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron.core import parallel_state
 
 
@@ -64,12 +67,6 @@ def init_distributed(tp: int, pp: int, backend: str = "auto", timeout_s: int = 6
     import deepspeed
 
     rank, world, local_rank = env_world()
-    if world == 1 and not dist.is_initialized():
-        # A single process still needs a process group for megatron-core and DeepSpeed.
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
-            os.environ.setdefault(key, value)
     backend = choose_backend(backend)
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
@@ -78,8 +75,17 @@ def init_distributed(tp: int, pp: int, backend: str = "auto", timeout_s: int = 6
         # threads than cores only adds contention.
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if world == 1 and not dist.is_initialized():
+        # One process still needs a process group for megatron-core and DeepSpeed; an in-memory
+        # store makes it without a port, and leaves no RANK/MASTER_* behind in the environment
+        # (a command this process starts would take them for a launch). DeepSpeed's engine reads
+        # LOCAL_RANK, which alone does not look like a launch.
+        os.environ.setdefault("LOCAL_RANK", "0")
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout)
     # Wraps an existing torch process group, or creates one from the environment.
-    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -93,6 +99,18 @@ def init_distributed(tp: int, pp: int, backend: str = "auto", timeout_s: int = 6
     return topo
 
 
+@contextlib.contextmanager
+def distributed(tp: int, pp: int, backend: str = "auto") -> Iterator[Topology]:
+    """The process group and megatron-core's groups for the body, left after it. A process group
+    that existed before (torchrun's rendezvous, a test's) stays; one made here goes."""
+    owns_process_group = not dist.is_initialized()
+    topo = init_distributed(tp, pp, backend)
+    try:
+        yield topo
+    finally:
+        destroy_distributed(process_group_too=owns_process_group)
+
+
 def destroy_distributed(process_group_too: bool = True) -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -100,14 +118,12 @@ def destroy_distributed(process_group_too: bool = True) -> None:
         dist.destroy_process_group()
 
 
-def deepspeed_topology(topo: Topology):
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-
+def deepspeed_topology(topo: Topology) -> PipeModelDataParallelTopology:
     return PipeModelDataParallelTopology(num_pp=topo.pp, num_mp=topo.tp, num_dp=topo.dp)
 
 
 class MegatronMPU:
-    """DeepSpeed's `mpu` interface answered by megatron-core's groups (for the non-pipeline engine)."""
+    """DeepSpeed's `mpu` interface answered by megatron-core's groups (non-pipeline engine)."""
 
     @staticmethod
     def get_model_parallel_rank() -> int:
@@ -118,7 +134,7 @@ class MegatronMPU:
         return parallel_state.get_tensor_model_parallel_world_size()
 
     @staticmethod
-    def get_model_parallel_group():
+    def get_model_parallel_group() -> dist.ProcessGroup:
         return parallel_state.get_tensor_model_parallel_group()
 
     @staticmethod
@@ -130,13 +146,5 @@ class MegatronMPU:
         return parallel_state.get_data_parallel_world_size()
 
     @staticmethod
-    def get_data_parallel_group():
+    def get_data_parallel_group() -> dist.ProcessGroup:
         return parallel_state.get_data_parallel_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

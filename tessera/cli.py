@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from tessera import __version__
 from tessera.launch.env import quiet_dependencies
 
+if TYPE_CHECKING:  # imported where a command needs it: `tessera --help` stays quick
+    from tessera.trainer.config import Config
+
 COMMANDS = {
     "prepare": "tokenize text into WebDataset shards",
     "train": "train (or resume) a model",
-    "submit": "submit training to Slurm (requeues itself when preempted); --dry-run prints the script",
+    "submit": "submit training to Slurm (requeues itself when preempted); --dry-run: the script",
     "status": "a run's Slurm jobs, last step and last checkpoint: tessera status RUN_DIR",
     "print-config": "print the resolved config; --doc: the reference of every key (Markdown)",
     "checkpoint": "list a run's checkpoints or inspect one: tessera checkpoint {list,inspect} PATH",
     "convert": "checkpoint to/from Hugging Face or another layout: convert {to-hf,from-hf,reshard}",
     "generate": "continue a prompt with a checkpoint: tessera generate CKPT_DIR --prompt TEXT",
-    "report": "loss and throughput plots of runs: tessera report RUN_DIR... --output FILE.png|.html",
+    "report": "loss and throughput plots: tessera report RUN_DIR... --output FILE.png|.html",
 }
 
 
@@ -79,7 +83,7 @@ def _config_args(prog: str, argv: list[str]) -> tuple[str | None, list[str]]:
     return args.config, [*args.overrides, *unknown]
 
 
-def _load(prog: str, argv: list[str]):
+def _load(prog: str, argv: list[str]) -> Config:
     from tessera.trainer.config import load_config, validate
 
     config_path, overrides = _config_args(prog, argv)
@@ -106,8 +110,8 @@ def _print_config(argv: list[str]) -> int:
 def _train(argv: list[str]) -> int:
     from tessera.data.format import DataError
     from tessera.launch.env import from_slurm, srun_step_tasks
-    from tessera.launch.local import inside_distributed_launch, launch_local
-    from tessera.launch.signals import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Interrupted
+    from tessera.launch.local import inside_distributed_launch, launch_or_run
+    from tessera.launch.signals import INTERRUPTED_EXIT_CODE, Interrupted
     from tessera.trainer.checkpoint import CheckpointError
     from tessera.trainer.config import ConfigError, validate
     from tessera.trainer.health import NonFiniteError
@@ -118,16 +122,10 @@ def _train(argv: list[str]) -> int:
         check_writable(cfg.run.dir)  # before any process starts
         if not inside_distributed_launch() and srun_step_tasks() > 1:
             from_slurm().export()  # `srun tessera train`: each task is a rank
-        nproc = cfg.launch.nproc_per_node
-        if nproc > 1 and not inside_distributed_launch():
-            validate(cfg, world_size=nproc)  # fail here, before any process starts
+        if not inside_distributed_launch():  # fail here, before any process starts
+            validate(cfg, world_size=cfg.launch.nproc_per_node)
             RunLock(cfg.run.dir).check_free()  # (rank 0 takes the lock for the job's life)
-            return launch_local(nproc, ["train", *argv])
-        from tessera.trainer.train import train
-
-        state = train(cfg)
-        if state.step < cfg.train.steps:
-            return PREEMPTED_EXIT_CODE  # stopped on a signal, saved: running again resumes
+        return launch_or_run(cfg.launch.nproc_per_node, ["train", *argv], lambda: _train_here(cfg))
     except (ConfigError, DataError, CheckpointError, NonFiniteError) as e:
         return _fail("train", e)
     except Interrupted as e:  # Ctrl-C in the loop: saved at a step boundary
@@ -137,6 +135,17 @@ def _train(argv: list[str]) -> int:
         print("tessera train: interrupted outside the training loop; the last committed "
               "checkpoint stands", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
+    return 0
+
+
+def _train_here(cfg: Config) -> int:
+    """This process trains, as the only rank or as one rank of a launch."""
+    from tessera.launch.signals import PREEMPTED_EXIT_CODE
+    from tessera.trainer.train import train
+
+    state = train(cfg)
+    if state.step < cfg.train.steps:
+        return PREEMPTED_EXIT_CODE  # stopped on a signal, saved: running again resumes
     return 0
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+
 from tessera.trainer import checkpoint
 
 # Files whose content legitimately differs between two saves of the same state.

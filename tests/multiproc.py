@@ -9,15 +9,10 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import traceback
 from typing import Any, Callable
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tessera.launch.local import free_port
 
 
 def _entry(rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple,
@@ -47,7 +42,7 @@ def run_ranks(world_size: int, fn: Callable, *args: Any, timeout_s: float = 600,
               backend: str = "gloo") -> list[Any]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_entry, args=(r, world_size, port, backend, fn, args, results))
              for r in range(world_size)]
     for p in procs:

@@ -110,7 +110,8 @@ class CheckpointConfig:
     keep_last: int = 3  # newest committed checkpoints kept
     keep_every: int = 0  # also kept for good: every checkpoint whose step is a multiple; 0: none
     load_from: str | None = None  # a new run starts from this step, checkpoints or run directory
-    load_weights_only: bool = False  # with load_from: weights only (fresh optimizer, schedule, data)
+    load_weights_only: bool = False  # with load_from: weights only (a fresh optimizer, schedule
+    # and data position)
     verify: bool = True  # check each file's sha256 against the manifest before loading
     # key `checkpoint.async`: write the files in the background; a step waits only for the copy
     # to host memory (the field has another name: `async` is a Python keyword)
@@ -178,7 +179,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return _build(Config, merged, prefix="")
 
 
-def _parse_overrides(overrides: list[str]):
+def _parse_overrides(overrides: list[str]) -> DictConfig:
     items = []
     for raw in overrides:
         item = raw[2:] if raw.startswith("--") else raw
@@ -192,7 +193,7 @@ def _parse_overrides(overrides: list[str]):
         raise ConfigError(f"cannot parse overrides {items}: {e}") from e
 
 
-def _build(cls: type, values: dict, prefix: str):
+def _build(cls: type, values: dict, prefix: str) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
     fields = {_key(f): f for f in dataclasses.fields(cls)}
@@ -217,12 +218,13 @@ def _key(field: dataclasses.Field) -> str:
     return field.metadata.get("key", field.name)
 
 
-def _as_dict(obj) -> dict:
+def _as_dict(obj: Any) -> dict:
     """dataclasses.asdict with config keys (the inverse of _build)."""
     out = {}
     for field in dataclasses.fields(obj):
         value = getattr(obj, field.name)
-        out[_key(field)] = _as_dict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+        nested = dataclasses.is_dataclass(value)
+        out[_key(field)] = _as_dict(value) if nested else copy.deepcopy(value)
     return out
 
 
@@ -279,16 +281,25 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     """Checks that need several fields; `world_size` adds the layout checks when known."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     _check_numbers(cfg)  # first: the checks below divide by some of them
-    _check(m.hidden_size % m.num_heads == 0, "model.hidden_size", f"{m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
-    _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", f"{m.num_kv_heads} does not divide model.num_heads={m.num_heads}")
-    _check(m.head_dim % 2 == 0, "model.hidden_size", f"head dim {m.head_dim} must be even for rotary embeddings")
-    _check(m.num_heads % p.tp == 0, "parallel.tp", f"tp={p.tp} does not divide model.num_heads={m.num_heads}")
-    _check(m.num_kv_heads % p.tp == 0, "parallel.tp", f"tp={p.tp} does not divide model.num_kv_heads={m.num_kv_heads}")
-    _check(m.ffn_hidden_size % p.tp == 0, "parallel.tp", f"tp={p.tp} does not divide model.ffn_hidden_size={m.ffn_hidden_size}")
-    _check(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}")
+    _check(m.hidden_size % m.num_heads == 0, "model.hidden_size",
+           f"{m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+    _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
+           f"{m.num_kv_heads} does not divide model.num_heads={m.num_heads}")
+    _check(m.head_dim % 2 == 0, "model.hidden_size",
+           f"head dim {m.head_dim} must be even for rotary embeddings")
+    _check(m.num_heads % p.tp == 0, "parallel.tp",
+           f"tp={p.tp} does not divide model.num_heads={m.num_heads}")
+    _check(m.num_kv_heads % p.tp == 0, "parallel.tp",
+           f"tp={p.tp} does not divide model.num_kv_heads={m.num_kv_heads}")
+    _check(m.ffn_hidden_size % p.tp == 0, "parallel.tp",
+           f"tp={p.tp} does not divide model.ffn_hidden_size={m.ffn_hidden_size}")
+    _check(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage",
+           f"must be 0, 1, 2 or 3, got {p.zero_stage}")
     _check(p.pp == 1 or p.zero_stage <= 1, "parallel.zero_stage",
-           f"ZeRO stage {p.zero_stage} with pp={p.pp}: DeepSpeed's pipeline engine supports only stages 0 and 1")
-    _check(p.pp <= m.num_layers, "parallel.pp", f"pp={p.pp} exceeds model.num_layers={m.num_layers}")
+           f"ZeRO stage {p.zero_stage} with pp={p.pp}: DeepSpeed's pipeline engine supports only "
+           f"stages 0 and 1")
+    _check(p.pp <= m.num_layers, "parallel.pp",
+           f"pp={p.pp} exceeds model.num_layers={m.num_layers}")
     _check_partition(cfg)
     if p.sequence_parallel:
         _check(p.tp > 1, "parallel.sequence_parallel", "needs tensor parallelism (parallel.tp > 1)")
@@ -298,19 +309,27 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
            f"must be none or full, got {t.activation_checkpointing!r}")
     _check(t.loss_chunk_tokens >= 0, "train.loss_chunk_tokens",
            f"must be >= 0 (0: no chunks), got {t.loss_chunk_tokens}")
-    _check(t.precision in ("fp32", "bf16"), "train.precision", f"must be fp32 or bf16, got {t.precision!r}")
-    _check(math.isfinite(t.grad_clip) and t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 turns clipping off), got {t.grad_clip}")
-    _check(0 <= t.min_lr <= t.lr, "train.min_lr", f"{t.min_lr} must lie between 0 and train.lr={t.lr}")
+    _check(t.precision in ("fp32", "bf16"), "train.precision",
+           f"must be fp32 or bf16, got {t.precision!r}")
+    _check(math.isfinite(t.grad_clip) and t.grad_clip >= 0, "train.grad_clip",
+           f"must be >= 0 (0 turns clipping off), got {t.grad_clip}")
+    _check(0 <= t.min_lr <= t.lr, "train.min_lr",
+           f"{t.min_lr} must lie between 0 and train.lr={t.lr}")
     _check(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     _check(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",
            f"{t.global_batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size}")
-    _check(cfg.checkpoint.interval >= 0, "checkpoint.interval", f"must be >= 0, got {cfg.checkpoint.interval}")
-    _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {cfg.checkpoint.keep_last}")
-    _check(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every", f"must be >= 0 (0: none), got {cfg.checkpoint.keep_every}")
-    _check(cfg.data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")
-    _check(cfg.launch.backend in ("auto", "gloo", "nccl"), "launch.backend", f"must be auto, gloo or nccl, got {cfg.launch.backend!r}")
+    _check(cfg.checkpoint.interval >= 0, "checkpoint.interval",
+           f"must be >= 0, got {cfg.checkpoint.interval}")
+    _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last",
+           f"must be >= 1, got {cfg.checkpoint.keep_last}")
+    _check(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every",
+           f"must be >= 0 (0: none), got {cfg.checkpoint.keep_every}")
+    _check(cfg.data.num_workers >= 0, "data.num_workers",
+           f"must be >= 0, got {cfg.data.num_workers}")
+    _check(cfg.launch.backend in ("auto", "gloo",
+           "nccl"), "launch.backend", f"must be auto, gloo or nccl, got {cfg.launch.backend!r}")
     shards = cfg.data.shards
-    _check(shards is None or isinstance(shards, str) or (isinstance(shards, list) and all(isinstance(s, str) for s in shards)),
+    _check(_paths_or_none(shards),
            "data.shards", f"must be a path, a pattern or a list of them, got {shards!r}")
     _check_slurm(cfg.slurm)
     _check_observability(cfg)
@@ -338,14 +357,16 @@ def _check_slurm(s: SlurmConfig) -> None:
     _check((name if name.startswith("SIG") else "SIG" + name) in signal.Signals.__members__,
            "slurm.signal", f"{s.signal!r} is not a signal name (e.g. USR1, USR2, TERM)")
     _check(s.signal_lead_s < min(s.time_min * 60, 65536), "slurm.signal_lead_s",
-           f"{s.signal_lead_s} s must be shorter than slurm.time_min ({s.time_min} min) and 65536 s")
+           f"{s.signal_lead_s} s must be shorter than slurm.time_min ({s.time_min} min) and 65536 "
+           f"s")
     options = s.sbatch_options
     _check(isinstance(options, dict) and all(
         isinstance(k, str) and isinstance(v, (str, int, float, bool)) for k, v in options.items()),
         "slurm.sbatch_options", f"must map sbatch flags to values, got {options!r}")
     for flag in options:
         _check(flag.replace("_", "-").lstrip("-") not in _MANAGED_SBATCH_FLAGS,
-               "slurm.sbatch_options", f"'{flag}' has its own key under slurm (or is set by submit)")
+               "slurm.sbatch_options", f"'{flag}' has its own key under slurm (or is set by "
+                                       f"submit)")
     _check(isinstance(s.setup, list) and all(isinstance(line, str) for line in s.setup),
            "slurm.setup", f"must be a list of shell lines, got {s.setup!r}")
 
@@ -353,9 +374,11 @@ def _check_slurm(s: SlurmConfig) -> None:
 def _check_observability(cfg: Config) -> None:
     """Evaluation, non-finite steps and logging."""
     t, log = cfg.train, cfg.log
-    _check(t.eval_interval >= 0, "train.eval_interval", f"must be >= 0 (0: only at the end), got {t.eval_interval}")
+    _check(t.eval_interval >= 0, "train.eval_interval",
+           f"must be >= 0 (0: only at the end), got {t.eval_interval}")
     _check(t.eval_steps >= 1, "train.eval_steps", f"must be at least 1, got {t.eval_steps}")
-    _check(t.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", f"must be >= 0, got {t.max_nonfinite_steps}")
+    _check(t.max_nonfinite_steps >= 0, "train.max_nonfinite_steps",
+           f"must be >= 0, got {t.max_nonfinite_steps}")
     _check(log.loss_spike_factor == 0 or log.loss_spike_factor > 1, "log.loss_spike_factor",
            f"must be above 1 (or 0: off), got {log.loss_spike_factor}")
     _check(log.peak_tflops is None or log.peak_tflops > 0, "log.peak_tflops",
@@ -363,7 +386,7 @@ def _check_observability(cfg: Config) -> None:
     _check(log.wandb_mode in (None, "online", "offline", "disabled"), "log.wandb_mode",
            f"must be online, offline, disabled or null, got {log.wandb_mode!r}")
     valid = cfg.data.valid_shards
-    _check(valid is None or isinstance(valid, str) or (isinstance(valid, list) and all(isinstance(s, str) for s in valid)),
+    _check(_paths_or_none(valid),
            "data.valid_shards", f"must be a path, a pattern or a list of them, got {valid!r}")
 
 
@@ -431,7 +454,14 @@ def _check_numbers(cfg: Config) -> None:
         _check(0 <= value < 1, key, f"must lie in [0, 1), got {value}")
     _check(math.isfinite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay",
            f"must be >= 0, got {t.weight_decay}")
-    _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0 (0: off), got {d.shuffle_buffer}")
+    _check(d.shuffle_buffer >= 0, "data.shuffle_buffer",
+           f"must be >= 0 (0: off), got {d.shuffle_buffer}")
+
+
+def _paths_or_none(value: Any) -> bool:
+    """A path or pattern, a list of them, or null."""
+    return value is None or isinstance(value, str) or (
+        isinstance(value, list) and all(isinstance(item, str) for item in value))
 
 
 def _check(ok: bool, key: str, message: str) -> None:

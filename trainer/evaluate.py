@@ -18,15 +18,17 @@ import torch
 import torch.distributed as dist
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from megatron.core import parallel_state
+
 from tessera.data.format import DataError
 from tessera.data.loader import TrainLoader
 from tessera.data.sources import DEFAULT_SOURCE, Source, resolve_shards
+from tessera.parallel.engine import Engine
 from tessera.parallel.topology import Topology
 from tessera.trainer.config import Config
 from tessera.trainer.metrics import warn
 
 
-def resolve_valid(spec, train_sources: Sequence[Source]) -> list[Source]:
+def resolve_valid(spec: str | list[str], train_sources: Sequence[Source]) -> list[Source]:
     """`data.valid_shards` as one source; it must share the training data's tokenizer and hold
     none of its shards."""
     try:
@@ -98,13 +100,13 @@ class Evaluator:
             yield global_batch[start : start + self.per_rank]
 
     @torch.no_grad()
-    def run(self, engine) -> dict[str, float]:
+    def run(self, engine: Engine) -> dict[str, float]:
         """Collective: {"eval/loss", "eval/perplexity"}, the same value on every rank."""
         losses = [self._batch_loss(engine, micro_batches) for micro_batches in self.rank_batches()]
         loss = sum(losses) / len(losses)
         return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700.0))}
 
-    def _batch_loss(self, engine, micro_batches: list) -> float:
+    def _batch_loss(self, engine: Engine, micro_batches: list) -> float:
         """The mean loss of one global batch, from this rank's micro-batches of it."""
         if isinstance(engine, PipelineEngine):
             loss = engine.eval_batch(iter(micro_batches), num_micro_batches=len(micro_batches))

@@ -16,11 +16,15 @@ import sys
 from pathlib import Path
 
 import torch
-from tessera.data.format import DataError, read_manifest
-from tessera.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
+
+from tessera.data.format import DataError
+from tessera.parallel import tensor_parallel as tpl
+from tessera.parallel.topology import distributed
 from tessera.trainer import checkpoint
 from tessera.trainer.checkpoint import CheckpointError
 from tessera.trainer.config import ConfigError, ModelConfig
+from tessera.trainer.convert.reader import load_canonical_state
+from tessera.trainer.model import build_model
 
 USAGE = (
     "tessera generate CKPT_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] "
@@ -34,26 +38,6 @@ class Sampling:
     temperature: float = 0.0  # 0: greedy
     top_k: int = 0  # 0: the whole vocabulary
     seed: int = 0
-
-
-def tokenizer_for(step_dir: Path, override: str | None = None) -> Tokenizer:
-    """`override` (a prepared data directory or a tokenizer.json, from the user's command line),
-    else the tokenizer the checkpoint carries. Nothing the checkpoint's config names (its data
-    paths, which may be `pipe:` commands) is ever opened."""
-    if override is not None:
-        path = Path(override)
-        if path.is_dir():
-            return load_tokenizer(read_manifest(path).tokenizer, path)
-        return HFTokenizer.from_file(path)
-    carried = checkpoint.carried_tokenizer(step_dir)
-    if carried is None:
-        raise DataError(
-            f"{step_dir}: the checkpoint carries no tokenizer (saved by an older Tessera, or "
-            f"imported without one); pass --tokenizer with the prepared data directory or its "
-            f"tokenizer.json"
-        )
-    info, _ = carried
-    return load_tokenizer(info, step_dir / checkpoint.TOKENIZER_DIR)
 
 
 def find_step_dir(path: str | Path) -> Path:
@@ -73,18 +57,10 @@ def find_step_dir(path: str | Path) -> Path:
 def build_generator(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A tp = 1 fp32 model holding `tensors`, on the GPU when there is one (needs a process
     group: `init_distributed(1, 1)`)."""
-    from tessera.parallel import tensor_parallel as tpl
-    from tessera.trainer.model import build_model
-
     model, _ = build_model(cfg, tp=1)
     with torch.no_grad():
-        for layer in model.modules():
-            if not hasattr(layer, "canonical_parts"):
-                continue
-            params = dict(layer.named_parameters())
-            for local_name, parts in layer.canonical_parts().items():
-                full = tpl.local_tensor(parts, lambda p: tensors[p.name].float(), 0, 1)
-                params[local_name].copy_(full)
+        for param, parts in tpl.canonical_params(model):
+            param.copy_(tpl.local_tensor(parts, lambda p: tensors[p.name].float(), 0, 1))
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
@@ -127,12 +103,9 @@ def generate(
     tokenizer_path: str | None = None,
 ) -> str:
     """The continuation of `prompt` (decoded text, without the prompt)."""
-    from tessera.parallel.topology import destroy_distributed, init_distributed
-    from tessera.trainer.convert.reader import load_canonical_state
-
     step_dir = find_step_dir(ckpt_dir)
     cfg, tensors = load_canonical_state(step_dir)
-    tokenizer = tokenizer_for(step_dir, tokenizer_path)
+    tokenizer = checkpoint.tokenizer_of(step_dir, tokenizer_path)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise DataError(
             f"the tokenizer has {tokenizer.vocab_size} tokens, the model of "
@@ -142,17 +115,11 @@ def generate(
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:
         prompt_ids = [tokenizer.eos_id]  # an empty prompt starts a new document
-    import torch.distributed as dist
-
-    owns_group = not dist.is_initialized()
-    init_distributed(1, 1, "gloo")
-    try:
+    with distributed(1, 1, "gloo"):  # megatron-core's layers need their groups, even of one
         model = build_generator(cfg, tensors)
         new = continue_ids(
             model, prompt_ids, sampling, tokenizer.eos_id, cfg.vocab_size, cfg.seq_len
         )
-    finally:
-        destroy_distributed(process_group_too=owns_group)
     return tokenizer.decode(new)
 
 

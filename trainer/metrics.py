@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from tessera.data.progress import clock_text, human_count
 from tessera.trainer.config import Config, LogConfig, ModelConfig, _as_dict
 
 # bf16 dense tensor-core peaks in TFLOP/s, by a substring of torch.cuda.get_device_name();
@@ -179,19 +181,6 @@ class StepTimes:
 # The console
 
 
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
-
-
-def _count(value: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.1f}{unit}"
-    return f"{value:.0f}"
-
-
 def _number(value: float, spec: str) -> str:
     return "nan" if value is None or not math.isfinite(value) else format(value, spec)
 
@@ -203,14 +192,14 @@ def console_line(row: dict) -> str:
         f"loss {_number(row['loss'], '.4f')}",
         f"lr {row['lr']:.2e}",
         f"gnorm {_number(row['grad_norm'], '.3f')}",
-        f"{_count(row['tokens_per_s'])} tok/s",
+        f"{human_count(row['tokens_per_s'])} tok/s",
     ]
     if "throughput/mfu" in row:
         parts.append(f"MFU {100 * row['throughput/mfu']:.1f}%")
     if "memory/peak_gb" in row:
         parts.append(f"mem {row['memory/peak_gb']:.2f} GB")
     if "time/eta_s" in row:
-        parts.append(f"ETA {_duration(row['time/eta_s'])}")
+        parts.append(f"ETA {clock_text(row['time/eta_s'])}")
     if row.get("train/skipped"):
         parts.append("SKIPPED (non-finite)")
     line = " | ".join(parts)

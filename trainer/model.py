@@ -10,12 +10,15 @@ Hugging Face's Llama convention (rotate_half), so weights map to `LlamaForCausal
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
+from tessera.data.format import first_line
 from tessera.parallel import tensor_parallel as tpl
 from tessera.parallel.loss import (
     chunked_vocab_parallel_loss,
@@ -39,8 +42,10 @@ class RMSNorm(nn.Module):
         return self.weight * x_fp32.to(x.dtype)
 
 
-def rotary_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+def rotary_cos_sin(seq_len: int, head_dim: int, theta: float, device: torch.device,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
     positions = torch.arange(seq_len, device=device, dtype=torch.float32)
     freqs_SD = torch.outer(positions, inv_freq)
     emb_SD = torch.cat([freqs_SD, freqs_SD], dim=-1)
@@ -59,7 +64,7 @@ def apply_rotary(x_BNSD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tenso
 class Embedding(nn.Module):
     """Token embedding; with tied embeddings it also projects the final hidden states to logits."""
 
-    def __init__(self, cfg: ModelConfig, mp_config, padded_vocab_size: int):
+    def __init__(self, cfg: ModelConfig, mp_config: ModelParallelConfig, padded_vocab_size: int):
         super().__init__()
         self.cfg = cfg
         self.padded_vocab_size = padded_vocab_size
@@ -88,7 +93,7 @@ class Embedding(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: GQA attention (SDPA, causal) and a SwiGLU MLP."""
 
-    def __init__(self, cfg: ModelConfig, mp_config, layer_index: int,
+    def __init__(self, cfg: ModelConfig, mp_config: ModelParallelConfig, layer_index: int,
                  checkpoint_activations: bool = False):
         super().__init__()
         _, tp = tpl.tp_rank_and_size()
@@ -99,7 +104,8 @@ class Block(nn.Module):
         self.num_kv_heads_local = cfg.num_kv_heads // tp
         head_dim, hidden, ffn = cfg.head_dim, cfg.hidden_size, cfg.ffn_hidden_size
         self.attn_norm = tpl.replicated(RMSNorm(hidden, cfg.norm_eps), mp_config)
-        self.qkv = tpl.column_parallel(mp_config, hidden, (cfg.num_heads + 2 * cfg.num_kv_heads) * head_dim)
+        qkv_rows = (cfg.num_heads + 2 * cfg.num_kv_heads) * head_dim
+        self.qkv = tpl.column_parallel(mp_config, hidden, qkv_rows)
         self.o = tpl.row_parallel(mp_config, cfg.num_heads * head_dim, hidden)
         self.mlp_norm = tpl.replicated(RMSNorm(hidden, cfg.norm_eps), mp_config)
         self.gate_up = tpl.column_parallel(mp_config, hidden, 2 * ffn)
@@ -157,7 +163,8 @@ class Block(nn.Module):
         o_SBH, _ = self.o(out_SBX)
         return o_SBH
 
-    def _rotary_tables(self, seq_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rotary_tables(self, seq_len: int, device: torch.device, dtype: torch.dtype
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotary cos/sin tables, computed on first use, not at every micro-batch."""
         key = (seq_len, device, dtype)
         if self._rotary is None or self._rotary[0] != key:
@@ -188,7 +195,7 @@ class Block(nn.Module):
 
 
 class FinalNorm(nn.Module):
-    def __init__(self, cfg: ModelConfig, mp_config):
+    def __init__(self, cfg: ModelConfig, mp_config: ModelParallelConfig):
         super().__init__()
         self.cfg = cfg
         self.final_norm = tpl.replicated(RMSNorm(cfg.hidden_size, cfg.norm_eps), mp_config)
@@ -207,7 +214,7 @@ class OutputLayer(nn.Module):
     input and weight to the loss, which projects a chunk of tokens at a time.
     """
 
-    def __init__(self, cfg: ModelConfig, mp_config, padded_vocab_size: int,
+    def __init__(self, cfg: ModelConfig, mp_config: ModelParallelConfig, padded_vocab_size: int,
                  chunked_loss: bool = False):
         super().__init__()
         self.cfg = cfg
@@ -215,7 +222,7 @@ class OutputLayer(nn.Module):
         self.chunked_loss = chunked_loss
         self.head = tpl.column_parallel(mp_config, cfg.hidden_size, padded_vocab_size)
 
-    def forward(self, x_SBH: torch.Tensor):
+    def forward(self, x_SBH: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.chunked_loss:
             return x_SBH, self.head.weight
         logits_SBV, _ = self.head(x_SBH)
@@ -248,7 +255,8 @@ class ChunkedLoss:
                                            labels_BS, self.vocab_size, self.chunk_tokens)
 
 
-def loss_function(cfg: ModelConfig, sequence_parallel: bool, loss_chunk_tokens: int):
+def loss_function(cfg: ModelConfig, sequence_parallel: bool, loss_chunk_tokens: int
+                  ) -> Callable[..., torch.Tensor]:
     """What the last stage's output goes through: logits -> `lm_loss`, or (hidden states,
     weight) -> `ChunkedLoss`."""
     if loss_chunk_tokens == 0:
@@ -259,7 +267,7 @@ def loss_function(cfg: ModelConfig, sequence_parallel: bool, loss_chunk_tokens: 
 class Llama(nn.Module):
     """The whole layer list in one pipeline stage (pp=1)."""
 
-    def __init__(self, cfg: ModelConfig, mp_config, padded_vocab_size: int,
+    def __init__(self, cfg: ModelConfig, mp_config: ModelParallelConfig, padded_vocab_size: int,
                  checkpoint_activations: bool = False, loss_chunk_tokens: int = 0):
         super().__init__()
         self.cfg = cfg
@@ -296,7 +304,7 @@ class Llama(nn.Module):
 def build_model(cfg: ModelConfig, tp: int, params_dtype: torch.dtype = torch.float32,
                 sequence_parallel: bool = False, checkpoint_activations: bool = False,
                 loss_chunk_tokens: int = 0) -> tuple[Llama, int]:
-    """The pp=1 model with megatron-core TP layers (uninitialized); returns it and the padded vocab."""
+    """The pp=1 model with megatron-core TP layers (uninitialized), and the padded vocabulary."""
     assert cfg.vocab_size is not None, "model.vocab_size must be resolved before building"
     padded = tpl.padded_vocab_size(cfg.vocab_size, tp)
     mp_config = tpl.megatron_config(tp, params_dtype, sequence_parallel)
@@ -308,7 +316,8 @@ def tied_projection(embedding: Embedding, x_SBH: torch.Tensor) -> torch.Tensor:
     return embedding.project(x_SBH)
 
 
-def tied_head_output(embedding: Embedding, x_SBH: torch.Tensor):
+def tied_head_output(embedding: Embedding, x_SBH: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """The last stage's output for the chunked loss, with tied embeddings."""
     return x_SBH, embedding.embed.weight
 
@@ -321,10 +330,9 @@ def check_compile_works() -> None:
     try:
         torch.compile(_compile_probe, fullgraph=True)(torch.ones(8, device=device))
     except Exception as e:  # noqa: BLE001 - inductor raises many types; all mean "cannot compile"
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(
             f"config key 'train.compile': torch.compile cannot run on this machine "
-            f"({type(e).__name__}: {first_line[:300]}); set train.compile=false"
+            f"({type(e).__name__}: {first_line(e)[:300]}); set train.compile=false"
         ) from e
 
 
@@ -376,10 +384,5 @@ def init_weights(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
             return torch.ones(part.shape)
         return tpl.seeded_normal(seed, part.name, part.shape, cfg.init_std)
 
-    for layer in model.modules():
-        if not hasattr(layer, "canonical_parts"):
-            continue
-        params = dict(layer.named_parameters())
-        for local_name, parts in layer.canonical_parts().items():
-            param = params[local_name]
-            param.copy_(tpl.local_tensor(parts, full_of, tp_rank, tp).to(param.dtype))
+    for param, parts in tpl.canonical_params(model):
+        param.copy_(tpl.local_tensor(parts, full_of, tp_rank, tp).to(param.dtype))

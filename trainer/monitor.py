@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from tessera.data.loader import TrainLoader
 from tessera.data.sources import Source
+from tessera.parallel.engine import Engine
 from tessera.parallel.topology import Topology
 from tessera.trainer.config import Config
 from tessera.trainer.evaluate import Evaluator, resolve_valid
@@ -21,11 +22,11 @@ class TrainMonitor:
         self,
         cfg: Config,
         topo: Topology,
-        engine,
+        engine: Engine,
         loader: TrainLoader,
         sources: list[Source],
         start_step: int,
-    ):
+    ) -> None:
         self.cfg = cfg
         self.is_writer = topo.rank == 0
         self.loader = loader
@@ -41,7 +42,7 @@ class TrainMonitor:
 
     def after_step(
         self,
-        engine,
+        engine: Engine,
         step: int,
         consumed_samples: int,
         *,

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from tessera.parallel.engine import Engine
 from tessera.trainer.config import TrainConfig
 
 
@@ -58,7 +59,7 @@ def follow_schedule_at(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) 
         group["lr"] = base_lr * factor(step)
 
 
-def count_skipped_update(engine) -> None:
+def count_skipped_update(engine: Engine) -> None:
     """A step whose update was skipped (non-finite gradients, tessera.trainer.health) still
     counts: DeepSpeed does not step the schedule then, so we do, and the learning rate stays a
     function of the step number (a resumed run follows the same schedule)."""

@@ -18,7 +18,7 @@ import math
 import sys
 from pathlib import Path
 
-from tessera.data.progress import human_count
+from tessera.data.progress import clock_text, human_count
 
 
 class ReportError(ValueError):
@@ -58,7 +58,7 @@ class Run:
             "tokens": human_count(tokens) if tokens else "-",
             "tokens/s (median)": human_count(_median(tokens_per_s)) if tokens_per_s else "-",
             "MFU": f"{100 * mfu:.1f}%" if mfu is not None else "-",
-            "train time": _duration(train_s),
+            "train time": clock_text(train_s),
         }
 
 
@@ -74,12 +74,6 @@ def _median(values: list[float]) -> float:
 
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
-
-
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
 def read_run(run_dir: str | Path) -> Run:

@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,19 +15,19 @@ import torch
 import torch.distributed as dist
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from megatron.core import parallel_state
+from torch.optim.lr_scheduler import LambdaLR
 
 from tessera.data.loader import Source, TrainLoader, choose_num_streams, resolve_data
 from tessera.data.sources import data_vocab_size, prepared_tokenizer
 from tessera.launch.signals import Interrupted, StopSignal
 from tessera.parallel import engine as ds_engine
-from tessera.parallel.topology import Topology, destroy_distributed, env_world, init_distributed
+from tessera.parallel.engine import Engine, GradNormClipper
+from tessera.parallel.pipeline import build_pipeline
+from tessera.parallel.topology import Topology, distributed, env_world
 from tessera.trainer import checkpoint
 from tessera.trainer.config import Config, ConfigError, save_config, validate, validate_layout
 from tessera.trainer.evaluate import resolve_valid
 from tessera.trainer.metrics import tag_warnings_with_rank
-from tessera.trainer.monitor import TrainMonitor
-from tessera.trainer.run_dir import check_writable, run_lock
-from tessera.parallel.pipeline import build_pipeline
 from tessera.trainer.model import (
     Block,
     build_model,
@@ -36,12 +37,14 @@ from tessera.trainer.model import (
     loss_function,
     pipeline_layer_specs,
 )
+from tessera.trainer.monitor import TrainMonitor
 from tessera.trainer.optim import (
     build_optimizer,
     build_scheduler,
     count_skipped_update,
     follow_schedule_at,
 )
+from tessera.trainer.run_dir import check_writable, run_lock
 
 
 @dataclasses.dataclass
@@ -71,14 +74,15 @@ def train(cfg: Config) -> TrainState:
     is below `train.steps` when a signal stopped the run (after saving a checkpoint)."""
     validate(cfg)
     if cfg.data.shards is None and not cfg.data.sources:
-        raise ConfigError("config key 'data.shards': not set; point it at a `tessera prepare` output")
+        raise ConfigError("config key 'data.shards': not set; point it at a `tessera prepare` "
+                          "output")
     if cfg.parallel.sequence_parallel and not torch.cuda.is_available():
-        raise ConfigError("config key 'parallel.sequence_parallel': needs CUDA (megatron-core's implementation uses CUDA buffers)")
+        raise ConfigError("config key 'parallel.sequence_parallel': needs CUDA (megatron-core's "
+                          "implementation uses CUDA buffers)")
     shards = resolve_data(cfg.data.shards, cfg.data.sources)
     resolve_vocab(cfg, shards)
     if cfg.data.valid_shards is not None:
         resolve_valid(cfg.data.valid_shards, shards)  # a bad path fails now, not after the build
-    owns_process_group = not dist.is_initialized()
     world_size = dist.get_world_size() if dist.is_initialized() else env_world()[1]
     # one line for a torchrun/srun rank count that does not fit, naming the key that sets it
     under_srun = "SLURM_STEP_NUM_TASKS" in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ
@@ -86,13 +90,10 @@ def train(cfg: Config) -> TrainState:
                   else "launch.nproc_per_node x nodes")
     validate_layout(cfg, world_size, ranks_from)
     check_writable(cfg.run.dir)
-    topo = init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.launch.backend)
-    try:
+    with distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.launch.backend) as topo:
         validate_layout(cfg, topo.world_size)
         with run_lock(cfg.run.dir, topo.rank):  # one job per run directory
             return _train(cfg, topo, shards)
-    finally:
-        destroy_distributed(process_group_too=owns_process_group)
 
 
 def _train(cfg: Config, topo: Topology, shards: list[Source]) -> TrainState:
@@ -176,8 +177,9 @@ def run_summary(cfg: Config, state: TrainState) -> str:
     return "\n".join(lines)
 
 
-def _loop(cfg, topo, engine, clipper, loader, state: TrainState, monitor: TrainMonitor,
-          ckpt_root: Path, stop: StopSignal) -> signal.Signals | None:
+def _loop(cfg: Config, topo: Topology, engine: Engine, clipper: GradNormClipper | None,
+          loader: TrainLoader, state: TrainState, monitor: TrainMonitor, ckpt_root: Path,
+          stop: StopSignal) -> signal.Signals | None:
     """The steps up to train.steps, or to the signal that stopped them (returned)."""
     steps = loader.steps(engine.device)  # collective: a data error on one rank stops all
     last_saved = state.step
@@ -209,7 +211,8 @@ def _loop(cfg, topo, engine, clipper, loader, state: TrainState, monitor: TrainM
     return stopped_by
 
 
-def build_training_engine(cfg: Config, topo: Topology):
+def build_training_engine(cfg: Config, topo: Topology
+                          ) -> tuple[Engine, LambdaLR, GradNormClipper | None]:
     """Model (one stage's layers when pp > 1), optimizer, schedule, DeepSpeed engine."""
     checkpointing = cfg.train.activation_checkpointing == "full"
     sequence_parallel, chunk_tokens = cfg.parallel.sequence_parallel, cfg.train.loss_chunk_tokens
@@ -247,7 +250,9 @@ def engine_options(cfg: Config) -> ds_engine.EngineOptions:
     )
 
 
-def train_step(engine, clipper, batches, micro_batches: int) -> tuple[float, float]:
+def train_step(engine: Engine, clipper: GradNormClipper | None,
+               batches: Iterator[tuple[torch.Tensor, torch.Tensor]], micro_batches: int
+               ) -> tuple[float, float]:
     """Forward/backward over the step's micro-batches and one optimizer step.
 
     Returns the loss averaged over micro-batches and data-parallel ranks, and the grad norm.
@@ -277,7 +282,8 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def _save(engine, ckpt_root: Path, state: TrainState, loader: TrainLoader, cfg: Config) -> None:
+def _save(engine: Engine, ckpt_root: Path, state: TrainState, loader: TrainLoader,
+          cfg: Config) -> None:
     payload = {
         "train": dataclasses.asdict(state),
         "data": loader.state_dict(state.step),
@@ -286,7 +292,8 @@ def _save(engine, ckpt_root: Path, state: TrainState, loader: TrainLoader, cfg: 
     }
     directory = checkpoint.save(engine, ckpt_root, state.step, payload, cfg)
     if dist.get_rank() == 0:
-        print(f"tessera: {'saving' if cfg.checkpoint.async_save else 'saved'} {directory}", flush=True)
+        verb = "saving" if cfg.checkpoint.async_save else "saved"
+        print(f"tessera: {verb} {directory}", flush=True)
 
 
 def _seed_everything(seed: int) -> None:

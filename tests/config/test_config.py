@@ -65,22 +65,32 @@ def test_malformed_override_and_missing_file():
     (["model.num_heads=6"], None, "model.hidden_size", "not divisible by model.num_heads=6"),
     (["model.num_kv_heads=3"], None, "model.num_kv_heads", "does not divide model.num_heads=4"),
     (["parallel.tp=3"], None, "parallel.tp", "does not divide model.num_heads=4"),
-    (["model.num_kv_heads=1", "parallel.tp=2"], None, "parallel.tp", "does not divide model.num_kv_heads=1"),
+    (["model.num_kv_heads=1", "parallel.tp=2"], None, "parallel.tp", "does not divide "
+        "model.num_kv_heads=1"),
     (["parallel.zero_stage=4"], None, "parallel.zero_stage", "must be 0, 1, 2 or 3"),
-    (["parallel.pp=2", "parallel.zero_stage=2"], None, "parallel.zero_stage", "supports only stages 0 and 1"),
-    (["parallel.pp=2", "parallel.zero_stage=3"], None, "parallel.zero_stage", "supports only stages 0 and 1"),
+    (["parallel.pp=2", "parallel.zero_stage=2"], None, "parallel.zero_stage", "supports only "
+        "stages 0 and 1"),
+    (["parallel.pp=2", "parallel.zero_stage=3"], None, "parallel.zero_stage", "supports only "
+        "stages 0 and 1"),
     (["parallel.pp=3"], None, "parallel.pp", "exceeds model.num_layers=2"),
-    (["parallel.pp=2", "parallel.pipeline_partition=[1,2]"], None, "parallel.pipeline_partition", "sums to 3 blocks but model.num_layers=2"),
-    (["parallel.pp=2", "parallel.pipeline_partition=[2]"], None, "parallel.pipeline_partition", "lists 1 stages but parallel.pp=2"),
-    (["parallel.pipeline_partition=balanced"], None, "parallel.pipeline_partition", "must be parameters, uniform"),
-    (["parallel.sequence_parallel=true"], None, "parallel.sequence_parallel", "needs tensor parallelism"),
+    (["parallel.pp=2", "parallel.pipeline_partition=[1,2]"], None, "parallel.pipeline_partition",
+     "sums to 3 blocks but model.num_layers=2"),
+    (["parallel.pp=2", "parallel.pipeline_partition=[2]"], None, "parallel.pipeline_partition",
+     "lists 1 stages but parallel.pp=2"),
+    (["parallel.pipeline_partition=balanced"], None, "parallel.pipeline_partition", "must be "
+        "parameters, uniform"),
+    (["parallel.sequence_parallel=true"], None, "parallel.sequence_parallel", "needs tensor "
+        "parallelism"),
     (["train.precision=fp16"], None, "train.precision", "must be fp32 or bf16"),
-    (["train.activation_checkpointing=some"], None, "train.activation_checkpointing", "must be none or full"),
-    (["train.global_batch_size=10", "train.micro_batch_size=4"], None, "train.global_batch_size", "not divisible by train.micro_batch_size=4"),
+    (["train.activation_checkpointing=some"], None, "train.activation_checkpointing", "must be "
+        "none or full"),
+    (["train.global_batch_size=10", "train.micro_batch_size=4"], None, "train.global_batch_size",
+     "not divisible by train.micro_batch_size=4"),
     (["train.min_lr=1.0"], None, "train.min_lr", "must lie between 0 and train.lr"),
     (["train.grad_clip=-1"], None, "train.grad_clip", "must be >= 0"),
     (["parallel.tp=2"], 3, "parallel.tp", "world size 3 is not divisible by tp\\*pp = 2\\*1 = 2"),
-    (["train.global_batch_size=8", "train.micro_batch_size=4"], 4, "train.global_batch_size", "not divisible by train.micro_batch_size\\*dp = 4\\*4"),
+    (["train.global_batch_size=8", "train.micro_batch_size=4"], 4, "train.global_batch_size", "not "
+        "divisible by train.micro_batch_size\\*dp = 4\\*4"),
 ])
 def test_cross_field_errors_name_the_key(overrides, world_size, key, text):
     cfg = load_config(None, overrides)
@@ -140,7 +150,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_print_config_prints_the_resolved_config():
-    result = run_cli("print-config", "--config", str(DEMO), "train.steps=42", "--model.num_layers=3")
+    result = run_cli("print-config", "--config", str(DEMO), "train.steps=42",
+                     "--model.num_layers=3")
     assert result.returncode == 0, result.stderr
     loaded = __import__("yaml").safe_load(result.stdout)
     assert loaded["train"]["steps"] == 42 and loaded["model"]["num_layers"] == 3

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from tessera.data.format import (
     Manifest,
     ShardInfo,

@@ -28,6 +28,7 @@ from shardutil import (
     take_steps,
     tar_bytes,
 )
+
 from tessera.data.format import (
     DataError,
     Manifest,

@@ -16,6 +16,7 @@ from shardutil import (
     take_steps,
     write_shards,
 )
+
 from tessera.data import loader as loader_mod
 from tessera.data.format import DataError
 from tessera.data.loader import default_num_streams, resolve_shards

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from shardutil import SEQ_LEN, assert_steps_equal, make_data, make_loader, take_steps
+
 from tessera.data.format import DataError
 from tessera.data.mixture import Schedule
 from tessera.data.sources import resolve_data, resolve_sources

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from shardutil import assert_steps_equal, make_data, make_loader, random_docs, take_steps
+
 from tessera.data.format import (
     DataError,
     Manifest,

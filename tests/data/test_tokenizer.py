@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import pytest
+from tokenizers import Tokenizer as RawTokenizer
+from tokenizers import models
+
 from tessera.data.format import DataError, TokenizerInfo
 from tessera.data.tokenizer import (
     ByteTokenizer,
@@ -9,8 +12,6 @@ from tessera.data.tokenizer import (
     load_tokenizer,
     train_bpe,
 )
-from tokenizers import Tokenizer as RawTokenizer
-from tokenizers import models
 
 TRICKY_TEXTS = [
     "plain ascii",

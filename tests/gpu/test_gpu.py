@@ -86,8 +86,8 @@ def test_to_hf_from_a_bf16_gpu_checkpoint(bf16_runs, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from tessera.parallel.topology import destroy_distributed, init_distributed
-    from tessera.trainer.convert.reader import load_canonical_state
     from tessera.trainer.convert import to_hf
+    from tessera.trainer.convert.reader import load_canonical_state
     from tessera.trainer.generate import build_generator, find_step_dir
 
     run_dir = bf16_runs["configs"]["straight"].run.dir

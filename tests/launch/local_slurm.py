@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tessera.launch.local import free_port
+
 NODES = ("n1", "n2")
 PARTITION = "debug"
 HOSTS_FILE = Path("/etc/hosts")
@@ -65,12 +67,6 @@ def _run(command: list[str], **kwargs) -> str:
         tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
         raise ClusterError(f"{' '.join(command)} failed ({done.returncode}): {' | '.join(tail)}")
     return done.stdout
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclasses.dataclass
@@ -161,7 +157,7 @@ def _slurm_conf(root: Path, cpus_per_node: int, memory_mb: int) -> str:
     lines = [
         "ClusterName=tessera-test",
         f"SlurmctldHost={host}",
-        f"SlurmctldPort={_free_port()}",
+        f"SlurmctldPort={free_port()}",
         "AuthType=auth/munge",
         # A requeued job waits out the credential lifetime before it starts again (so messages of
         # its previous run are never taken for the new one's): 120 s by default, 10 s here.
@@ -187,7 +183,7 @@ def _slurm_conf(root: Path, cpus_per_node: int, memory_mb: int) -> str:
     ]
     for node in NODES:
         lines.append(
-            f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={_free_port()} "
+            f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} "
             f"CPUs={cpus_per_node} RealMemory={memory_mb} State=UNKNOWN"
         )
     lines.append(f"PartitionName={PARTITION} Nodes={','.join(NODES)} Default=YES "

@@ -14,10 +14,9 @@ import pytest
 from training import losses, read_metrics, tiny_config
 
 from tessera.launch import slurm
-from tessera.trainer import submit
-from tessera.trainer.status import status_lines
-from tessera.trainer import checkpoint
+from tessera.trainer import checkpoint, submit
 from tessera.trainer.config import ConfigError
+from tessera.trainer.status import status_lines
 
 pytestmark = pytest.mark.slow
 

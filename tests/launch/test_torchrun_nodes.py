@@ -3,19 +3,13 @@ same entry point (`python -m tessera train`) as one 2-rank job."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 
 from training import read_metrics
 
+from tessera.launch.local import free_port
 from tessera.trainer import checkpoint
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_torchrun_nodes_train_one_job(tmp_path, byte_shards):
@@ -27,7 +21,7 @@ def test_two_torchrun_nodes_train_one_job(tmp_path, byte_shards):
         "train.global_batch_size": 8, "train.micro_batch_size": 2, "train.steps": 4,
         "checkpoint.interval": 2,
     }.items()]
-    port = _free_port()
+    port = free_port()
     logs = [tmp_path / f"node{node}.log" for node in (0, 1)]  # files: a full pipe would block
     nodes = []
     for node, log in enumerate(logs):

@@ -22,12 +22,14 @@ def full_logits_and_loss(tp: int, cfg: ModelConfig) -> tuple[torch.Tensor, float
     try:
         model, padded = build_model(cfg, tp)
         init_weights(model, cfg, SEED)
-        tokens = torch.randint(0, cfg.vocab_size, (3, cfg.seq_len + 1), generator=torch.Generator().manual_seed(0))
+        generator = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, cfg.vocab_size, (3, cfg.seq_len + 1), generator=generator)
         logits_SBV = model.logits(tokens[:, :-1])
         loss = model(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
         pieces = [torch.empty_like(logits_SBV) for _ in range(tp)]
-        dist.all_gather(pieces, logits_SBV.detach(), group=parallel_state.get_tensor_model_parallel_group())
+        group = parallel_state.get_tensor_model_parallel_group()
+        dist.all_gather(pieces, logits_SBV.detach(), group=group)
         full = torch.cat(pieces, dim=-1)[..., : cfg.vocab_size]
         norm_grad = model.blocks[0].attn_norm.weight.grad.clone()
         return full, loss.item(), {"padded": padded, "norm_grad": norm_grad}

@@ -25,11 +25,11 @@ from pathlib import Path
 import pytest
 from checkpoints import assert_same_checkpoint, flip_byte, largest_file, truncate
 from multiproc import run_ranks
-from tessera.trainer import checkpoint
-from tessera.trainer.checkpoint import CheckpointError
 from training import losses, read_metrics, tiny_config
 
 from tessera.cli import main as cli_main
+from tessera.trainer import checkpoint
+from tessera.trainer.checkpoint import CheckpointError
 
 PIPELINE_SUPPORTED = importlib.util.find_spec("tessera.parallel.pipeline") is not None
 
@@ -53,6 +53,7 @@ def straight_then_restart(pairs: list) -> list:
     let a fresh engine resume it to step 10. Rank 0 returns both runs' metrics rows and the
     weights_only argument of every torch.load the resume made."""
     import torch.distributed as dist
+
     from tessera.trainer.train import train
 
     out = []
@@ -274,6 +275,7 @@ def scenario_load_from(base: Path, shards: Path) -> dict:
     """load_from: full state (step, optimizer and data continue) and weights only (fresh)."""
     import torch
     import torch.distributed as dist
+
     from tessera.parallel.topology import destroy_distributed
     from tessera.trainer.train import train
 
@@ -321,6 +323,7 @@ def scenario_async_order(base: Path, shards: Path) -> dict:
     import os
 
     import torch.distributed as dist
+
     from tessera.parallel.topology import destroy_distributed
 
     cfg = tiny_config(base / "async", shards, **{"checkpoint.async": True})
@@ -358,6 +361,7 @@ def scenario_async_order(base: Path, shards: Path) -> dict:
 def scenario_async_write_failure(base: Path, shards: Path) -> dict:
     """A write that fails on rank 1 in the background: no commit, and rank 0 raises too."""
     import torch.distributed as dist
+
     from tessera.parallel.topology import destroy_distributed
 
     cfg = tiny_config(base / "async-fail", shards, **{"checkpoint.async": True})

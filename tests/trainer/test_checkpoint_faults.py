@@ -18,15 +18,16 @@ import multiprocessing as mp
 import os
 import random
 import signal
-import socket
 import time
 import traceback
 from pathlib import Path
 
 import pytest
 from checkpoints import assert_same_checkpoint
-from tessera.trainer import checkpoint
 from training import read_metrics, tiny_config
+
+from tessera.launch.local import free_port
+from tessera.trainer import checkpoint
 
 STEPS = 24
 TRIALS = 10
@@ -34,12 +35,6 @@ DELAY_S = 0.04  # per written file and per commit phase: a save lasts about 0.3 
 KILL_WINDOW_S = 0.35
 START_TIMEOUT_S = 240  # generous: a loaded machine starts jobs slowly
 GRACE_S = 15  # a survivor of a one-rank kill must notice the dead peer within this
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, world: int, port: int, cfg, delay_s: float, log: str) -> None:
@@ -62,7 +57,7 @@ def _rank_main(rank: int, world: int, port: int, cfg, delay_s: float, log: str) 
 
 
 def _start(ctx, cfg, delay_s: float, log: Path, world: int = 2) -> list:
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_rank_main, args=(r, world, port, cfg, delay_s, str(log)))
         for r in range(world)

@@ -7,6 +7,8 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+
+from tessera.cli import main
 from tessera.trainer.config import Config, load_config
 from tessera.trainer.config_doc import (
     DocError,
@@ -16,8 +18,6 @@ from tessera.trainer.config_doc import (
     reference_markdown,
     update_readme,
 )
-
-from tessera.cli import main
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

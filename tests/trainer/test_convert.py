@@ -22,19 +22,20 @@ import pytest
 import torch
 import torch.distributed as dist
 from multiproc import run_ranks
-from tessera.trainer.convert import hf
-from tessera.trainer.convert.reader import KINDS, CheckpointReader
+from training import losses, tiny_config, train_each
+
 from tessera.trainer.checkpoint import CheckpointError
 from tessera.trainer.config import load_config
 from tessera.trainer.convert import (
     convert_command,
     from_hf,
     from_hf_config,
+    hf,
     reshard,
     reshard_config,
     to_hf,
 )
-from training import losses, tiny_config, train_each
+from tessera.trainer.convert.reader import KINDS, CheckpointReader
 
 PROMPT = list(b"the model re")  # 12 tokens; with 20 greedy ones, the 32-token window
 NEW_TOKENS = 20
@@ -346,10 +347,10 @@ def test_to_hf_matches_our_model_at_its_layout(name, world1, world2, world4, tmp
 
 @pytest.mark.slow
 def test_export_files_shards_dtype_and_tokenizer(world2, tmp_path, capsys):
-    from tessera.data.tokenizer import ByteTokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tessera.cli import main
+    from tessera.data.tokenizer import ByteTokenizer
 
     cfg = world2["exports"][0]  # tp=2, tied
     out = tmp_path / "sharded"
@@ -390,8 +391,9 @@ def test_export_files_shards_dtype_and_tokenizer(world2, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_to_hf_with_a_trained_bpe_tokenizer(world1, tmp_path):
-    from tessera.data.tokenizer import train_bpe
     from transformers import AutoTokenizer
+
+    from tessera.data.tokenizer import train_bpe
 
     bpe = train_bpe(["the model reads tokens from shards"] * 20, vocab_size=257)
     bpe.save(tmp_path)
@@ -574,9 +576,9 @@ def test_bad_hf_directories(tmp_path, capsys):
 
 
 def test_allow_pickle_reads_a_clean_bin_and_the_default_refuses_it(tmp_path):
-    from safetensors.torch import load_file
-
     import shutil
+
+    from safetensors.torch import load_file
 
     clean = small_hf(tmp_path / "safetensors")
     pickled = Path(shutil.copytree(clean, tmp_path / "pickled"))  # the same weights, as .bin

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 from multiproc import run_ranks
-from tessera.trainer.convert.reader import load_canonical_state
-from tessera.trainer.generate import Sampling, generate
 from training import tiny_config, train_each
 
 from tessera.cli import main
+from tessera.trainer.convert.reader import load_canonical_state
+from tessera.trainer.generate import Sampling, generate
 
 LAYOUTS = {
     "tp2": {"parallel.tp": 2},

@@ -10,8 +10,9 @@ import sys
 
 import pytest
 import torch
-from tessera.trainer.convert.reader import canonical_shapes
+
 from tessera.trainer.config import load_config
+from tessera.trainer.convert.reader import canonical_shapes
 from tessera.trainer.health import LossSpikes, NonFiniteError, NonFiniteGuard
 from tessera.trainer.metrics import (
     MetricsLog,

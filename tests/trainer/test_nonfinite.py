@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from multiproc import run_ranks
+from training import read_metrics, tiny_config
+
 from tessera.trainer import checkpoint
 from tessera.trainer.optim import lr_at
-from training import read_metrics, tiny_config
 
 LAYOUTS = {
     "dp2-zero0": {},
@@ -29,6 +30,7 @@ def train_poisoned(plans: list[tuple]) -> list:
     """Rank body: for each (cfg, rank, steps), train with the loss of `rank` multiplied by NaN
     in the given steps (first micro-batch); rank 0 returns the metrics rows or the stop message."""
     import torch.distributed as dist
+
     from tessera.trainer import model as model_module
     from tessera.trainer import train as train_module
     from tessera.trainer.health import NonFiniteError

@@ -7,9 +7,8 @@ import json
 import math
 from pathlib import Path
 
-from tessera.trainer.report import read_run, write_report
-
 from tessera.cli import main
+from tessera.trainer.report import read_run, write_report
 
 
 def fake_run(run_dir: Path, steps: int, lr: float, restart_at: int | None = None) -> Path:
@@ -58,7 +57,7 @@ def test_resumed_steps_count_once_and_summary(tmp_path):
     summary = run.summary()
     assert summary["steps"] == "20" and summary["MFU"] == "40.0%"
     assert summary["final loss"] == f"{6.0 * math.exp(-4.0) + 2.0:.4f}"
-    assert summary["tokens"] == "10.2k" and summary["train time"] == "0m10s"
+    assert summary["tokens"] == "10.2k" and summary["train time"] == "0:10"
 
 
 def test_html_holds_the_table_and_the_figure(tmp_path):

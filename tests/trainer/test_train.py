@@ -26,7 +26,8 @@ def test_stopped_run_resumes_from_its_checkpoint(tmp_path, byte_shards):
     straight = tiny_config(tmp_path / "straight", byte_shards, **{"train.steps": 6})
     first_half = tiny_config(tmp_path / "resumed", byte_shards, **{"train.steps": 3})
     second_half = tiny_config(tmp_path / "resumed", byte_shards, **{"train.steps": 6})
-    straight_rows, _, resumed_rows = run_ranks(1, train_each, [straight, first_half, second_half])[0]
+    configs = [straight, first_half, second_half]
+    straight_rows, _, resumed_rows = run_ranks(1, train_each, configs)[0]
     resumed_steps = [r["step"] for r in resumed_rows]
     assert resumed_steps == [1, 2, 3, 4, 5, 6]  # one metrics file: 1-3, then 4-6 after the restart
     assert losses(resumed_rows) == losses(straight_rows)

@@ -12,12 +12,14 @@ import concurrent.futures
 import copy
 import datetime
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
+from tessera.parallel.engine import Engine
 from tessera.trainer.checkpoint.files import (
     FileRecord,
     compact,
@@ -29,6 +31,9 @@ from tessera.trainer.checkpoint.files import (
 )
 from tessera.trainer.checkpoint.format import CarriedTokenizer, fault_point
 
+if TYPE_CHECKING:  # the config module imports nothing of checkpoints; only its type is named
+    from tessera.trainer.config import Config
+
 
 class TesseraCheckpointEngine(CheckpointEngine):
     """Plugged into `engine.checkpoint_engine`; DeepSpeed calls `save(state, path)` per file.
@@ -39,7 +44,7 @@ class TesseraCheckpointEngine(CheckpointEngine):
     being saved, for the manifest.
     """
 
-    def __init__(self, async_write: bool, commit_group) -> None:
+    def __init__(self, async_write: bool, commit_group: dist.ProcessGroup) -> None:
         super().__init__()
         self.name = "TesseraCheckpointEngine"
         self.async_write = async_write
@@ -57,16 +62,16 @@ class TesseraCheckpointEngine(CheckpointEngine):
         self.tokenizer: CarriedTokenizer | None = None  # saved into every checkpoint (`install`)
 
     # DeepSpeed's interface
-    def create(self, info) -> None:
+    def create(self, info: Any) -> None:
         pass
 
-    def makedirs(self, path, exist_ok=False) -> None:
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
         os.makedirs(path, exist_ok=exist_ok)
 
-    def save(self, state_dict, path: str) -> None:
+    def save(self, state_dict: Any, path: str) -> None:
         self.save_object(state_dict, Path(path))
 
-    def load(self, path: str, map_location=None):
+    def load(self, path: str, map_location: Any = None) -> Any:
         # DeepSpeed's MegatronSDLoader reads the model file twice in a row (check_ckpt_list,
         # then load): the second read gets the first one's result.
         stat = os.stat(path)
@@ -81,7 +86,7 @@ class TesseraCheckpointEngine(CheckpointEngine):
     def forget_loads(self) -> None:
         self._last_load = None
 
-    def commit(self, info) -> bool:
+    def commit(self, info: Any) -> bool:
         return True  # the commit is ours (see `save` below): DeepSpeed's is a no-op
 
     def preserves_storage_sharing(self) -> bool:
@@ -105,7 +110,7 @@ class TesseraCheckpointEngine(CheckpointEngine):
     def save_text(self, text: str, path: Path) -> None:
         self._submit(lambda: write_text_file(text, path), path)
 
-    def _submit(self, write, path: Path) -> None:
+    def _submit(self, write: Callable[[], tuple[int, str]], path: Path) -> None:
         assert self._directory is not None, "save outside begin()"
         relative = path.relative_to(self._directory).as_posix()
 
@@ -116,12 +121,12 @@ class TesseraCheckpointEngine(CheckpointEngine):
 
         self._records.append(self._executor.submit(job) if self._executor else job())
 
-    def finish(self, commit) -> None:
+    def finish(self, commit: Callable[[list[FileRecord]], None]) -> None:
         """Run `commit(records)` after this save's writes: now, or queued behind them."""
         records = self._records
         self._records, self._directory = [], None
 
-        def job():
+        def job() -> None:
             try:
                 done = [
                     r.result() if isinstance(r, concurrent.futures.Future) else r for r in records
@@ -142,7 +147,8 @@ class TesseraCheckpointEngine(CheckpointEngine):
             pending.result()
 
 
-def install(engine, cfg, tokenizer: CarriedTokenizer | None = None) -> TesseraCheckpointEngine:
+def install(engine: Engine, cfg: Config, tokenizer: CarriedTokenizer | None = None
+            ) -> TesseraCheckpointEngine:
     """Collective: give `engine` our checkpoint engine (every rank, once, after building it);
     every checkpoint it saves carries `tokenizer` (None: a run that has none, from-hf without
     one)."""
@@ -153,7 +159,7 @@ def install(engine, cfg, tokenizer: CarriedTokenizer | None = None) -> TesseraCh
     return ours
 
 
-def checkpoint_engine(engine) -> TesseraCheckpointEngine:
+def checkpoint_engine(engine: Engine) -> TesseraCheckpointEngine:
     ours = engine.checkpoint_engine
     assert isinstance(ours, TesseraCheckpointEngine), "checkpoint.install(engine, cfg) not called"
     return ours

@@ -7,13 +7,15 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
+from tessera.data.format import first_line
 from tessera.trainer.checkpoint.format import TMP_SUFFIX, CheckpointError
-
 
 WRITEBACK_BYTES = 32 << 20
 
@@ -33,13 +35,13 @@ class _HashingFile:
     """A write-only file object that hashes and counts what passes through it, and starts the
     disk writeback every WRITEBACK_BYTES (so that the final fsync waits for the tail only)."""
 
-    def __init__(self, file) -> None:
+    def __init__(self, file: BinaryIO) -> None:
         self._file = file
         self.sha256 = hashlib.sha256()
         self.num_bytes = 0
         self._flushed_bytes = 0
 
-    def write(self, data) -> int:
+    def write(self, data: bytes | memoryview) -> int:
         self.sha256.update(data)
         self.num_bytes += len(data)
         written = self._file.write(data)
@@ -66,7 +68,7 @@ class FileRecord:
     sha256: str
 
 
-def _write_durable(path: Path, write) -> tuple[int, str]:
+def _write_durable(path: Path, write: Callable[[_HashingFile], Any]) -> tuple[int, str]:
     """Call write(file) on a new file, fsync it; returns (bytes, sha256)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as raw:
@@ -120,8 +122,7 @@ def safe_load(path: str | Path, map_location: Any = None) -> Any:
         with torch.serialization.safe_globals(safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: cannot be loaded safely ({first_line})") from e
+        raise CheckpointError(f"{path}: cannot be loaded safely ({first_line(e)})") from e
 
 
 def compact(obj: Any) -> Any:
@@ -154,11 +155,9 @@ def holds_device_tensors(obj: Any) -> bool:
     return False
 
 
-def host_stager():
+def host_stager() -> DefaultStager:
     """torch.distributed.checkpoint's stager (what its async_save copies to host memory with):
     host buffers cached per source storage and reused by every later save, pinned with CUDA."""
-    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
     cuda = torch.cuda.is_available()
     return DefaultStager(
         StagingOptions(

@@ -13,7 +13,6 @@ import torch.distributed as dist
 
 from tessera.data.format import TokenizerInfo
 
-
 # A tokenizer as a checkpoint carries it: its description, and its tokenizer.json text (hf kind).
 CarriedTokenizer = tuple[TokenizerInfo, str | None]
 MANIFEST_FILE = "manifest.json"

@@ -8,6 +8,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from tessera.data.progress import human_bytes
 from tessera.trainer.checkpoint.format import (
     ARCHITECTURE_FIELDS,
     TMP_SUFFIX,
@@ -99,14 +100,6 @@ def checkpoint_command(argv: list[str]) -> int:
         return 2
     print(f"tessera checkpoint: unknown subcommand {argv[0]!r}\n{USAGE}", file=sys.stderr)
     return 2
-
-
-def human_bytes(num_bytes: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if num_bytes < 1024 or unit == "GB":
-            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
-        num_bytes /= 1024
-    raise AssertionError
 
 
 def layout_text(layout: dict | None) -> str:

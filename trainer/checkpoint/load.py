@@ -8,13 +8,16 @@ import dataclasses
 import json
 import stat
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from tessera import __version__
 from tessera.data.format import TokenizerInfo
-from tessera.data.tokenizer import HF_TOKENIZER_FILE
+from tessera.data.format import read_manifest as read_data_manifest
+from tessera.data.tokenizer import HF_TOKENIZER_FILE, HFTokenizer, Tokenizer, load_tokenizer
+from tessera.parallel.engine import Engine
 from tessera.trainer.checkpoint.engine import checkpoint_engine
 from tessera.trainer.checkpoint.files import file_sha256, safe_load
 from tessera.trainer.checkpoint.format import (
@@ -38,6 +41,7 @@ from tessera.trainer.checkpoint.format import (
 )
 from tessera.trainer.checkpoint.rng import restore_rng_at_first_forward
 from tessera.trainer.checkpoint.save import canonical_shapes
+from tessera.trainer.config import Config
 
 
 def carried_tokenizer(directory: str | Path) -> CarriedTokenizer | None:
@@ -66,6 +70,26 @@ def carried_tokenizer(directory: str | Path) -> CarriedTokenizer | None:
             raise CheckpointError(problem if entry else f"{directory / relative}: {problem}")
     text = (directory / files[1]).read_text() if len(files) > 1 else None
     return info, text
+
+
+def tokenizer_of(step_dir: Path, override: str | None = None) -> Tokenizer:
+    """`override` (a prepared data directory or a tokenizer.json, from the user's command line),
+    else the tokenizer the checkpoint carries. Nothing the checkpoint's config names (its data
+    paths, which may be `pipe:` commands) is ever opened."""
+    if override is not None:
+        path = Path(override)
+        if path.is_dir():
+            return load_tokenizer(read_data_manifest(path).tokenizer, path)
+        return HFTokenizer.from_file(path)
+    carried = carried_tokenizer(step_dir)
+    if carried is None:
+        raise CheckpointError(
+            f"{step_dir}: the checkpoint carries no tokenizer (saved by an older Tessera, or "
+            f"imported without one); pass --tokenizer with the prepared data directory or its "
+            f"tokenizer.json"
+        )
+    info, _ = carried
+    return load_tokenizer(info, step_dir / TOKENIZER_DIR)
 
 
 def read_manifest(directory: str | Path) -> dict:
@@ -100,7 +124,7 @@ def read_manifest(directory: str | Path) -> dict:
     return manifest
 
 
-def _entry_problem(name: str, entry) -> str | None:
+def _entry_problem(name: str, entry: Any) -> str | None:
     """What is wrong with a manifest's file entry: the name must be a plain relative path inside
     the checkpoint (no `..`, no absolute or empty parts), the size a count, the hash 64 hex."""
     parts = name.split("/")
@@ -169,7 +193,7 @@ def problems_collective(directory: Path, checksum: bool) -> list[str]:
     return sorted({p for rank_problems in everyone for p in rank_problems})
 
 
-def _model_differences(manifest: dict, cfg, module) -> list[str]:
+def _model_differences(manifest: dict, cfg: Config, module: torch.nn.Module) -> list[str]:
     saved = manifest.get("model", {})
     current = dataclasses.asdict(cfg.model)
     diffs = [
@@ -190,7 +214,7 @@ def _model_differences(manifest: dict, cfg, module) -> list[str]:
     return diffs
 
 
-def _layout_differences(manifest: dict, cfg, weights_only: bool) -> list[str]:
+def _layout_differences(manifest: dict, cfg: Config, weights_only: bool) -> list[str]:
     saved = manifest.get("layout", {})
     world = dist.get_world_size()
     current = {
@@ -220,7 +244,8 @@ def _layout_differences(manifest: dict, cfg, weights_only: bool) -> list[str]:
     ]
 
 
-def check_compatible(directory: Path, manifest: dict, cfg, module, weights_only: bool) -> None:
+def check_compatible(directory: Path, manifest: dict, cfg: Config, module: torch.nn.Module,
+                     weights_only: bool) -> None:
     diffs = _model_differences(manifest, cfg, module)
     if diffs:
         shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
@@ -283,7 +308,7 @@ def resolve_step_dir(path: str | Path) -> Path:
     return candidates[0]
 
 
-def resume(engine, root: str | Path, cfg) -> dict | None:
+def resume(engine: Engine, root: str | Path, cfg: Config) -> dict | None:
     """Collective: restore the newest valid checkpoint of this run, else `checkpoint.load_from`.
 
     Returns the saved Tessera state ({"train", "data", "layout"}) plus "directory" for a full
@@ -306,7 +331,7 @@ def resume(engine, root: str | Path, cfg) -> dict | None:
     return None
 
 
-def load(engine, directory: str | Path, cfg, weights_only: bool = False) -> dict:
+def load(engine: Engine, directory: str | Path, cfg: Config, weights_only: bool = False) -> dict:
     """Collective: restore a verified checkpoint directory into `engine` (and this rank's RNG)."""
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -341,7 +366,7 @@ def load(engine, directory: str | Path, cfg, weights_only: bool = False) -> dict
     return {**json.loads((directory / STATE_FILE).read_text()), "directory": str(directory)}
 
 
-def _load_weights_into_zero3(engine, directory: Path) -> None:
+def _load_weights_into_zero3(engine: Engine, directory: Path) -> None:
     """Weights only into a ZeRO-3 engine. DeepSpeed's own path for this goes through
     zero_to_fp32, which unpickles with weights_only=False and reads the `latest` of the source
     instead of the chosen step; so: the source's whole tensors (its ZeRO stage is at most 2),

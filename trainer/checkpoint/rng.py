@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ def restore_rng_at_first_forward(module: torch.nn.Module, state: dict) -> None:
     is made) happened before the save in the uninterrupted run, so it must not shift the streams.
     """
 
-    def hook(*_) -> None:
+    def hook(*_: Any) -> None:
         handle.remove()
         set_rng_state(state)
 

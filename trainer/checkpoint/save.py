@@ -12,10 +12,12 @@ import shutil
 import threading
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from tessera import __version__
 from tessera.data.tokenizer import HF_TOKENIZER_FILE
+from tessera.parallel.engine import Engine
 from tessera.trainer.checkpoint.engine import TesseraCheckpointEngine, checkpoint_engine
 from tessera.trainer.checkpoint.files import (
     FileRecord,
@@ -45,11 +47,10 @@ from tessera.trainer.checkpoint.format import (
     warn,
 )
 from tessera.trainer.checkpoint.rng import rng_state
+from tessera.trainer.config import Config, to_yaml
 
 
-def _manifest_base(step: int, cfg, engine) -> dict:
-    from tessera.trainer.config import to_yaml
-
+def _manifest_base(step: int, cfg: Config, engine: Engine) -> dict:
     world = dist.get_world_size()
     p = cfg.parallel
     config_yaml = to_yaml(cfg)
@@ -73,7 +74,7 @@ def _manifest_base(step: int, cfg, engine) -> dict:
     }
 
 
-def canonical_shapes(module) -> dict[str, list[int]]:
+def canonical_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
     """Collective: full (layout-independent) shapes of the model's tensors, over all stages."""
     local = {}
     for layer in module.modules():
@@ -85,15 +86,13 @@ def canonical_shapes(module) -> dict[str, list[int]]:
     return {name: shape for shapes in everyone for name, shape in sorted(shapes.items())}
 
 
-def save(engine, root: str | Path, step: int, state: dict, cfg) -> Path:
+def save(engine: Engine, root: str | Path, step: int, state: dict, cfg: Config) -> Path:
     """Collective: save the engine and `state` as `root/step-N`; returns that directory.
 
     Synchronous: returns once committed. With `checkpoint.async`: returns after the host copy;
     the files are written and committed in the background (`wait` blocks for it). A save first
     waits for the one before it.
     """
-    from tessera.trainer.config import to_yaml
-
     ours = checkpoint_engine(engine)
     ours.wait()
     root = Path(root)
@@ -199,7 +198,7 @@ def commit(tmp: Path, final: Path, base: dict, records: list[FileRecord]) -> Non
     replace_text_atomically(final.parent / LATEST_FILE, final.name)
 
 
-def wait(engine) -> None:
+def wait(engine: Engine) -> None:
     """Block until a pending asynchronous save is committed (call before the job ends)."""
     checkpoint_engine(engine).wait()
 

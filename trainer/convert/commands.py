@@ -22,14 +22,32 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from tessera.data.format import DataError
+from tessera.data.progress import progress
+from tessera.data.sources import is_url
+from tessera.data.tokenizer import ByteTokenizer
+from tessera.launch.local import inside_distributed_launch, launch_or_run
+from tessera.parallel.engine import Engine
+from tessera.parallel.topology import distributed
 from tessera.trainer import checkpoint
-from tessera.trainer.convert import hf
-from tessera.trainer.convert.reader import CheckpointReader, canonical_shapes
 from tessera.trainer.checkpoint import CheckpointError
-from tessera.trainer.config import Config, ConfigError, load_config, save_config, validate
+from tessera.trainer.config import (
+    Config,
+    ConfigError,
+    load_config,
+    save_config,
+    validate,
+    validate_layout,
+)
+from tessera.trainer.convert import hf
+from tessera.trainer.convert.fill import fill_engine, restore_schedule
+from tessera.trainer.convert.reader import CheckpointReader, canonical_shapes
+from tessera.trainer.train import TrainState, build_training_engine
 
 DEFAULT_MAX_SHARD = "5GB"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -63,11 +81,8 @@ from-hf and reshard start launch.nproc_per_node ranks (default tp*pp: dp=1)."""
 def export_tokenizer(step_dir: Path, override: str | None, vocab_size: int) -> tuple[str, int]:
     """(tokenizer.json text, EOS id): `override` (a prepared directory or a tokenizer.json), else
     the tokenizer of the data the run trained on; the byte tokenizer as an equivalent BPE."""
-    from tessera.data.format import DataError
-    from tessera.data.tokenizer import ByteTokenizer
-    from tessera.trainer.generate import tokenizer_for
 
-    tokenizer = tokenizer_for(step_dir, override)
+    tokenizer = checkpoint.tokenizer_of(step_dir, override)
     if tokenizer.vocab_size > vocab_size:
         raise DataError(
             f"the tokenizer has {tokenizer.vocab_size} tokens, the model "
@@ -95,7 +110,6 @@ def to_hf(
 
     One canonical tensor is assembled at a time and goes into the current shard: peak memory is
     about one shard (`max_shard_bytes`) plus twice the largest tensor in fp32."""
-    from tessera.trainer.progress import progress
     from transformers import GenerationConfig
 
     reader = CheckpointReader(ckpt, verify=verify)
@@ -130,17 +144,11 @@ def _write_checkpoint(cfg: Config, fill: Callable, step: int, state: dict,
                       tokenizer: checkpoint.CarriedTokenizer | None) -> Path:
     """Collective: an engine at `cfg`'s layout, filled by `fill(engine)`, saved as
     run.dir/checkpoints/step-N with `state` (train state, data cursor) and `tokenizer`."""
-    from tessera.parallel.topology import destroy_distributed, init_distributed
-    from tessera.trainer.config import validate_layout
-    from tessera.trainer.train import build_training_engine
-
-    owns_process_group = not dist.is_initialized()
     world = (
         dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     )
     validate_layout(cfg, world)
-    topo = init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.launch.backend)
-    try:
+    with distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.launch.backend) as topo:
         engine, _, _ = build_training_engine(cfg, topo)
         fill(engine)
         checkpoint.install(engine, cfg, tokenizer)
@@ -159,20 +167,17 @@ def _write_checkpoint(cfg: Config, fill: Callable, step: int, state: dict,
             save_config(cfg, run_dir / "config.yaml")
         dist.barrier()
         return directory
-    finally:
-        destroy_distributed(process_group_too=owns_process_group)
 
 
 def reshard(ckpt: str | Path, cfg: Config, verify: bool = True) -> Path:
     """Collective: the full training state of `ckpt` at `cfg`'s layout, saved under run.dir.
     `verify`: check the files' sha256 first (on every rank; the command checks once, before)."""
-    from tessera.trainer.convert.fill import fill_engine, restore_schedule
 
     reader = CheckpointReader(ckpt, verify=verify)
     adam_step = reader.adam_step()
     counters = reader.model_states()
 
-    def fill(engine) -> None:
+    def fill(engine: Engine) -> None:
         # before the first optimizer step there are no moments: the fresh optimizer is right
         fill_engine(engine, reader.tensor, adam_step if adam_step > 0 else None)
         restore_schedule(engine, counters["lr_scheduler"], counters)
@@ -184,8 +189,6 @@ def reshard(ckpt: str | Path, cfg: Config, verify: bool = True) -> Path:
 
 def from_hf(hf_dir: str | Path, cfg: Config, allow_pickle: bool = False) -> Path:
     """Collective: the weights of a Hugging Face Llama as a step-0 checkpoint at `cfg`'s layout."""
-    from tessera.trainer.convert.fill import fill_engine
-    from tessera.trainer.train import TrainState
 
     source = hf.HFCheckpoint(hf_dir, allow_pickle)
     source.check(canonical_shapes(cfg.model))
@@ -234,9 +237,8 @@ def reshard_config(reader: CheckpointReader, out: Path, overrides: list[str]) ->
 def drop_data_commands(cfg: Config) -> list[str]:
     """Set to null the data keys that name a URL or a pipe: command (which runs a shell
     command), as a config read from a checkpoint holds them; returns the keys dropped."""
-    from tessera.data.sources import is_url
 
-    def commands(spec) -> bool:
+    def commands(spec: Any) -> bool:
         if isinstance(spec, str):
             return is_url(spec)
         if isinstance(spec, dict):
@@ -275,7 +277,6 @@ def from_hf_config(source: hf.HFCheckpoint, out: Path, overrides: list[str]) -> 
 
 
 def convert_command(argv: list[str]) -> int:
-    from tessera.data.format import DataError
 
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -326,16 +327,16 @@ def _to_hf_command(argv: list[str]) -> int:
 
 
 def _launch_or_run(command: str, argv: list[str], cfg: Config, run: Callable[[], Path]) -> int:
-    from tessera.launch.local import inside_distributed_launch, launch_local
+    if not inside_distributed_launch():  # fail here, before any process starts
+        validate(cfg, world_size=cfg.launch.nproc_per_node)
 
-    nproc = cfg.launch.nproc_per_node
-    if nproc > 1 and not inside_distributed_launch():
-        validate(cfg, world_size=nproc)  # fail here, before any process starts
-        return launch_local(nproc, ["convert", command, *argv])
-    directory = run()
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"tessera: wrote {directory}")
-    return 0
+    def run_here() -> int:
+        directory = run()
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"tessera: wrote {directory}")
+        return 0
+
+    return launch_or_run(cfg.launch.nproc_per_node, ["convert", command, *argv], run_here)
 
 
 def _from_hf_command(argv: list[str]) -> int:
@@ -346,7 +347,7 @@ def _from_hf_command(argv: list[str]) -> int:
     out = Path(args.out).absolute()
     cfg = from_hf_config(source, out, overrides)
     source.check(canonical_shapes(cfg.model))
-    if not _inside_launch():
+    if not inside_distributed_launch():
         _check_new_directory(out)
     argv = [args.source, args.out, *(["--allow-pickle"] if args.allow_pickle else []), *overrides]
     return _launch_or_run(
@@ -357,10 +358,10 @@ def _from_hf_command(argv: list[str]) -> int:
 def _reshard_command(argv: list[str]) -> int:
     parser = _parser("reshard")
     args, overrides = parser.parse_known_args(argv)
-    reader = CheckpointReader(args.source, verify=not _inside_launch())  # checked once
+    reader = CheckpointReader(args.source, verify=not inside_distributed_launch())  # checked once
     out = Path(args.out).absolute()
     cfg = reshard_config(reader, out, overrides)
-    if not _inside_launch():
+    if not inside_distributed_launch():
         _check_new_directory(out)
     return _launch_or_run(
         "reshard",
@@ -370,7 +371,3 @@ def _reshard_command(argv: list[str]) -> int:
     )
 
 
-def _inside_launch() -> bool:
-    from tessera.launch.local import inside_distributed_launch
-
-    return inside_distributed_launch()

@@ -11,9 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
 from tessera.parallel import tensor_parallel as tpl
-from tessera.trainer.convert.reader import KINDS, MOMENTS, WEIGHT
+from tessera.parallel.engine import Engine
 from tessera.trainer.checkpoint import CheckpointError
+from tessera.trainer.convert.reader import KINDS, MOMENTS, WEIGHT
 
 # (canonical name, kind) -> the full fp32 tensor; kind is weight, exp_avg or exp_avg_sq
 TensorSource = Callable[[str, str], torch.Tensor]
@@ -132,7 +134,7 @@ class _Zero3(_Zero12):
             self.wrapper._reassign_or_swap_out_partitioned_parameters(sub_group)
 
 
-def _handler(optimizer):
+def _handler(optimizer: torch.optim.Optimizer) -> _TorchAdam | _Zero12:
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
@@ -154,7 +156,7 @@ def _handler(optimizer):
 
 
 @torch.no_grad()
-def fill_engine(engine, source: TensorSource, adam_step: float | None) -> None:
+def fill_engine(engine: Engine, source: TensorSource, adam_step: float | None) -> None:
     """Every rank: set its local tensors from `source`. With `adam_step` None, the weights only
     (the optimizer keeps the fresh state it was built with); otherwise also the fp32 masters and
     Adam's moments, whose step count becomes `adam_step`."""
@@ -162,22 +164,16 @@ def fill_engine(engine, source: TensorSource, adam_step: float | None) -> None:
     kinds = KINDS if adam_step is not None else (WEIGHT,)
     handler = _handler(engine.optimizer)
     handler.prepare(adam_step)
-    for layer in engine.module.modules():
-        if not hasattr(layer, "canonical_parts"):
-            continue
-        params = dict(layer.named_parameters())
-        for local_name, parts in layer.canonical_parts().items():
-            values = {
-                kind: tpl.local_tensor(
-                    parts, lambda part, k=kind: source(part.name, k), tp_rank, tp
-                )
-                for kind in kinds
-            }
-            handler.set(params[local_name], values)
+    for param, parts in tpl.canonical_params(engine.module):
+        values = {
+            kind: tpl.local_tensor(parts, lambda part, k=kind: source(part.name, k), tp_rank, tp)
+            for kind in kinds
+        }
+        handler.set(param, values)
     handler.finish()
 
 
-def restore_schedule(engine, scheduler_state: dict, counters: dict) -> None:
+def restore_schedule(engine: Engine, scheduler_state: dict, counters: dict) -> None:
     """The learning-rate schedule and DeepSpeed's step counters of the source checkpoint. Every
     param group follows one schedule, so a stage with fewer groups takes the first's values."""
     scheduler = engine.lr_scheduler

@@ -14,9 +14,14 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
+
+from tessera.data.format import first_line
 from tessera.trainer.config import ModelConfig
 
 CONFIG_FILE = "config.json"
@@ -64,7 +69,7 @@ def hf_name(name: str) -> str:
 # Config
 
 
-def llama_config(model: ModelConfig, eos_id: int | None, dtype: torch.dtype):
+def llama_config(model: ModelConfig, eos_id: int | None, dtype: torch.dtype) -> LlamaConfig:
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -248,7 +253,7 @@ class HFCheckpoint:
                     path, map_location="cpu", weights_only=True, mmap=True
                 )
             except Exception as e:
-                raise HFError(f"{path}: cannot be loaded ({str(e).strip().splitlines()[0]})") from e
+                raise HFError(f"{path}: cannot be loaded ({first_line(e)})") from e
         return self._pickled[path]
 
     def tokenizer(self) -> tuple | None:
@@ -366,8 +371,9 @@ def parse_bytes(text: str) -> int:
 def byte_tokenizer_json() -> str:
     """Our byte tokenizer (ids 0-255 = bytes, 256 = EOS) as a `tokenizers` BPE without merges:
     each byte is one token, through the byte-to-unicode alphabet of byte-level BPE."""
-    from tessera.data.tokenizer import BYTE_EOS_ID
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    from tessera.data.tokenizer import BYTE_EOS_ID
 
     alphabet = _bytes_to_unicode()
     vocab = {alphabet[b]: b for b in range(256)}

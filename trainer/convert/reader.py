@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from tessera.data.format import first_line
 from tessera.parallel import tensor_parallel as tpl
 from tessera.parallel.tensor_parallel import Part
 from tessera.trainer import checkpoint
@@ -101,6 +103,7 @@ def stage_bounds(cfg: Config) -> list[int]:
     """Where each pipeline stage's layers start (and where the last ends), as DeepSpeed's
     PipelineModule partitions them for `parallel.pipeline_partition`."""
     from deepspeed.runtime import utils as ds_utils
+
     from tessera.parallel.pipeline import stage_boundaries
 
     pp, partition, tp = cfg.parallel.pp, cfg.parallel.pipeline_partition, cfg.parallel.tp
@@ -165,10 +168,7 @@ def load_file(path: str | Path) -> Any:
         with torch.serialization.safe_globals(checkpoint.safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        text = str(e).strip()
-        raise CheckpointError(
-            f"{path}: cannot be read ({text.splitlines()[0] if text else type(e).__name__})"
-        ) from e
+        raise CheckpointError(f"{path}: cannot be read ({first_line(e)})") from e
 
 
 def _narrow_across(pieces: list[torch.Tensor], start: int, length: int) -> torch.Tensor:
