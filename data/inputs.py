@@ -112,7 +112,7 @@ def _open_lines(file: InputFile):
         return gzip.GzipFile(fileobj=raw), raw
     if name.endswith(".zst"):
         try:
-            import zstandard
+            import zstandard  # lazy: only for .zst inputs
         except ImportError:
             raw.close()
             raise DataError(f"{file.source}: reading .zst needs the zstandard package") from None
@@ -123,7 +123,7 @@ def _open_lines(file: InputFile):
 def _decompression_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [gzip.BadGzipFile, EOFError, zlib.error]
     try:
-        import zstandard
+        import zstandard  # lazy: only for .zst inputs
 
         errors.append(zstandard.ZstdError)
     except ImportError:
@@ -168,8 +168,8 @@ def _iter_jsonl(
 def _iter_parquet(
     file: InputFile, text_field: str, file_index: int, start_doc: int
 ) -> Iterator[Document]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # lazy: only for parquet inputs
+    import pyarrow.parquet as pq  # lazy: only for parquet inputs
 
     try:
         parquet = pq.ParquetFile(file.path)

@@ -30,6 +30,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tessera.data.format import DataError
@@ -578,8 +579,6 @@ class TrainLoader:
         hit a data error (then every rank raises the same DataError, naming the rank: no rank is
         left waiting in a collective) and on the bad samples skipped over all data-parallel ranks.
         """
-        import torch.distributed as dist
-
         local = self._local_steps()
         while True:
             error, micro_batches, skipped = None, [], 0

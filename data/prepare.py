@@ -52,6 +52,7 @@ from tessera.data.tokenizer import (
     Tokenizer,
     train_bpe,
 )
+from tessera.data.verify import verify_command
 
 __all__ = [
     "Document",
@@ -633,7 +634,6 @@ def prepare_command(argv: list[str]) -> int:
             parser.print_usage(sys.stderr)
             print(f"{parser.prog}: error: --verify takes only the directory", file=sys.stderr)
             return 2
-        from tessera.data.verify import verify_command
 
         return verify_command(args.verify)
     if not args.inputs or not args.output:

@@ -20,10 +20,9 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
-if TYPE_CHECKING:
-    from tqdm import tqdm
+from tqdm import tqdm
 
 LOG_INTERVAL_S = 10.0
 
@@ -92,8 +91,6 @@ class Progress:
         self._bar = self._tqdm() if self.interactive else None
 
     def _tqdm(self) -> tqdm:
-        from tqdm import tqdm
-
         return tqdm(total=self.total, initial=self.done, desc=self.label, unit=self.unit,
                     unit_scale=self.unit == "B", file=self.stream, leave=True, dynamic_ncols=True,
                     mininterval=min(self.interval_s, 0.2))

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 import numpy as np
+from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
 from tessera.data.format import TOKENS_EXT, DataError, decode_tokens, first_line
@@ -67,7 +68,6 @@ def open_shard(location: str) -> BinaryIO:
     """The shard's byte stream (a file, or gopen's stream for a URL); DataError if missing."""
     try:
         if is_url(location):
-            from webdataset.gopen import gopen
 
             return gopen(location, "rb")
         return open(location, "rb")

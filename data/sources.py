@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import braceexpand
+from webdataset.gopen import gopen
 
 from tessera.data.format import (
     MANIFEST_NAME,
@@ -36,6 +37,7 @@ from tessera.data.format import (
     parse_manifest,
     read_manifest,
 )
+from tessera.data.tokenizer import HF_TOKENIZER_FILE
 
 ShardsSpec = str | os.PathLike | Sequence[str | os.PathLike]
 DEFAULT_SOURCE = "default"  # the name of the one source `data.shards` makes
@@ -170,8 +172,6 @@ def _resolved(location: str, info, manifest: Manifest) -> ResolvedShard:
 
 
 def _read_url(url: str, what: str = "the manifest") -> str:
-    from webdataset.gopen import gopen
-
     try:
         stream = gopen(url, "rb")
         try:
@@ -411,8 +411,6 @@ def prepared_tokenizer(shard: ResolvedShard) -> tuple[TokenizerInfo, str | None]
     Face tokenizer, the text of its tokenizer.json. Read beside the shard, the way the shard is
     read (a local directory, or the URL or pipe: command of the user's own data.shards), so
     that a checkpoint can carry it (`generate` and `convert` then never open data paths)."""
-    from tessera.data.tokenizer import HF_TOKENIZER_FILE
-
     if is_url(shard.path):
         manifest_url = _sibling_url(shard.path, MANIFEST_NAME)
         info = parse_manifest(_read_url(manifest_url), manifest_url).tokenizer

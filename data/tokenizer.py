@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
-if TYPE_CHECKING:
-    from tokenizers import Tokenizer as RawTokenizer
+from tokenizers import Tokenizer as RawTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from tessera.data.format import DataError, TokenizerInfo, first_line
 
@@ -75,8 +75,6 @@ class HFTokenizer:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> HFTokenizer:
-        from tokenizers import Tokenizer as RawTokenizer
-
         path = Path(path)
         if not path.exists():
             raise DataError(f"{path}: tokenizer file not found")
@@ -90,8 +88,6 @@ class HFTokenizer:
 
     @classmethod
     def from_str(cls, serialized: str, source: str = "<in memory>") -> HFTokenizer:
-        from tokenizers import Tokenizer as RawTokenizer
-
         return cls(RawTokenizer.from_str(serialized), source=source)
 
     def to_str(self) -> str:
@@ -123,9 +119,6 @@ class HFTokenizer:
 
 def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) -> HFTokenizer:
     """Train a byte-level BPE (lossless: decode(encode(s)) == s) with "<|endoftext|>" as EOS."""
-    from tokenizers import Tokenizer as RawTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     min_vocab_size = len(alphabet) + 1
     if vocab_size < min_vocab_size:

@@ -47,7 +47,7 @@ def master_port_for_job(job_id: str) -> int:
 def from_slurm() -> DistEnv:
     """This task's place, from submitit's reading of the SLURM_* variables (in a submitit job or
     under a plain `srun`). MASTER_ADDR is the allocation's first host."""
-    from submitit.slurm.slurm import SlurmJobEnvironment
+    from submitit.slurm.slurm import SlurmJobEnvironment  # lazy: only inside a Slurm job
 
     env = SlurmJobEnvironment()
     num_nodes = env.num_nodes
@@ -71,7 +71,7 @@ def quiet_dependencies() -> None:
     warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module="megatron")
     if "DS_ACCELERATOR" not in os.environ:
-        import torch
+        import torch  # lazy: the CLI calls this first: `tessera --help` stays quick without torch
 
         # Naming the accelerator spares DeepSpeed's "Setting accelerator to CPU" warning.
         os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"

@@ -12,6 +12,10 @@ import sys
 import uuid
 from collections.abc import Callable
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
 
 def inside_distributed_launch() -> bool:
     """True when a launcher (torchrun, our elastic launch, srun wrapper) already set the ranks."""
@@ -35,10 +39,6 @@ def launch_or_run(nproc_per_node: int, argv: list[str], run: Callable[[], int]) 
 def launch_local(nproc_per_node: int, args: list[str], module: bool = True) -> int:
     """Start `nproc_per_node` ranks of `python -m tessera <args>` (or `python <args>` with
     module=False, for a script); returns the exit code."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,

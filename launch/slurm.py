@@ -23,7 +23,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import submitit
 from submitit.core.utils import FailedJobError, FailedSubmissionError
+from submitit.slurm.slurm import SlurmJobEnvironment, _make_sbatch_string
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from tessera.launch.config import SlurmConfig
 from tessera.launch.env import DistEnv
@@ -81,8 +85,6 @@ def _submitit_command(folder: Path) -> str:
 
 def sbatch_script(slurm: SlurmConfig, job_name: str, folder: Path) -> str:
     """The sbatch script submitit writes for this request (what --dry-run prints)."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
     return _make_sbatch_string(command=_submitit_command(folder), folder=folder,
                                **sbatch_parameters(slurm, job_name))
 
@@ -188,8 +190,6 @@ def _slurm_command(command: list[str]) -> str:
 def submit(slurm: SlurmConfig, job_name: str, folder: Path, job: Callable[[], Any]) -> Submitted:
     """Submit `job` (pickled by submitit; each task calls it) after the checks against the
     cluster."""
-    import submitit
-
     require_slurm_tools()
     check_against_cluster(slurm, job_name, folder)
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=slurm.max_requeues)
@@ -218,8 +218,6 @@ def run_node_with_torchrun(env: DistEnv, nproc_per_node: int, argv: list[str],
                            stop_signal: str) -> bool:
     """torchrun launcher: this task starts its node's `nproc_per_node` ranks of
     `python <argv>`. True when they finished, False when a signal stopped them (saved)."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     launch = LaunchConfig(
         min_nodes=env.num_nodes, max_nodes=env.num_nodes, nproc_per_node=nproc_per_node,
@@ -245,8 +243,6 @@ def run_node_with_torchrun(env: DistEnv, nproc_per_node: int, argv: list[str],
 
 def requeue_or_end(env: DistEnv, max_requeues: int, resumes_from: str | None) -> None:
     """After a stop on a signal (the checkpoint is saved): task 0 requeues, the others leave."""
-    from submitit.slurm.slurm import SlurmJobEnvironment
-
     if env.rank != 0:
         raise SystemExit(0)  # a clean exit: a failing task could end the step before the requeue
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))

@@ -6,9 +6,11 @@ import dataclasses
 import logging
 import math
 
+import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.utils import logger
 from megatron.core import parallel_state
 from torch import nn
 
@@ -80,8 +82,6 @@ def deepspeed_config(options: EngineOptions, dp: int, local_params: int = MAX_BU
 
 
 def quiet_deepspeed() -> None:
-    from deepspeed.utils import logger
-
     logger.setLevel(logging.WARNING)
 
 
@@ -89,7 +89,6 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, options: EngineOptions,
                  topo: Topology) -> Engine:
     """A DeepSpeed engine; a PipelineModule (pp > 1) brings its own process-group grid."""
-    import deepspeed
 
     quiet_deepspeed()
     engine, _, _, _ = deepspeed.initialize(

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel import mappings
+from megatron.core.tensor_parallel import mappings, vocab_parallel_cross_entropy
 from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
 
 
@@ -50,8 +50,6 @@ def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 def vocab_parallel_loss(logits_SBV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross entropy from vocabulary-sharded logits (fp32 inside)."""
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
     labels_SB = labels_BS.t().contiguous()
     return vocab_parallel_cross_entropy(logits_SBV.float().contiguous(), labels_SB).mean()
 

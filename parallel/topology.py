@@ -14,6 +14,7 @@ import datetime
 import os
 from collections.abc import Iterator
 
+import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
@@ -64,8 +65,6 @@ def choose_backend(requested: str) -> str:
 
 def init_distributed(tp: int, pp: int, backend: str = "auto", timeout_s: int = 600) -> Topology:
     """Join (or create) the default process group, build megatron-core's groups for (tp, pp)."""
-    import deepspeed
-
     rank, world, local_rank = env_world()
     backend = choose_backend(backend)
     if backend == "nccl":

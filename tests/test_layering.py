@@ -69,3 +69,24 @@ def test_the_check_sees_a_wrong_way_edge(tmp_path, monkeypatch):
         "parallel/bad.py:2 imports tessera.trainer.config",
         "parallel/bad.py:2 imports tessera.trainer.config.Config",
     ]
+
+
+def lazy_imports_without_a_reason() -> list[str]:
+    """Imports inside functions, outside the CLI's dispatch, with no `# lazy:` reason (an
+    optional dependency, or start-up time) on their lines or the line above."""
+    found = []
+    for folder in ("trainer", "parallel", "data", "launch"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            lines = path.read_text().splitlines()
+            for node in ast.walk(ast.parse("\n".join(lines))):
+                if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                for inner in ast.walk(node):
+                    if isinstance(inner, (ast.Import, ast.ImportFrom)) and "# lazy:" not in \
+                            "".join(lines[inner.lineno - 2:inner.end_lineno]):
+                        found.append(f"{path.relative_to(ROOT)}:{inner.lineno}")
+    return found
+
+
+def test_imports_inside_functions_say_why():
+    assert lazy_imports_without_a_reason() == []

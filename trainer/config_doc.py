@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import inspect
 import io
+import sys
 import textwrap
 import tokenize
 import types
@@ -176,8 +177,6 @@ def update_readme(path: str | Path) -> bool:
 def doc_command(argv: list[str]) -> int:
     """`tessera print-config --doc [--readme README.md]`: print the reference, or refresh the
     copy between the markers of a README."""
-    import sys
-
     if not argv:
         print(reference_markdown(), end="")
         return 0

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from tessera.data.progress import clock_text, human_count
-from tessera.trainer.config import Config, LogConfig, ModelConfig, _as_dict
+from tessera.trainer.config import Config, ConfigError, LogConfig, ModelConfig, _as_dict
 
 # bf16 dense tensor-core peaks in TFLOP/s, by a substring of torch.cuda.get_device_name();
 # the first match wins, so the more specific names come first.
@@ -309,7 +309,9 @@ class MetricsLog:
         run_dir = Path(run_dir)
         self._file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - open for the run
         if cfg is not None and cfg.log.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import (
+                SummaryWriter,  # lazy: only with log.tensorboard (it imports TensorBoard)
+            )
 
             # purge_step hides events a crashed start wrote past the step this start resumes at
             self._tensorboard = SummaryWriter(
@@ -350,10 +352,8 @@ WANDB_ID_FILE = "wandb_run_id"
 
 def open_wandb(cfg: Config, run_dir: Path) -> Any:
     """A W&B run, resumed under the id this run directory recorded at its first start."""
-    from tessera.trainer.config import ConfigError
-
     try:
-        import wandb
+        import wandb  # lazy: optional (log.wandb)
     except ImportError:
         raise ConfigError(
             "config key 'log.wandb': the wandb package is not installed; "

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
@@ -355,7 +356,6 @@ def pipeline_layer_specs(cfg: ModelConfig, tp: int, params_dtype: torch.dtype = 
     With tied embeddings the first and last stage each hold the embedding (DeepSpeed's
     TiedLayerSpec) and DeepSpeed sums the two copies' gradients.
     """
-    from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     assert cfg.vocab_size is not None, "model.vocab_size must be resolved before building"
     padded = tpl.padded_vocab_size(cfg.vocab_size, tp)

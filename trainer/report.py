@@ -101,10 +101,10 @@ def read_run(run_dir: str | Path) -> Run:
 
 def draw(runs: list[Run]):
     """The figure: loss, throughput, learning rate, grad norm; one colour per run."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib, only for `tessera report`
 
     matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from matplotlib import pyplot as plt  # lazy: matplotlib, only for `tessera report`
 
     fig = plt.figure(figsize=(13, 9.6), layout="constrained")
     grid = fig.add_gridspec(3, 2, height_ratios=[1.15, 1.0, 0.1 + 0.075 * len(runs)])
@@ -203,7 +203,7 @@ def write_report(run_dirs: list[str], output: str | Path) -> Path:
             f"<p><img alt='loss and throughput curves' src='data:image/png;base64,{image}'></p>"
             f"</body></html>\n"
         )
-    from matplotlib import pyplot as plt
+    from matplotlib import pyplot as plt  # lazy: matplotlib, only for `tessera report`
 
     plt.close(fig)
     return output

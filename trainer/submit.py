@@ -24,7 +24,7 @@ from submitit.helpers import Checkpointable
 
 from tessera.data.sources import resolve_shards
 from tessera.launch import slurm
-from tessera.launch.env import DistEnv, from_slurm
+from tessera.launch.env import DistEnv, from_slurm, quiet_dependencies
 from tessera.trainer import checkpoint
 from tessera.trainer.config import Config, ConfigError, save_config, validate, validate_layout
 
@@ -116,11 +116,9 @@ class TrainJob(Checkpointable):
 
 def _train_here(cfg: Config, env: DistEnv) -> bool:
     """srun launcher: this task is one rank. True when the run finished, False when stopped."""
-    from tessera.launch.env import quiet_dependencies
-
     env.export()
     quiet_dependencies()  # before the imports that warn
-    from tessera.trainer.train import train
+    from tessera.trainer.train import train  # lazy: after quiet_dependencies: the imports that warn
 
     return train(cfg).step >= cfg.train.steps
 

@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from tessera.data.format import first_line
@@ -109,10 +112,6 @@ def file_sha256(path: Path) -> str:
 
 def safe_globals() -> list:
     """The only non-plain types DeepSpeed's checkpoint files hold (ZeRO optimizer state)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
     return [fragment_address, ZeroStageEnum, LossScaler, DynamicLossScaler]
 
 

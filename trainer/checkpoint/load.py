@@ -10,8 +10,10 @@ import stat
 from pathlib import Path
 from typing import Any
 
+import deepspeed
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 from tessera import __version__
 from tessera.data.format import TokenizerInfo
@@ -372,9 +374,6 @@ def _load_weights_into_zero3(engine: Engine, directory: Path) -> None:
     instead of the chosen step; so: the source's whole tensors (its ZeRO stage is at most 2),
     loaded safely, copied in while DeepSpeed gathers the partitions, then DeepSpeed refreshes its
     fp32 master partitions (as its load_checkpoint does after a module-only load)."""
-    import deepspeed
-    from megatron.core import parallel_state
-
     path = (
         directory / f"mp_rank_{parallel_state.get_tensor_model_parallel_rank():02d}_model_states.pt"
     )

@@ -51,7 +51,6 @@ def restore_rng_at_first_forward(module: torch.nn.Module, state: dict) -> None:
     between (torch's DataLoader draws its base seed from the global generator when its iterator
     is made) happened before the save in the uninterrupted run, so it must not shift the streams.
     """
-
     def hook(*_: Any) -> None:
         handle.remove()
         set_rng_state(state)

@@ -81,7 +81,6 @@ from-hf and reshard start launch.nproc_per_node ranks (default tp*pp: dp=1)."""
 def export_tokenizer(step_dir: Path, override: str | None, vocab_size: int) -> tuple[str, int]:
     """(tokenizer.json text, EOS id): `override` (a prepared directory or a tokenizer.json), else
     the tokenizer of the data the run trained on; the byte tokenizer as an equivalent BPE."""
-
     tokenizer = checkpoint.tokenizer_of(step_dir, override)
     if tokenizer.vocab_size > vocab_size:
         raise DataError(
@@ -110,7 +109,9 @@ def to_hf(
 
     One canonical tensor is assembled at a time and goes into the current shard: peak memory is
     about one shard (`max_shard_bytes`) plus twice the largest tensor in fp32."""
-    from transformers import GenerationConfig
+    from transformers import (
+        GenerationConfig,  # lazy: transformers takes seconds to import: only an export pays it
+    )
 
     reader = CheckpointReader(ckpt, verify=verify)
     tokenizer_json, eos_id = export_tokenizer(
@@ -172,7 +173,6 @@ def _write_checkpoint(cfg: Config, fill: Callable, step: int, state: dict,
 def reshard(ckpt: str | Path, cfg: Config, verify: bool = True) -> Path:
     """Collective: the full training state of `ckpt` at `cfg`'s layout, saved under run.dir.
     `verify`: check the files' sha256 first (on every rank; the command checks once, before)."""
-
     reader = CheckpointReader(ckpt, verify=verify)
     adam_step = reader.adam_step()
     counters = reader.model_states()
@@ -189,7 +189,6 @@ def reshard(ckpt: str | Path, cfg: Config, verify: bool = True) -> Path:
 
 def from_hf(hf_dir: str | Path, cfg: Config, allow_pickle: bool = False) -> Path:
     """Collective: the weights of a Hugging Face Llama as a step-0 checkpoint at `cfg`'s layout."""
-
     source = hf.HFCheckpoint(hf_dir, allow_pickle)
     source.check(canonical_shapes(cfg.model))
     state = {"train": dataclasses.asdict(TrainState())}
@@ -237,7 +236,6 @@ def reshard_config(reader: CheckpointReader, out: Path, overrides: list[str]) ->
 def drop_data_commands(cfg: Config) -> list[str]:
     """Set to null the data keys that name a URL or a pipe: command (which runs a shell
     command), as a config read from a checkpoint holds them; returns the keys dropped."""
-
     def commands(spec: Any) -> bool:
         if isinstance(spec, str):
             return is_url(spec)
@@ -277,7 +275,6 @@ def from_hf_config(source: hf.HFCheckpoint, out: Path, overrides: list[str]) -> 
 
 
 def convert_command(argv: list[str]) -> int:
-
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2

@@ -11,6 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
 from tessera.parallel import tensor_parallel as tpl
 from tessera.parallel.engine import Engine
@@ -97,8 +102,6 @@ class _Zero12:
         self.wrapper._lazy_init_hp_params_optimizer_state()
 
     def set(self, param: torch.nn.Parameter, values: dict[str, torch.Tensor]) -> None:
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
         param.data.copy_(values[WEIGHT])
         safe_set_full_fp32_param(param, values[WEIGHT].to(param.device))
         if self.adam_step is not None:
@@ -122,8 +125,6 @@ class _Zero3(_Zero12):
                 base.state[flat] = _fresh_state(flat, adam_step, fused)
 
     def set(self, param: torch.nn.Parameter, values: dict[str, torch.Tensor]) -> None:
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
         safe_set_full_fp32_param(param, values[WEIGHT].to(param.ds_tensor.device))
         if self.adam_step is not None:
             for key in MOMENTS:
@@ -135,11 +136,6 @@ class _Zero3(_Zero12):
 
 
 def _handler(optimizer: torch.optim.Optimizer) -> _TorchAdam | _Zero12:
-    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
-    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
     match optimizer:
         case DeepSpeedZeroOptimizer_Stage3():
             return _Zero3(optimizer)

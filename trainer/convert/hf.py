@@ -21,7 +21,12 @@ import torch
 if TYPE_CHECKING:
     from transformers import LlamaConfig
 
-from tessera.data.format import first_line
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+from tessera.data.format import DataError, first_line
+from tessera.data.tokenizer import BYTE_EOS_ID, HF_TOKENIZER_FILE, HFTokenizer
 from tessera.trainer.config import ModelConfig
 
 CONFIG_FILE = "config.json"
@@ -70,7 +75,9 @@ def hf_name(name: str) -> str:
 
 
 def llama_config(model: ModelConfig, eos_id: int | None, dtype: torch.dtype) -> LlamaConfig:
-    from transformers import LlamaConfig
+    from transformers import (
+        LlamaConfig,  # lazy: transformers takes seconds to import: only what needs it pays it
+    )
 
     return LlamaConfig(
         vocab_size=model.vocab_size,
@@ -259,9 +266,6 @@ class HFCheckpoint:
     def tokenizer(self) -> tuple | None:
         """The directory's tokenizer.json with what Tessera needs of it (vocabulary, EOS), for
         the imported checkpoint to carry; None when there is none, or no EOS token in it."""
-        from tessera.data.format import DataError
-        from tessera.data.tokenizer import HF_TOKENIZER_FILE, HFTokenizer
-
         path = self.directory / HF_TOKENIZER_FILE
         if not path.is_file():
             return None
@@ -287,7 +291,6 @@ class HFCheckpoint:
         info = self.tensors[hf_name(name)]
         if info.dtype == "pickle":
             return self._load_pickle(info.file)[hf_name(name)].float().clone()
-        from safetensors import safe_open
 
         with safe_open(str(info.file), framework="pt") as f:
             return f.get_tensor(hf_name(name)).float()
@@ -319,8 +322,6 @@ class ShardedWriter:
         self.total_bytes += num_bytes
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
         save_file(self.pending, str(self._tmp_name(len(self.shards))), metadata={"format": "pt"})
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
@@ -371,9 +372,7 @@ def parse_bytes(text: str) -> int:
 def byte_tokenizer_json() -> str:
     """Our byte tokenizer (ids 0-255 = bytes, 256 = EOS) as a `tokenizers` BPE without merges:
     each byte is one token, through the byte-to-unicode alphabet of byte-level BPE."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    from tessera.data.tokenizer import BYTE_EOS_ID
 
     alphabet = _bytes_to_unicode()
     vocab = {alphabet[b]: b for b in range(256)}
@@ -405,8 +404,6 @@ def _bytes_to_unicode() -> dict[int, str]:
 def write_tokenizer(directory: Path, tokenizer_json: str, eos_id: int, seq_len: int) -> None:
     """tokenizer.json plus the tokenizer_config.json that makes AutoTokenizer load it as a fast
     tokenizer with its EOS token."""
-    from tokenizers import Tokenizer
-
     eos_token = Tokenizer.from_str(tokenizer_json).id_to_token(eos_id)
     (directory / "tokenizer.json").write_text(tokenizer_json)
     config = {

@@ -42,13 +42,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from deepspeed.runtime import utils as ds_utils
 
 from tessera.data.format import first_line
 from tessera.parallel import tensor_parallel as tpl
+from tessera.parallel.pipeline import stage_boundaries
 from tessera.parallel.tensor_parallel import Part
 from tessera.trainer import checkpoint
 from tessera.trainer.checkpoint import CheckpointError
 from tessera.trainer.config import Config, ConfigError, ModelConfig, load_config
+from tessera.trainer.model import Block, Embedding, FinalNorm, OutputLayer
 
 WEIGHT = "weight"  # the fp32 master weight where the optimizer keeps one, else the model's
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -63,8 +66,6 @@ TIED_PREFIX = "tied_modules.embed."  # DeepSpeed's name for the tied embedding (
 def layer_parts(cfg: ModelConfig, tp: int) -> list[dict[str, list[Part]]]:
     """`canonical_parts` of every layer of [embedding, blocks..., final norm, output], without
     building the layers (they need process groups): the methods only read these attributes."""
-    from tessera.trainer.model import Block, Embedding, FinalNorm, OutputLayer
-
     view = types.SimpleNamespace(
         cfg=cfg, padded_vocab_size=tpl.padded_vocab_size(cfg.vocab_size, tp)
     )
@@ -102,9 +103,7 @@ def local_shape(parts: tuple[Part, ...], tp: int) -> tuple[int, ...]:
 def stage_bounds(cfg: Config) -> list[int]:
     """Where each pipeline stage's layers start (and where the last ends), as DeepSpeed's
     PipelineModule partitions them for `parallel.pipeline_partition`."""
-    from deepspeed.runtime import utils as ds_utils
 
-    from tessera.parallel.pipeline import stage_boundaries
 
     pp, partition, tp = cfg.parallel.pp, cfg.parallel.pipeline_partition, cfg.parallel.tp
     layers = layer_parts(cfg.model, tp)
