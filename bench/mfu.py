@@ -154,7 +154,7 @@ def measure_plain(cfg, data, steps: int, warmup: int) -> dict:
 
 
 def figures(cfg, result: dict, peak_tflops: float | None) -> dict:
-    from tessera.trainer.metrics import flops_per_token, non_embedding_params
+    from tessera.trainer.architecture import flops_per_token, non_embedding_params
 
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
     median_s = statistics.median(result["step_s"])

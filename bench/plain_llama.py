@@ -44,7 +44,7 @@ def rotate(x_BNSD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
         super().__init__()
-        hidden, head_dim = cfg.hidden_size, cfg.head_dim
+        hidden, head_dim = cfg.hidden_size, cfg.head_size
         self.cfg = cfg
         self.attn_norm = RMSNorm(hidden, cfg.norm_eps)
         self.qkv = nn.Linear(hidden, (cfg.num_heads + 2 * cfg.num_kv_heads) * head_dim,
@@ -57,11 +57,11 @@ class Block(nn.Module):
     def forward(self, x_BSH: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor):
         c = self.cfg
         batch, seq, _ = x_BSH.shape
-        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        q_size, kv_size = c.num_heads * c.head_size, c.num_kv_heads * c.head_size
         q, k, v = self.qkv(self.attn_norm(x_BSH)).split([q_size, kv_size, kv_size], dim=-1)
-        q_BNSD = rotate(q.view(batch, seq, -1, c.head_dim).transpose(1, 2), cos_SD, sin_SD)
-        k_BNSD = rotate(k.view(batch, seq, -1, c.head_dim).transpose(1, 2), cos_SD, sin_SD)
-        v_BNSD = v.view(batch, seq, -1, c.head_dim).transpose(1, 2)
+        q_BNSD = rotate(q.view(batch, seq, -1, c.head_size).transpose(1, 2), cos_SD, sin_SD)
+        k_BNSD = rotate(k.view(batch, seq, -1, c.head_size).transpose(1, 2), cos_SD, sin_SD)
+        v_BNSD = v.view(batch, seq, -1, c.head_size).transpose(1, 2)
         out_BNSD = F.scaled_dot_product_attention(
             q_BNSD, k_BNSD, v_BNSD, is_causal=True, enable_gqa=c.num_kv_heads != c.num_heads
         )
@@ -84,7 +84,7 @@ class PlainLlama(nn.Module):
     def forward(self, input_ids_BS: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
         c = self.cfg
         x_BSH = self.embed(input_ids_BS)
-        cos_SD, sin_SD = rotary_tables(input_ids_BS.shape[1], c.head_dim, c.rope_theta,
+        cos_SD, sin_SD = rotary_tables(input_ids_BS.shape[1], c.head_size, c.rope_theta,
                                        x_BSH.device, x_BSH.dtype)
         for block in self.blocks:
             x_BSH = block(x_BSH, cos_SD, sin_SD)

@@ -148,7 +148,7 @@ def classify(call: dict) -> str:
 def local_params(model, tp: int) -> int:
     """Parameters one tensor-parallel rank holds: matrices split tp ways (the vocabulary padded
     to a multiple of tp), norm weights whole."""
-    h, ffn, head_dim = model.hidden_size, model.ffn_hidden_size, model.head_dim
+    h, ffn, head_dim = model.hidden_size, model.ffn_hidden_size, model.head_size
     vocab = -(-model.vocab_size // tp) * tp
     block = (h * (model.num_heads + 2 * model.num_kv_heads) * head_dim
              + model.num_heads * head_dim * h + 3 * h * ffn) // tp + 2 * h

@@ -9,7 +9,6 @@ a tp=2 model is the tp=1 model split in two) and, later, checkpoint conversion.
 
 from __future__ import annotations
 
-import dataclasses
 import zlib
 from collections.abc import Callable, Iterator
 
@@ -19,15 +18,7 @@ from megatron.core import parallel_state
 from megatron.core import tensor_parallel as mcore_tp
 from megatron.core.model_parallel_config import ModelParallelConfig
 
-
-@dataclasses.dataclass(frozen=True)
-class Part:
-    """One full tensor that (a slice of) a local parameter is cut from."""
-
-    name: str  # canonical tensor name, e.g. "layers.3.q.weight"
-    shape: tuple[int, ...]  # the full tensor's shape
-    split_dim: int | None  # dimension split across tensor-parallel ranks; None: replicated
-    padded_rows: int | None = None  # full rows after zero-padding (vocabulary padding)
+from tessera.parallel.parts import Part, padded_vocab_size  # noqa: F401  (callers import them here too)
 
 
 def megatron_config(tp: int, params_dtype: torch.dtype, sequence_parallel: bool
@@ -49,8 +40,9 @@ def _no_init(weight: torch.Tensor) -> None:
 
 def _mark_sharded(weight: torch.Tensor | None, dim: int) -> None:
     # megatron-core sets these attributes only inside its own initialization, which we skip; they
-    # tell grad-norm code (ours and DeepSpeed's) that each rank holds a different slice.
-    if weight is not None:
+    # tell grad-norm code (ours and DeepSpeed's) that each rank holds a different slice. (It does
+    # mark a column-parallel bias itself, at allocation.)
+    if weight is not None and not hasattr(weight, "tensor_model_parallel"):
         mcore_tp.set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)
 
 
@@ -61,7 +53,7 @@ def _mark_sharded(weight: torch.Tensor | None, dim: int) -> None:
 class _OneRankColumnLinear(mcore_tp.ColumnParallelLinear):
     def forward(self, input_: torch.Tensor, weight: torch.Tensor | None = None,
                 runtime_gather_output: bool | None = None) -> tuple[torch.Tensor, None]:
-        return F.linear(input_, self.weight if weight is None else weight), None
+        return F.linear(input_, self.weight if weight is None else weight, self.bias), None
 
 
 class _OneRankRowLinear(mcore_tp.RowParallelLinear):
@@ -79,12 +71,14 @@ def _layer_class(config: ModelParallelConfig, megatron_class: type, one_rank_cla
 
 
 def column_parallel(config: ModelParallelConfig, in_features: int, out_features: int, *,
-                    skip_weight: bool = False) -> mcore_tp.ColumnParallelLinear:
+                    skip_weight: bool = False, bias: bool = False
+                    ) -> mcore_tp.ColumnParallelLinear:
     layer = _layer_class(config, mcore_tp.ColumnParallelLinear, _OneRankColumnLinear)(
-        in_features, out_features, config=config, init_method=_no_init, bias=False,
+        in_features, out_features, config=config, init_method=_no_init, bias=bias,
         gather_output=False, skip_weight_param_allocation=skip_weight,
     )
     _mark_sharded(layer.weight, dim=0)
+    _mark_sharded(layer.bias, dim=0)
     return layer
 
 
@@ -98,24 +92,27 @@ def row_parallel(config: ModelParallelConfig, in_features: int, out_features: in
     return layer
 
 
-def vocab_parallel_embedding(config: ModelParallelConfig, padded_vocab_size: int,
+def vocab_parallel_embedding(config: ModelParallelConfig, padded_vocab: int,
                              hidden_size: int) -> mcore_tp.VocabParallelEmbedding:
     layer = _layer_class(config, mcore_tp.VocabParallelEmbedding, _OneRankEmbedding)(
-        padded_vocab_size, hidden_size, init_method=_no_init, config=config,
+        padded_vocab, hidden_size, init_method=_no_init, config=config,
         reduce_scatter_embeddings=config.sequence_parallel,
     )
     _mark_sharded(layer.weight, dim=0)
     return layer
 
 
-def replicated(module: torch.nn.Module, config: ModelParallelConfig) -> torch.nn.Module:
+def replicated(module: torch.nn.Module, config: ModelParallelConfig, *,
+               sees_local_heads: bool = False) -> torch.nn.Module:
     """A module whose weights every tensor-parallel rank holds whole (norms).
 
-    With sequence parallelism each rank sees only its slice of the sequence, so its gradient is
-    partial: a hook sums it over the tensor-parallel group as it is produced (megatron-core's own
+    With sequence parallelism each rank sees only its slice of the sequence, and a norm of the
+    attention heads (`sees_local_heads`) only this rank's heads: then its gradient is partial,
+    and a hook sums it over the tensor-parallel group as it is produced (megatron-core's own
     trainer does this in its grad finalization, which DeepSpeed does not run).
     """
-    if config.sequence_parallel:
+    tp = config.tensor_model_parallel_size
+    if config.sequence_parallel or (sees_local_heads and tp > 1):
         for param in module.parameters():
             param.register_hook(_sum_over_tensor_parallel)
     return module
@@ -132,11 +129,6 @@ def tp_rank_and_size() -> tuple[int, int]:
         parallel_state.get_tensor_model_parallel_rank(),
         parallel_state.get_tensor_model_parallel_world_size(),
     )
-
-
-def padded_vocab_size(vocab_size: int, tp: int) -> int:
-    """Round the vocabulary up so every tensor-parallel rank holds an equal slice."""
-    return -(-vocab_size // tp) * tp
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tessera.launch.config import LaunchConfig, SlurmConfig
+from tessera.trainer.architecture import model_problems
 
 
 class ConfigError(ValueError):
@@ -48,10 +49,24 @@ class ModelConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = False  # the output projection reuses the input embedding matrix
     init_std: float = 0.02  # standard deviation of the normal initialization of matrices
+    head_dim: int | None = None  # per attention head; null: hidden_size / num_heads (Qwen3 and
+    # others set their own)
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2, Qwen2.5)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before the rotary embedding (Qwen3)
+    rope_scaling: Any = None  # null, or {type: linear | llama3 | yarn, factor: F, ...}: RoPE for
+    # long contexts (Llama 3.1-3.3: llama3 with low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings; yarn with original_max_position_embeddings)
+    sliding_window: int | None = None  # a token attends to at most this many, itself included
+    # (Mistral 7B v0.1: 4096); null: to every token before it
+    family: str | None = None  # the Hugging Face architecture an export writes: llama | mistral |
+    # qwen2 | qwen3; null: the one the options make (from-hf sets the source's)
+    max_positions: int | None = None  # the context an export's config.json declares; null:
+    # seq_len (from-hf keeps the source's)
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+    def head_size(self) -> int:
+        """The width of one attention head: head_dim, or hidden_size / num_heads."""
+        return self.head_dim or self.hidden_size // self.num_heads
 
 
 @dataclasses.dataclass
@@ -281,12 +296,15 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     """Checks that need several fields; `world_size` adds the layout checks when known."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     _check_numbers(cfg)  # first: the checks below divide by some of them
-    _check(m.hidden_size % m.num_heads == 0, "model.hidden_size",
-           f"{m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+    _check(m.head_dim is not None or m.hidden_size % m.num_heads == 0, "model.hidden_size",
+           f"{m.hidden_size} is not divisible by model.num_heads={m.num_heads} (or set "
+           f"model.head_dim)")
+    for key, problem in model_problems(m):
+        _check(False, key, problem)
     _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
            f"{m.num_kv_heads} does not divide model.num_heads={m.num_heads}")
-    _check(m.head_dim % 2 == 0, "model.hidden_size",
-           f"head dim {m.head_dim} must be even for rotary embeddings")
+    _check(m.head_size % 2 == 0, "model.hidden_size",
+           f"head size {m.head_size} must be even for rotary embeddings")
     _check(m.num_heads % p.tp == 0, "parallel.tp",
            f"tp={p.tp} does not divide model.num_heads={m.num_heads}")
     _check(m.num_kv_heads % p.tp == 0, "parallel.tp",

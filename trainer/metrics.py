@@ -32,7 +32,8 @@ import torch
 import torch.distributed as dist
 
 from tessera.data.progress import clock_text, human_count
-from tessera.trainer.config import Config, ConfigError, LogConfig, ModelConfig, _as_dict
+from tessera.trainer.architecture import flops_per_token
+from tessera.trainer.config import Config, ConfigError, LogConfig, _as_dict
 
 # bf16 dense tensor-core peaks in TFLOP/s, by a substring of torch.cuda.get_device_name();
 # the first match wins, so the more specific names come first.
@@ -65,27 +66,6 @@ NOT_SCALARS = ("step", "total_steps")
 
 # ---------------------------------------------------------------------------------------------
 # FLOPs, MFU, memory
-
-
-def non_embedding_params(model: ModelConfig) -> int:
-    """N of the 6N + 12·L·d·T rule: every parameter but the input embedding. The output
-    projection counts (it is a matrix multiply) whether or not it shares the embedding's weights."""
-    assert model.vocab_size is not None, "model.vocab_size must be resolved"
-    d, head_dim = model.hidden_size, model.head_dim
-    attention = (
-        d * (model.num_heads + 2 * model.num_kv_heads) * head_dim + model.num_heads * head_dim * d
-    )
-    mlp = 3 * d * model.ffn_hidden_size
-    norms = 2 * d
-    return model.num_layers * (attention + mlp + norms) + d + model.vocab_size * d
-
-
-def flops_per_token(model: ModelConfig) -> float:
-    """Training FLOPs (forward + backward) per token: 6N + 12·L·d·T."""
-    return (
-        6.0 * non_embedding_params(model)
-        + 12.0 * model.num_layers * model.hidden_size * model.seq_len
-    )
 
 
 def device_peak_tflops(

@@ -28,6 +28,7 @@ from tessera.parallel.loss import (
     vocab_parallel_loss,
 )
 from tessera.parallel.tensor_parallel import Part
+from tessera.trainer import architecture
 from tessera.trainer.config import ConfigError, ModelConfig
 
 
@@ -43,14 +44,22 @@ class RMSNorm(nn.Module):
         return self.weight * x_fp32.to(x.dtype)
 
 
-def rotary_cos_sin(seq_len: int, head_dim: int, theta: float, device: torch.device,
-                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
-    inv_freq = 1.0 / (theta**exponents)
+def rotary_cos_sin(cfg: ModelConfig, seq_len: int, device: torch.device, dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of positions 0..seq_len-1 at the frequencies of the model's rope type."""
+    inv_freq, scale = architecture.rope_frequencies(cfg, device)
     positions = torch.arange(seq_len, device=device, dtype=torch.float32)
     freqs_SD = torch.outer(positions, inv_freq)
     emb_SD = torch.cat([freqs_SD, freqs_SD], dim=-1)
-    return emb_SD.cos().to(dtype), emb_SD.sin().to(dtype)
+    return (emb_SD.cos() * scale).to(dtype), (emb_SD.sin() * scale).to(dtype)
+
+
+def sliding_window_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor:
+    """[S, S] True where query i may attend key j: j <= i and i - j < window (as transformers'
+    Mistral does: the window counts the token itself)."""
+    i = torch.arange(seq_len, device=device)[:, None]
+    j = torch.arange(seq_len, device=device)[None, :]
+    return (j <= i) & (i - j < window)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -87,8 +96,7 @@ class Embedding(nn.Module):
         return mask_padded_vocab(logits_SBV, self.cfg.vocab_size)
 
     def canonical_parts(self) -> dict[str, list[Part]]:
-        shape = (self.cfg.vocab_size, self.cfg.hidden_size)
-        return {"embed.weight": [Part("embed.weight", shape, 0, self.padded_vocab_size)]}
+        return architecture.embedding_parts(self.cfg, self.padded_vocab_size)
 
 
 class Block(nn.Module):
@@ -100,31 +108,36 @@ class Block(nn.Module):
         _, tp = tpl.tp_rank_and_size()
         self.cfg = cfg
         self.checkpoint_activations = checkpoint_activations
-        self.prefix = f"layers.{layer_index}."
+        self.layer_index = layer_index
         self.num_heads_local = cfg.num_heads // tp
         self.num_kv_heads_local = cfg.num_kv_heads // tp
-        head_dim, hidden, ffn = cfg.head_dim, cfg.hidden_size, cfg.ffn_hidden_size
+        head_dim, hidden, ffn = cfg.head_size, cfg.hidden_size, cfg.ffn_hidden_size
         self.attn_norm = tpl.replicated(RMSNorm(hidden, cfg.norm_eps), mp_config)
         qkv_rows = (cfg.num_heads + 2 * cfg.num_kv_heads) * head_dim
-        self.qkv = tpl.column_parallel(mp_config, hidden, qkv_rows)
+        self.qkv = tpl.column_parallel(mp_config, hidden, qkv_rows, bias=cfg.qkv_bias)
+        if cfg.qk_norm:  # over each head's vector; a rank holds its own heads'
+            self.q_norm = tpl.replicated(RMSNorm(head_dim, cfg.norm_eps), mp_config,
+                                         sees_local_heads=True)
+            self.k_norm = tpl.replicated(RMSNorm(head_dim, cfg.norm_eps), mp_config,
+                                         sees_local_heads=True)
         self.o = tpl.row_parallel(mp_config, cfg.num_heads * head_dim, hidden)
         self.mlp_norm = tpl.replicated(RMSNorm(hidden, cfg.norm_eps), mp_config)
         self.gate_up = tpl.column_parallel(mp_config, hidden, 2 * ffn)
         self.down = tpl.row_parallel(mp_config, ffn, hidden)
         self.sequence_parallel_tp = tp if mp_config.sequence_parallel else 1
-        self._rotary: tuple | None = None  # ((seq_len, device, dtype), cos_SD, sin_SD)
+        self._rotary: tuple | None = None  # ((seq_len, device, dtype), cos_SD, sin_SD[, mask])
         self._compute = self._layer  # train.compile swaps in the compiled version (`compile`)
 
     def forward(self, x_SBH: torch.Tensor) -> torch.Tensor:
         # With sequence parallelism x holds this rank's slice of the sequence; rotary tables
         # cover the whole sequence, which attention sees after the gather in qkv.
         seq_len = x_SBH.shape[0] * self.sequence_parallel_tp
-        cos_SD, sin_SD = self._rotary_tables(seq_len, x_SBH.device, x_SBH.dtype)
+        cos_SD, sin_SD, mask_SS = self._position_tables(seq_len, x_SBH.device, x_SBH.dtype)
         if self.checkpoint_activations and torch.is_grad_enabled():
             # Keep only the block's input; recompute its inside during backward.
             return torch.utils.checkpoint.checkpoint(self._compute, x_SBH, cos_SD, sin_SD,
-                                                     use_reentrant=False)
-        return self._compute(x_SBH, cos_SD, sin_SD)
+                                                     mask_SS, use_reentrant=False)
+        return self._compute(x_SBH, cos_SD, sin_SD, mask_SS)
 
     def compile_layer(self) -> None:
         """torch.compile the block's computation as one graph (train.compile).
@@ -135,64 +148,52 @@ class Block(nn.Module):
         """
         self._compute = torch.compile(self._layer, fullgraph=True)
 
-    def _layer(self, x_SBH: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor
-               ) -> torch.Tensor:
-        x_SBH = x_SBH + self._attention(self.attn_norm(x_SBH), cos_SD, sin_SD)
+    def _layer(self, x_SBH: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor,
+               mask_SS: torch.Tensor | None) -> torch.Tensor:
+        x_SBH = x_SBH + self._attention(self.attn_norm(x_SBH), cos_SD, sin_SD, mask_SS)
         h_SBF2, _ = self.gate_up(self.mlp_norm(x_SBH))
         gate_SBF, up_SBF = h_SBF2.chunk(2, dim=-1)
         mlp_SBH, _ = self.down(F.silu(gate_SBF) * up_SBF)
         return x_SBH + mlp_SBH
 
-    def _attention(self, h_SBH: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor
-                   ) -> torch.Tensor:
-        head_dim = self.cfg.head_dim
+    def _attention(self, h_SBH: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor,
+                   mask_SS: torch.Tensor | None) -> torch.Tensor:
+        head_dim = self.cfg.head_size
         qkv_SBX, _ = self.qkv(h_SBH)  # with sequence parallelism, gathered to the full sequence
         seq_len, batch = qkv_SBX.shape[0], qkv_SBX.shape[1]
         q_size = self.num_heads_local * head_dim
         kv_size = self.num_kv_heads_local * head_dim
         q, k, v = qkv_SBX.split([q_size, kv_size, kv_size], dim=-1)
-        q_BNSD = q.view(seq_len, batch, -1, head_dim).permute(1, 2, 0, 3)
-        k_BNSD = k.view(seq_len, batch, -1, head_dim).permute(1, 2, 0, 3)
+        q_SBND = q.view(seq_len, batch, -1, head_dim)
+        k_SBND = k.view(seq_len, batch, -1, head_dim)
+        if self.cfg.qk_norm:
+            q_SBND, k_SBND = self.q_norm(q_SBND), self.k_norm(k_SBND)
+        q_BNSD = apply_rotary(q_SBND.permute(1, 2, 0, 3), cos_SD, sin_SD)
+        k_BNSD = apply_rotary(k_SBND.permute(1, 2, 0, 3), cos_SD, sin_SD)
         v_BNSD = v.view(seq_len, batch, -1, head_dim).permute(1, 2, 0, 3)
-        q_BNSD = apply_rotary(q_BNSD, cos_SD, sin_SD)
-        k_BNSD = apply_rotary(k_BNSD, cos_SD, sin_SD)
         out_BNSD = F.scaled_dot_product_attention(
-            q_BNSD, k_BNSD, v_BNSD, is_causal=True,
+            q_BNSD, k_BNSD, v_BNSD, attn_mask=mask_SS, is_causal=mask_SS is None,
             enable_gqa=self.num_kv_heads_local != self.num_heads_local,
         )
         out_SBX = out_BNSD.permute(2, 0, 1, 3).reshape(seq_len, batch, q_size)
         o_SBH, _ = self.o(out_SBX)
         return o_SBH
 
-    def _rotary_tables(self, seq_len: int, device: torch.device, dtype: torch.dtype
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rotary cos/sin tables, computed on first use, not at every micro-batch."""
+    def _position_tables(self, seq_len: int, device: torch.device, dtype: torch.dtype
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The rotary cos/sin tables and, when the sequence is longer than a sliding window,
+        its mask (None: plain causal attention); made on first use, not at every micro-batch."""
         key = (seq_len, device, dtype)
         if self._rotary is None or self._rotary[0] != key:
-            cos_SD, sin_SD = rotary_cos_sin(seq_len, self.cfg.head_dim, self.cfg.rope_theta,
-                                            device, dtype)
-            self._rotary = (key, cos_SD, sin_SD)
-        return self._rotary[1], self._rotary[2]
+            cos_SD, sin_SD = rotary_cos_sin(self.cfg, seq_len, device, dtype)
+            window = self.cfg.sliding_window
+            mask_SS = (sliding_window_mask(seq_len, window, device)
+                       if window is not None and seq_len > window else None)
+            self._rotary = (key, cos_SD, sin_SD, mask_SS)
+        return self._rotary[1], self._rotary[2], self._rotary[3]
 
     def canonical_parts(self) -> dict[str, list[Part]]:
-        c, p = self.cfg, self.prefix
-        hidden, ffn = c.hidden_size, c.ffn_hidden_size
-        q_rows, kv_rows = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        return {
-            "attn_norm.weight": [Part(p + "attn_norm.weight", (hidden,), None)],
-            "qkv.weight": [
-                Part(p + "q.weight", (q_rows, hidden), 0),
-                Part(p + "k.weight", (kv_rows, hidden), 0),
-                Part(p + "v.weight", (kv_rows, hidden), 0),
-            ],
-            "o.weight": [Part(p + "o.weight", (hidden, q_rows), 1)],
-            "mlp_norm.weight": [Part(p + "mlp_norm.weight", (hidden,), None)],
-            "gate_up.weight": [
-                Part(p + "gate.weight", (ffn, hidden), 0),
-                Part(p + "up.weight", (ffn, hidden), 0),
-            ],
-            "down.weight": [Part(p + "down.weight", (hidden, ffn), 1)],
-        }
+        return architecture.block_parts(self.cfg, self.layer_index)
 
 
 class FinalNorm(nn.Module):
@@ -205,7 +206,7 @@ class FinalNorm(nn.Module):
         return self.final_norm(x_SBH)
 
     def canonical_parts(self) -> dict[str, list[Part]]:
-        return {"final_norm.weight": [Part("final_norm.weight", (self.cfg.hidden_size,), None)]}
+        return architecture.final_norm_parts(self.cfg)
 
 
 class OutputLayer(nn.Module):
@@ -230,8 +231,7 @@ class OutputLayer(nn.Module):
         return mask_padded_vocab(logits_SBV, self.cfg.vocab_size)
 
     def canonical_parts(self) -> dict[str, list[Part]]:
-        shape = (self.cfg.vocab_size, self.cfg.hidden_size)
-        return {"head.weight": [Part("head.weight", shape, 0, self.padded_vocab_size)]}
+        return architecture.output_parts(self.cfg, self.padded_vocab_size)
 
 
 def lm_loss(logits_SBV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
@@ -380,8 +380,11 @@ def init_weights(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
     tp_rank, tp = tpl.tp_rank_and_size()
 
     def full_of(part: Part) -> torch.Tensor:
-        if len(part.shape) == 1:  # norm weights
-            return torch.ones(part.shape)
+        match part.init:
+            case "ones":
+                return torch.ones(part.shape)
+            case "zeros":
+                return torch.zeros(part.shape)
         return tpl.seeded_normal(seed, part.name, part.shape, cfg.init_std)
 
     for param, parts in tpl.canonical_params(model):

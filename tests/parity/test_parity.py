@@ -38,6 +38,28 @@ LAYOUTS_4 = {
 }
 LAYOUTS_8 = {"dp2-tp2-pp2": {"parallel.tp": 2, "parallel.pp": 2, "parallel.zero_stage": 1}}
 
+# The model options of the families (issue 15), two models that between them turn each on, at
+# the layouts that split what the option touches: heads over tp, blocks over pp, parameters
+# over ZeRO 3 with recomputation. 10 steps against one process.
+LLAMA3_ROPE = ('{"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, '
+               '"high_freq_factor": 4.0, "original_max_position_embeddings": 16}')
+OPTION_MODELS = {
+    # Qwen3-like (plus Qwen2's biases): a head size of 32 with hidden 64 / 4 heads, and a
+    # Llama-3.1-like RoPE
+    "qkv_bias+qk_norm+head_dim+llama3_rope": {"model.qkv_bias": "true", "model.qk_norm": "true",
+                                              "model.head_dim": 32,
+                                              "model.rope_scaling": LLAMA3_ROPE},
+    # Mistral's window, shorter than the 32-token sequence
+    "sliding_window": {"model.sliding_window": 12},
+}
+OPTION_LAYOUTS = {
+    "tp2": {"parallel.tp": 2},
+    "pp2": {"parallel.pp": 2},
+    "dp2-zero3-checkpointing": {"parallel.zero_stage": 3,
+                                "train.activation_checkpointing": "full"},
+}
+OPTION_STEPS = 10
+
 
 def parity_config(run_dir: Path, shards: Path, **overrides):
     common = {"train.steps": STEPS, "train.grad_clip": 0, "model.num_layers": 4}
@@ -57,9 +79,10 @@ def reference(tmp_path_factory, byte_shards) -> list[dict]:
     return rows
 
 
-def assert_same_training(name: str, rows: list[dict], reference: list[dict]) -> None:
+def assert_same_training(name: str, rows: list[dict], reference: list[dict],
+                         steps: int = STEPS) -> None:
     got, expected = losses(rows), losses(reference)
-    assert len(got) == STEPS, name
+    assert len(got) == steps, name
     assert abs(got[0] - expected[0]) <= 1e-6 * abs(expected[0]), f"{name}: step 1"
     assert got == pytest.approx(expected, rel=1e-4), f"{name}: losses"
     # Gradient norms amplify reduction-order differences more than losses do (a spike to ~8
@@ -76,6 +99,24 @@ def test_one_process_matches_golden_file(reference):
         GOLDEN.write_text(json.dumps(golden, indent=1) + "\n")
     golden = json.loads(GOLDEN.read_text())
     assert losses(reference) == pytest.approx(golden["losses"], rel=1e-5)
+
+
+def test_model_options_at_two_rank_layouts(tmp_path, byte_shards):
+    def config(name: str, **overrides):
+        return parity_config(tmp_path / name, byte_shards, **{"train.steps": OPTION_STEPS,
+                                                             **overrides})
+
+    singles = run_ranks(1, train_each, [config(m, **o) for m, o in OPTION_MODELS.items()])[0]
+    cases = [(m, name) for m in OPTION_MODELS for name in OPTION_LAYOUTS]
+    configs = [config(f"{m}-{name}", **OPTION_MODELS[m], **OPTION_LAYOUTS[name])
+               for m, name in cases]
+    runs = run_ranks(2, train_each, configs)[0]
+    reference = dict(zip(OPTION_MODELS, singles))
+    for (model, name), rows in zip(cases, runs):
+        assert_same_training(f"{model} {name}", rows, reference[model], steps=OPTION_STEPS)
+    # the options change the model: each trains apart from the plain one and from the other
+    first = [losses(rows)[-1] for rows in singles]
+    assert abs(first[0] - first[1]) > 1e-3
 
 
 def test_two_rank_layouts(tmp_path, byte_shards, reference):

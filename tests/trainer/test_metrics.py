@@ -4,22 +4,19 @@ loss-spike detector."""
 
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from tessera.trainer.architecture import flops_per_token, non_embedding_params
 from tessera.trainer.config import load_config
-from tessera.trainer.convert.reader import canonical_shapes
 from tessera.trainer.health import LossSpikes, NonFiniteError, NonFiniteGuard
 from tessera.trainer.metrics import (
     MetricsLog,
     StepTimes,
     console_line,
-    flops_per_token,
-    non_embedding_params,
     peak_by_name,
     resolved_config_text,
 )
@@ -32,14 +29,18 @@ def model_config(**overrides):
     return cfg
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_non_embedding_params_count_every_matrix_but_the_input_embedding(tied):
-    cfg = model_config(**{"model.num_kv_heads": 2, "model.tie_embeddings": tied}).model
-    shapes = canonical_shapes(cfg)
-    counted = sum(math.prod(shape) for name, shape in shapes.items() if name != "embed.weight")
-    if tied:  # the output projection still multiplies by a vocab x d matrix
-        counted += cfg.vocab_size * cfg.hidden_size
-    assert non_embedding_params(cfg) == counted
+@pytest.mark.parametrize("overrides", [
+    {"model.tie_embeddings": False}, {"model.tie_embeddings": True},
+    {"model.qkv_bias": True, "model.qk_norm": True, "model.head_dim": 32},
+], ids=["untied", "tied", "options"])
+def test_non_embedding_params_count_every_matrix_but_the_input_embedding(overrides):
+    cfg = model_config(**{"model.num_kv_heads": 2, **overrides}).model
+    h, f, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.head_size
+    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    block = h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h
+    block += (q + 2 * kv) * cfg.qkv_bias + 2 * d * cfg.qk_norm
+    # the output projection counts, tied or not: it still multiplies by a vocab x d matrix
+    assert non_embedding_params(cfg) == cfg.num_layers * block + h + cfg.vocab_size * h
 
 
 def test_flops_per_token_is_6n_plus_attention():
@@ -47,6 +48,8 @@ def test_flops_per_token_is_6n_plus_attention():
     n = non_embedding_params(cfg)
     expected = 6 * n + 12 * cfg.num_layers * cfg.hidden_size * cfg.seq_len
     assert flops_per_token(cfg) == expected
+    windowed = model_config(**{"model.sliding_window": 16}).model  # a query sees 16 tokens
+    assert flops_per_token(windowed) == 6 * n + 12 * cfg.num_layers * cfg.hidden_size * 16
 
 
 def test_llama_1b_config_has_about_a_billion_non_embedding_parameters():

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from tessera.data.format import TokenizerInfo
+from tessera.trainer.architecture import ARCHITECTURE_FIELDS  # noqa: F401  (named with the format)
 
 # A tokenizer as a checkpoint carries it: its description, and its tokenizer.json text (hf kind).
 CarriedTokenizer = tuple[TokenizerInfo, str | None]
@@ -26,16 +27,6 @@ FORMAT_VERSION = 1
 TMP_SUFFIX = ".tmp"
 
 
-# Model fields that change the tensors (or what they mean): they must match on load.
-ARCHITECTURE_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "ffn_hidden_size",
-    "tie_embeddings",
-)
 
 
 # Test hook only: seconds to sleep at each step of a save, so that a test can kill a job inside it.

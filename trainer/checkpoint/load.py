@@ -196,7 +196,8 @@ def problems_collective(directory: Path, checksum: bool) -> list[str]:
 
 
 def _model_differences(manifest: dict, cfg: Config, module: torch.nn.Module) -> list[str]:
-    saved = manifest.get("model", {})
+    # a field the checkpoint does not name (saved before it existed) has its default
+    saved = {**dataclasses.asdict(type(cfg.model)()), **manifest.get("model", {})}
     current = dataclasses.asdict(cfg.model)
     diffs = [
         f"model.{key}: checkpoint {saved.get(key)!r}, config {current[key]!r}"

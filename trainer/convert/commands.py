@@ -34,7 +34,7 @@ from tessera.data.tokenizer import ByteTokenizer
 from tessera.launch.local import inside_distributed_launch, launch_or_run
 from tessera.parallel.engine import Engine
 from tessera.parallel.topology import distributed
-from tessera.trainer import checkpoint
+from tessera.trainer import architecture, checkpoint
 from tessera.trainer.checkpoint import CheckpointError
 from tessera.trainer.config import (
     Config,
@@ -125,10 +125,10 @@ def to_hf(
     writer = hf.ShardedWriter(tmp, max_shard_bytes)
     with progress("to-hf", total=len(reader.names()), unit="tensors") as bar:
         for name in reader.names():
-            writer.add(hf.hf_name(name), reader.tensor(name).to(DTYPES[dtype]))
+            writer.add(architecture.hf_name(name), reader.tensor(name).to(DTYPES[dtype]))
             bar.advance(1, note=name)
         files = writer.close()
-    hf.llama_config(reader.cfg.model, eos_id, DTYPES[dtype]).save_pretrained(tmp)
+    hf.hf_config(reader.cfg.model, eos_id, DTYPES[dtype]).save_pretrained(tmp)
     GenerationConfig(bos_token_id=None, eos_token_id=eos_id).save_pretrained(tmp)
     hf.write_tokenizer(tmp, tokenizer_json, eos_id, reader.cfg.model.seq_len)
     if out.exists():

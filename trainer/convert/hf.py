@@ -1,9 +1,9 @@
-"""Hugging Face Llama format: tensor names, config, safetensors files read and written safely,
-and the tokenizer files `AutoTokenizer` loads.
+"""Hugging Face format: config.json (through tessera.trainer.architecture and its families),
+safetensors files read and written safely, and the tokenizer files `AutoTokenizer` loads.
 
-Our rotary embedding follows Hugging Face's rotate_half convention, so q and k map to
-`LlamaForCausalLM` as they are (no Meta-style permutation); fused tensors (q/k/v, gate/up) are
-canonical tensors already split (`canonical_parts`).
+Our rotary embedding follows Hugging Face's rotate_half convention, so q and k map as they are
+(no Meta-style permutation); fused tensors (q/k/v, gate/up) are canonical tensors already split
+(`canonical_parts`).
 """
 
 from __future__ import annotations
@@ -17,17 +17,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-
-if TYPE_CHECKING:
-    from transformers import LlamaConfig
-
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from tessera.data.format import DataError, first_line
 from tessera.data.tokenizer import BYTE_EOS_ID, HF_TOKENIZER_FILE, HFTokenizer
+from tessera.trainer import architecture
 from tessera.trainer.config import ModelConfig
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -38,73 +38,31 @@ BYTE_EOS_TOKEN = "<|endoftext|>"
 MAX_SEQ_LEN_FROM_HF = 4096  # model.seq_len of an import, unless set: a training window, not a limit
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "q": "self_attn.q_proj",
-    "k": "self_attn.k_proj",
-    "v": "self_attn.v_proj",
-    "o": "self_attn.o_proj",
-    "mlp_norm": "post_attention_layernorm",
-    "gate": "mlp.gate_proj",
-    "up": "mlp.up_proj",
-    "down": "mlp.down_proj",
-}
-_GLOBAL_NAMES = {
-    "embed.weight": "model.embed_tokens.weight",
-    "final_norm.weight": "model.norm.weight",
-    "head.weight": "lm_head.weight",
-}
-_LAYER_RE = re.compile(r"^layers\.(\d+)\.(\w+)\.weight$")
-
-
 class HFError(ValueError):
     """A Hugging Face directory we cannot convert; the message names the file or tensor."""
-
-
-def hf_name(name: str) -> str:
-    """Our canonical tensor name -> the LlamaForCausalLM state-dict name."""
-    if name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[name]
-    match = _LAYER_RE.match(name)
-    assert match and match[2] in _LAYER_NAMES, f"no Hugging Face name for {name}"
-    return f"model.layers.{match[1]}.{_LAYER_NAMES[match[2]]}.weight"
 
 
 # ---------------------------------------------------------------------------------------------
 # Config
 
 
-def llama_config(model: ModelConfig, eos_id: int | None, dtype: torch.dtype) -> LlamaConfig:
+def hf_config(model: ModelConfig, eos_id: int | None, dtype: torch.dtype) -> PretrainedConfig:
+    """The config.json of an export: the model's family (model.family, or the one its options
+    make) with every key a round trip needs."""
     from transformers import (
-        LlamaConfig,  # lazy: transformers takes seconds to import: only what needs it pays it
+        AutoConfig,  # lazy: transformers takes seconds to import: only what needs it pays it
     )
 
-    return LlamaConfig(
-        vocab_size=model.vocab_size,
-        hidden_size=model.hidden_size,
-        intermediate_size=model.ffn_hidden_size,
-        num_hidden_layers=model.num_layers,
-        num_attention_heads=model.num_heads,
-        num_key_value_heads=model.num_kv_heads,
-        head_dim=model.head_dim,
-        hidden_act="silu",
-        max_position_embeddings=model.seq_len,
-        rms_norm_eps=model.norm_eps,
-        tie_word_embeddings=model.tie_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": model.rope_theta},
-        attention_bias=False,
-        mlp_bias=False,
-        bos_token_id=None,
-        eos_token_id=eos_id,
-        pad_token_id=None,
-        architectures=["LlamaForCausalLM"],
-        dtype=dtype,
-    )
+    try:
+        family, fields = architecture.hf_config_fields(model, eos_id)
+    except ValueError as e:
+        raise HFError(f"cannot export: {e}") from None
+    return AutoConfig.for_model(family.model_type, **fields, dtype=dtype)
 
 
 def model_config_from_hf(directory: Path) -> ModelConfig:
-    """Our model section from a Hugging Face config.json; anything a Tessera Llama cannot
-    express (biases, another activation, scaled RoPE) is an error naming the key."""
+    """Our model section from a Hugging Face config.json (one of the families Tessera trains);
+    anything else is an error naming the key and its value."""
     path = directory / CONFIG_FILE
     try:
         raw = json.loads(path.read_text())
@@ -114,55 +72,10 @@ def model_config_from_hf(directory: Path) -> ModelConfig:
         raise HFError(f"{path}: unreadable ({e})") from e
     if not isinstance(raw, dict):
         raise HFError(f"{path}: not a model config (a JSON object)")
-    architectures = raw.get("architectures") or []
-    if raw.get("model_type") != "llama" or (
-        architectures and "LlamaForCausalLM" not in architectures
-    ):
-        raise HFError(
-            f"{path}: model_type {raw.get('model_type')!r}, architectures {architectures}: "
-            f"not a LlamaForCausalLM checkpoint (the only architecture Tessera trains)"
-        )
-    required = (
-        "vocab_size",
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "intermediate_size",
-    )
-    missing = [key for key in required if not isinstance(raw.get(key), int)]
-    if missing:
-        raise HFError(f"{path}: key {missing[0]!r} missing or not an integer")
-    heads = raw["num_attention_heads"]
-    head_dim = raw.get("head_dim") or raw["hidden_size"] // heads
-    # As transformers reads it: a legacy `rope_scaling` replaces `rope_parameters` whole.
-    rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
-    unsupported = {
-        "hidden_act": (raw.get("hidden_act", "silu"), "silu"),
-        "attention_bias": (raw.get("attention_bias", False), False),
-        "mlp_bias": (raw.get("mlp_bias", False), False),
-        "head_dim": (head_dim, raw["hidden_size"] // heads),
-        "rope_parameters.rope_type": (
-            rope.get("rope_type", rope.get("type", "default")),
-            "default",
-        ),
-    }
-    for key, (value, supported) in unsupported.items():
-        if value != supported:
-            raise HFError(
-                f"{path}: {key}={value!r} is not supported (Tessera's Llama needs {supported!r})"
-            )
-    return ModelConfig(
-        vocab_size=raw["vocab_size"],
-        hidden_size=raw["hidden_size"],
-        num_layers=raw["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=raw.get("num_key_value_heads") or heads,
-        ffn_hidden_size=raw["intermediate_size"],
-        seq_len=min(raw.get("max_position_embeddings", MAX_SEQ_LEN_FROM_HF), MAX_SEQ_LEN_FROM_HF),
-        rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))),
-        norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
-    )
+    try:
+        return ModelConfig(**architecture.model_fields_from_hf(raw, MAX_SEQ_LEN_FROM_HF))
+    except architecture.HFConfigError as e:
+        raise HFError(f"{path}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,23 +190,22 @@ class HFCheckpoint:
     def check(self, shapes: dict[str, tuple[int, ...]]) -> None:
         """Every tensor our model needs is there with its shape (names in the message)."""
         for name, shape in shapes.items():
-            info = self.tensors.get(hf_name(name))
+            hf = architecture.hf_name(name)
+            info = self.tensors.get(hf)
             if info is None:
-                raise HFError(f"{self.directory}: tensor {hf_name(name)} is missing")
+                raise HFError(f"{self.directory}: tensor {hf} is missing")
             if info.shape != tuple(shape):
-                raise HFError(
-                    f"{info.file}: tensor {hf_name(name)} has shape {list(info.shape)}, "
-                    f"config.json implies {list(shape)}"
-                )
+                raise HFError(f"{info.file}: tensor {hf} has shape {list(info.shape)}, "
+                              f"config.json implies {list(shape)}")
 
     def tensor(self, name: str) -> torch.Tensor:
         """Our canonical tensor `name` in fp32."""
-        info = self.tensors[hf_name(name)]
+        hf = architecture.hf_name(name)
+        info = self.tensors[hf]
         if info.dtype == "pickle":
-            return self._load_pickle(info.file)[hf_name(name)].float().clone()
-
+            return self._load_pickle(info.file)[hf].float().clone()
         with safe_open(str(info.file), framework="pt") as f:
-            return f.get_tensor(hf_name(name)).float()
+            return f.get_tensor(hf).float()
 
 
 # ---------------------------------------------------------------------------------------------

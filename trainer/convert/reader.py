@@ -36,7 +36,6 @@ import dataclasses
 import glob
 import json
 import math
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,13 +44,12 @@ import torch
 from deepspeed.runtime import utils as ds_utils
 
 from tessera.data.format import first_line
-from tessera.parallel import tensor_parallel as tpl
 from tessera.parallel.pipeline import stage_boundaries
 from tessera.parallel.tensor_parallel import Part
 from tessera.trainer import checkpoint
+from tessera.trainer.architecture import canonical_shapes, layer_parts
 from tessera.trainer.checkpoint import CheckpointError
 from tessera.trainer.config import Config, ConfigError, ModelConfig, load_config
-from tessera.trainer.model import Block, Embedding, FinalNorm, OutputLayer
 
 WEIGHT = "weight"  # the fp32 master weight where the optimizer keeps one, else the model's
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -61,29 +59,6 @@ TIED_PREFIX = "tied_modules.embed."  # DeepSpeed's name for the tied embedding (
 
 # ---------------------------------------------------------------------------------------------
 # The layer list and where each layer's parameters live
-
-
-def layer_parts(cfg: ModelConfig, tp: int) -> list[dict[str, list[Part]]]:
-    """`canonical_parts` of every layer of [embedding, blocks..., final norm, output], without
-    building the layers (they need process groups): the methods only read these attributes."""
-    view = types.SimpleNamespace(
-        cfg=cfg, padded_vocab_size=tpl.padded_vocab_size(cfg.vocab_size, tp)
-    )
-    layers = [Embedding.canonical_parts(view)]
-    for i in range(cfg.num_layers):
-        layers.append(Block.canonical_parts(types.SimpleNamespace(cfg=cfg, prefix=f"layers.{i}.")))
-    layers.append(FinalNorm.canonical_parts(view))
-    layers.append((Embedding if cfg.tie_embeddings else OutputLayer).canonical_parts(view))
-    return layers
-
-
-def canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every canonical tensor and its full shape, in layer order."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for layer in layer_parts(cfg, 1):
-        for parts in layer.values():
-            shapes.update({part.name: tuple(part.shape) for part in parts})
-    return shapes
 
 
 def local_rows(part: Part, tp: int) -> int:
