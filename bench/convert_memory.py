@@ -1,12 +1,14 @@
 """Peak memory of `tessera convert to-hf`, side by side for two shard sizes.
 
-Builds a checkpoint of a mid-size random Llama (imported at tp=2 with `tessera convert from-hf`),
+Builds a checkpoint of a random Llama (imported with `tessera convert from-hf`): a mid-size one
+at tp=2 by default, or with --llama-3.2-1b one of Llama-3.2-1B's shape (hidden 2048, 16
+layers, a 128256-token tied embedding, llama3 RoPE; imported in one process),
 then exports it in fresh processes with a small and a large --max-shard-size, sampling the
 process's anonymous resident memory (RssAnon: what the export itself holds; memory-mapped
 checkpoint pages are file-backed and reclaimable, so not counted). Prints each peak above the
 process's baseline against the model's size, the shard size and the largest tensor.
 
-    python bench/convert_memory.py [--hidden 1024 --layers 8]
+    python bench/convert_memory.py [--hidden 1024 --layers 8 | --llama-3.2-1b]
 """
 
 from __future__ import annotations
@@ -54,20 +56,27 @@ def measure(ckpt: str, out: str, max_shard: str, tokenizer: str) -> None:
     print(json.dumps({"peak_above_baseline": peak[0] - baseline}))
 
 
-def random_llama(directory: Path, hidden: int, layers: int) -> tuple[int, int]:
+LLAMA_32_1B = dict(  # its config.json, but for max_position_embeddings (the import's seq_len)
+    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+    max_position_embeddings=64,
+    rope_parameters={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+                     "rope_theta": 500000.0},
+)
+
+
+def mid_size_llama(hidden: int, layers: int) -> dict:
+    return dict(vocab_size=32000, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                num_key_value_heads=hidden // 256, max_position_embeddings=64)
+
+
+def random_llama(directory: Path, shape: dict) -> tuple[int, int]:
     """A random Llama saved with save_pretrained; returns (fp32 bytes, largest tensor bytes)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=hidden,
-        intermediate_size=hidden * 11 // 4,
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // 64,
-        num_key_value_heads=hidden // 256,
-        max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(LlamaConfig(**shape))
     model.save_pretrained(directory)
     sizes = [p.numel() * 4 for p in model.parameters()]
     return sum(sizes), max(sizes)
@@ -77,6 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--llama-3.2-1b", dest="llama_32_1b", action="store_true")
     parser.add_argument("--measure", nargs=4, metavar=("CKPT", "OUT", "MAX_SHARD", "TOKENIZER"))
     args = parser.parse_args()
     if args.measure:
@@ -84,7 +94,9 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        total, largest = random_llama(root / "hf", args.hidden, args.layers)
+        shape = LLAMA_32_1B if args.llama_32_1b else mid_size_llama(args.hidden, args.layers)
+        tp = 1 if args.llama_32_1b else 2
+        total, largest = random_llama(root / "hf", shape)
         from tessera.trainer.convert import hf
 
         (root / "tokenizer.json").write_text(hf.byte_tokenizer_json())
@@ -97,14 +109,14 @@ def main() -> None:
                 "from-hf",
                 str(root / "hf"),
                 str(root / "ckpt"),
-                "parallel.tp=2",
+                f"parallel.tp={tp}",
             ],
             check=True,
             capture_output=True,
         )
         print(
             f"model {total / MB:.0f} MB fp32, largest tensor {largest / MB:.0f} MB; "
-            f"checkpoint at tp=2"
+            f"checkpoint at tp={tp}"
         )
         for shard in ("50MB", "5GB"):
             out = subprocess.run(

@@ -50,6 +50,7 @@ from tessera.data.tokenizer import (
     ByteTokenizer,
     HFTokenizer,
     Tokenizer,
+    find_tokenizer,
     train_bpe,
 )
 from tessera.data.verify import verify_command
@@ -82,7 +83,8 @@ Log = Callable[[str], None]
 
 
 def encode_documents(tokenizer: Tokenizer, texts: Sequence[str], dtype: str) -> list[np.ndarray]:
-    """Each text's ids with EOS appended, as `dtype`; an empty array for a text with no tokens."""
+    """Each text's ids (with what the tokenizer's post-processor adds) and EOS after them unless
+    the post-processor ended with it, as `dtype`; an empty array for a text with no tokens."""
     if isinstance(tokenizer, ByteTokenizer):
         # Fast path: the UTF-8 bytes are the ids.
         id_arrays = [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
@@ -95,6 +97,9 @@ def encode_documents(tokenizer: Tokenizer, texts: Sequence[str], dtype: str) -> 
             continue
         if int(ids.max()) >= tokenizer.vocab_size:
             raise DataError(f"tokenizer produced id {int(ids.max())} >= its vocab size")
+        if ids[-1] == tokenizer.eos_id:
+            out.append(ids.astype(dtype))
+            continue
         tokens = np.empty(ids.size + 1, dtype=dtype)
         tokens[:-1] = ids
         tokens[-1] = tokenizer.eos_id
@@ -119,14 +124,14 @@ _worker_tokenizer: Tokenizer | None = None
 _worker_dtype: str = ""
 
 
-def _init_worker(serialized_tokenizer: str | None, dtype: str) -> None:
+def _init_worker(serialized_tokenizer: str | None, eos_id: int, dtype: str) -> None:
     global _worker_tokenizer, _worker_dtype
     # Parallelism comes from the processes; keep each one's Rust thread pool to itself.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if serialized_tokenizer is None:
         _worker_tokenizer = ByteTokenizer()
     else:
-        _worker_tokenizer = HFTokenizer.from_str(serialized_tokenizer)
+        _worker_tokenizer = HFTokenizer.from_str(serialized_tokenizer, eos_id=eos_id)
     _worker_dtype = dtype
 
 
@@ -148,7 +153,10 @@ def tokenize(
     # A process pool that reports a worker's death (the kernel's OOM killer, a kill -9) as
     # BrokenProcessPool; multiprocessing.Pool would wait for its result for ever.
     pool = ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init_worker, initargs=(serialized, dtype)
+        workers,
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(serialized, tokenizer.eos_id, dtype),
     )
     try:
         # A bounded window of tasks keeps memory flat; results are taken in submission order.
@@ -371,8 +379,10 @@ def prepare(
 ) -> Manifest:
     """Tokenize INPUTS into shards in OUTPUT and write its manifest (last). See the module doc.
 
-    `tokenizer` is a tokenizer.json path; `train_tokenizer_vocab` trains a byte-level BPE of
-    that vocab size on the inputs first; neither means the built-in byte tokenizer. A run
+    `tokenizer` is a tokenizer.json or a directory holding one (data.tokenizer.find_tokenizer:
+    a Hugging Face model, prepared data, a checkpoint); `train_tokenizer_vocab` trains a
+    byte-level BPE of that vocab size on the inputs first; neither means the built-in byte
+    tokenizer. A run
     interrupted in OUTPUT continues after its last finished shard (same inputs and options).
     Progress: a line every `progress_interval_s` to `progress`, or a bar on the terminal.
     """
@@ -382,7 +392,7 @@ def prepare(
     output_dir = Path(output)
     _check_output(output_dir)
     files = find_input_files(inputs, globs)
-    loaded: Tokenizer | None = HFTokenizer.from_file(tokenizer) if tokenizer is not None else None
+    loaded: Tokenizer | None = find_tokenizer(tokenizer) if tokenizer is not None else None
     if loaded is not None:
         log(f"using tokenizer {tokenizer} (vocab size {loaded.vocab_size})")
     journal = _read_journal(output_dir) if output_dir.is_dir() else None
@@ -591,7 +601,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="check every shard of a prepared directory against its manifest",
     )
     tokenizer = parser.add_mutually_exclusive_group()
-    tokenizer.add_argument("--tokenizer", metavar="PATH", help="a Hugging Face tokenizer.json")
+    tokenizer.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="a tokenizer.json, or a directory with one: a Hugging Face model's, prepared data, "
+        "or a checkpoint (from-hf's carries its model's tokenizer)",
+    )
     tokenizer.add_argument(
         "--train-tokenizer",
         type=_positive_int,

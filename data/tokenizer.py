@@ -2,12 +2,16 @@
 
 Document text is always data: special-token strings that happen to occur in a document (a
 literal "<|endoftext|>" in a web page) are encoded as ordinary text, never as the special id.
-EOS is appended by `prepare`, not by the tokenizer.
+A document is framed the way the tokenizer's model was trained: what the tokenizer's own
+post-processor adds (Llama 3's and Mistral's BOS; nothing for Qwen's), then its EOS, appended by
+`prepare` unless the post-processor already ends with it.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -15,11 +19,16 @@ from typing import Protocol, runtime_checkable
 from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from tessera.data.format import DataError, TokenizerInfo, first_line
+from tessera.data.format import MANIFEST_NAME, DataError, TokenizerInfo, first_line, read_manifest
 
 BYTE_VOCAB_SIZE = 257
 BYTE_EOS_ID = 256
 HF_TOKENIZER_FILE = "tokenizer.json"
+# Beside a Hugging Face tokenizer.json: its eos_token, the one the model was trained with
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+# What a folder of a checkpoint's carried tokenizer holds beside tokenizer.json: a TokenizerInfo
+CARRIED_INFO_FILE = "info.json"
+CARRIED_DIR = "tokenizer"
 # Looked up in this order; the first one in the vocabulary is EOS.
 EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>")
 TRAINED_EOS = "<|endoftext|>"
@@ -61,11 +70,15 @@ class ByteTokenizer:
 class HFTokenizer:
     """A Hugging Face `tokenizers.Tokenizer` (a tokenizer.json) with a known EOS token."""
 
-    def __init__(self, tokenizer: RawTokenizer, source: str = "<in memory>") -> None:
-        eos_id = _find_eos_id(tokenizer)
+    def __init__(self, tokenizer: RawTokenizer, source: str = "<in memory>",
+                 eos_id: int | None = None) -> None:
+        """`eos_id` None: the first of EOS_CANDIDATES in the vocabulary."""
+        eos_id = _find_eos_id(tokenizer) if eos_id is None else eos_id
         if eos_id is None:
             names = ", ".join(EOS_CANDIDATES)
             raise DataError(f"{source}: tokenizer has no EOS token (looked for {names})")
+        if tokenizer.id_to_token(eos_id) is None:
+            raise DataError(f"{source}: EOS id {eos_id} is not in the tokenizer's vocabulary")
         # Not saved in tokenizer.json; see the module docstring.
         tokenizer.encode_special_tokens = True
         self.tokenizer = tokenizer
@@ -74,7 +87,9 @@ class HFTokenizer:
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> HFTokenizer:
+    def from_file(cls, path: str | os.PathLike, eos_id: int | None = None) -> HFTokenizer:
+        """A tokenizer.json; EOS is `eos_id`, else the eos_token of a tokenizer_config.json
+        beside it (a Hugging Face model's directory), else the first of EOS_CANDIDATES."""
         path = Path(path)
         if not path.exists():
             raise DataError(f"{path}: tokenizer file not found")
@@ -84,21 +99,25 @@ class HFTokenizer:
             raw = RawTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise DataError(f"{path}: cannot load tokenizer ({first_line(e)})") from e
-        return cls(raw, source=str(path))
+        if eos_id is None:
+            eos_id = _configured_eos_id(raw, path.with_name(HF_TOKENIZER_CONFIG))
+        return cls(raw, source=str(path), eos_id=eos_id)
 
     @classmethod
-    def from_str(cls, serialized: str, source: str = "<in memory>") -> HFTokenizer:
-        return cls(RawTokenizer.from_str(serialized), source=source)
+    def from_str(cls, serialized: str, source: str = "<in memory>",
+                 eos_id: int | None = None) -> HFTokenizer:
+        return cls(RawTokenizer.from_str(serialized), source=source, eos_id=eos_id)
 
     def to_str(self) -> str:
         return self.tokenizer.to_str()
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
-        return [e.ids for e in encodings]
+        """Each text's ids with what the post-processor adds (a BOS, for Llama 3); [] for ''."""
+        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=True)
+        return [e.ids if text else [] for text, e in zip(texts, encodings)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
@@ -146,7 +165,8 @@ def load_tokenizer(info: TokenizerInfo, directory: str | os.PathLike) -> Tokeniz
     if info.kind == "bytes":
         tokenizer = ByteTokenizer()
     elif info.kind == "hf":
-        tokenizer = HFTokenizer.from_file(Path(directory) / (info.file or HF_TOKENIZER_FILE))
+        path = Path(directory) / (info.file or HF_TOKENIZER_FILE)
+        tokenizer = HFTokenizer.from_file(path, eos_id=info.eos_id)
     else:
         raise DataError(f"{directory}: unknown tokenizer kind {info.kind!r} in manifest")
     if (tokenizer.vocab_size, tokenizer.eos_id) != (info.vocab_size, info.eos_id):
@@ -156,6 +176,68 @@ def load_tokenizer(info: TokenizerInfo, directory: str | os.PathLike) -> Tokeniz
             f"eos_id={info.eos_id}"
         )
     return tokenizer
+
+
+def find_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """What a user's --tokenizer PATH names: a tokenizer.json; or a directory: a Hugging Face
+    model's (tokenizer.json, EOS from tokenizer_config.json), a prepared data directory (its
+    manifest), or a Tessera checkpoint (the tokenizer it carries, from-hf's included; a run
+    directory or its checkpoints/ stands for the newest)."""
+    path = Path(path)
+    if not path.is_dir():
+        return HFTokenizer.from_file(path)
+    path = _newest_checkpoint(path) or path
+    carried_info = path / CARRIED_DIR / CARRIED_INFO_FILE
+    if carried_info.is_file():
+        return load_tokenizer(_carried_info(carried_info), path / CARRIED_DIR)
+    if (path / MANIFEST_NAME).is_file():
+        return load_tokenizer(read_manifest(path).tokenizer, path)
+    if (path / HF_TOKENIZER_FILE).is_file():
+        return HFTokenizer.from_file(path / HF_TOKENIZER_FILE)
+    raise DataError(f"{path}: no tokenizer here (a tokenizer.json, a Hugging Face model "
+                    f"directory, a prepared data directory or a Tessera checkpoint)")
+
+
+def _newest_checkpoint(path: Path) -> Path | None:
+    """The checkpoint step directory that the `latest` file of a run directory's checkpoints/
+    (or of that folder itself) names; None for any other directory."""
+    for root in (path / "checkpoints", path):
+        latest = root / "latest"
+        if latest.is_file():
+            name = latest.read_text().strip()
+            if re.fullmatch(r"step-\d+", name) is None:
+                raise DataError(f"{latest}: names {name!r}, not a checkpoint step")
+            return root / name
+    return None
+
+
+def _carried_info(path: Path) -> TokenizerInfo:
+    try:
+        info = TokenizerInfo(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise DataError(f"{path}: unreadable ({e})") from e
+    # The file is always the folder's own, whatever info.json names.
+    return TokenizerInfo(info.kind, info.vocab_size, info.eos_id,
+                         HF_TOKENIZER_FILE if info.kind == "hf" else None)
+
+
+def _configured_eos_id(tokenizer: RawTokenizer, config_path: Path) -> int | None:
+    """The id of tokenizer_config.json's eos_token (a string or {"content": ...}); None when
+    there is no such file or key."""
+    if not config_path.is_file():
+        return None
+    try:
+        eos = json.loads(config_path.read_text()).get("eos_token")
+    except (OSError, ValueError, AttributeError) as e:
+        raise DataError(f"{config_path}: unreadable ({first_line(e)})") from e
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    if eos is None:
+        return None
+    token_id = tokenizer.token_to_id(eos) if isinstance(eos, str) else None
+    if token_id is None:
+        raise DataError(f"{config_path}: eos_token {eos!r} is not in the tokenizer's vocabulary")
+    return token_id
 
 
 def _find_eos_id(tokenizer: RawTokenizer) -> int | None:

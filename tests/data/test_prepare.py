@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tokenizers import processors
 
 import tessera.data.prepare as prepare_module
 from tessera.data.format import MANIFEST_NAME, DataError, decode_tokens, read_manifest
-from tessera.data.prepare import prepare, prepare_command
+from tessera.data.prepare import encode_documents, prepare, prepare_command
 from tessera.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, train_bpe
 
 SENTENCES = [
@@ -588,3 +589,43 @@ def test_verify_usage_errors(tmp_path, capsys) -> None:
     assert prepare_command(["x.txt", "--verify", str(tmp_path)]) == 2
     assert prepare_command(["x.txt"]) == 2
     assert "give INPUT files and --output DIR" in capsys.readouterr().err
+
+
+def framed_tokenizer(directory: Path, single: str) -> HFTokenizer:
+    """A BPE with Llama 3's special tokens, the post-processor template `single`, and a
+    tokenizer_config.json naming <|end_of_text|> as EOS (a Hugging Face model directory)."""
+    raw = train_bpe(iter(SENTENCES * 5), 300).tokenizer
+    raw.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])
+    specials = [(t, raw.token_to_id(t)) for t in ("<|begin_of_text|>", "<|end_of_text|>")]
+    raw.post_processor = processors.TemplateProcessing(single=single, special_tokens=specials)
+    directory.mkdir(parents=True, exist_ok=True)
+    raw.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text('{"eos_token": "<|end_of_text|>"}')
+    return HFTokenizer.from_file(directory / "tokenizer.json")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_documents_are_framed_as_the_tokenizers_model_was_trained(tmp_path, workers) -> None:
+    """Llama 3's framing: the post-processor's BOS, the text, the configured EOS (not the
+    trained BPE's <|endoftext|>); the vocabulary counts the added special tokens."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text("".join(json.dumps({"text": s}) + "\n"
+                                                     for s in SENTENCES))
+    tokenizer = framed_tokenizer(tmp_path / "model", "<|begin_of_text|> $A")
+    bos, eos = (tokenizer.tokenizer.token_to_id(t)
+                for t in ("<|begin_of_text|>", "<|end_of_text|>"))
+    assert tokenizer.eos_id == eos and tokenizer.vocab_size == 302
+    manifest = prepare([str(tmp_path / "in")], tmp_path / "out", tokenizer=tmp_path / "model",
+                       workers=workers, log=lambda _: 0)
+    assert (manifest.tokenizer.vocab_size, manifest.tokenizer.eos_id) == (302, eos)
+    plain = [tokenizer.tokenizer.encode(s, add_special_tokens=False).ids for s in SENTENCES]
+    assert [t.tolist() for _, t in read_samples(tmp_path / "out")] == [
+        [bos, *ids, eos] for ids in plain]
+
+
+def test_a_post_processor_that_ends_with_eos_gets_no_second_one(tmp_path) -> None:
+    tokenizer = framed_tokenizer(tmp_path / "model", "<|begin_of_text|> $A <|end_of_text|>")
+    (tokens,) = encode_documents(tokenizer, ["hello"], "uint16")
+    ids = tokenizer.tokenizer.encode("hello", add_special_tokens=False).ids
+    bos = tokenizer.tokenizer.token_to_id("<|begin_of_text|>")
+    assert tokens.tolist() == [bos, *ids, tokenizer.eos_id]

@@ -1,14 +1,17 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import models
 
-from tessera.data.format import DataError, TokenizerInfo
+from tessera.data.format import DataError, Manifest, TokenizerInfo, write_manifest
 from tessera.data.tokenizer import (
     ByteTokenizer,
     HFTokenizer,
     Tokenizer,
+    find_tokenizer,
     load_tokenizer,
     train_bpe,
 )
@@ -122,3 +125,43 @@ def test_eos_candidates_are_tried_in_order(tmp_path) -> None:
     tok = HFTokenizer.from_file(path)
     assert tok.eos_id == 2
     assert tok.vocab_size == 4
+
+
+def test_eos_token_of_tokenizer_config_wins_over_the_candidates(tmp_path) -> None:
+    """A Hugging Face model directory names its EOS (Llama 3 instruct: <|eot_id|>, no candidate)."""
+    path = _word_level(tmp_path, {"<unk>": 0, "</s>": 1, "<|eot_id|>": 2})
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text('{"eos_token": {"content": "<|eot_id|>", "special": true}}')
+    assert HFTokenizer.from_file(path).eos_id == 2
+    assert HFTokenizer.from_file(path, eos_id=1).eos_id == 1  # a manifest's own choice
+    config.write_text('{"eos_token": "<|im_end|>"}')
+    with pytest.raises(DataError, match="tokenizer_config.json: eos_token '<|im_end|>' is not"):
+        HFTokenizer.from_file(path)
+
+
+def test_find_tokenizer_reads_every_place_a_tokenizer_lives(tmp_path, trained) -> None:
+    step = tmp_path / "run" / "checkpoints" / "step-00000003"
+    for directory in ("hf", "prepared", "empty", step / "tokenizer"):
+        (tmp_path / directory).mkdir(parents=True)
+    # a tokenizer.json, and a Hugging Face model directory holding one
+    trained.save(tmp_path / "hf")
+    assert find_tokenizer(tmp_path / "hf" / "tokenizer.json").eos_id == trained.eos_id
+    assert find_tokenizer(tmp_path / "hf").vocab_size == trained.vocab_size
+    # a prepared directory: its manifest's EOS, whatever the candidates say
+    prepared = tmp_path / "prepared"
+    trained.save(prepared)
+    write_manifest(prepared, Manifest(TokenizerInfo("hf", trained.vocab_size, 7,
+                                                    "tokenizer.json"), "uint16", ()))
+    assert find_tokenizer(prepared).eos_id == 7
+    # a checkpoint (tokenizer/ with info.json), its checkpoints/ folder and its run directory
+    trained.save(step / "tokenizer")
+    info = {"kind": "hf", "vocab_size": trained.vocab_size, "eos_id": 5, "file": "../../x"}
+    (step / "tokenizer" / "info.json").write_text(json.dumps(info))
+    (step.parent / "latest").write_text("step-00000003\n")
+    for path in (step, step.parent, tmp_path / "run"):
+        assert find_tokenizer(path).eos_id == 5, path
+    (step.parent / "latest").write_text("../../elsewhere")
+    with pytest.raises(DataError, match="latest: names '../../elsewhere', not a checkpoint"):
+        find_tokenizer(tmp_path / "run")
+    with pytest.raises(DataError, match="empty: no tokenizer here"):
+        find_tokenizer(tmp_path / "empty")

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from tessera.data.format import TokenizerInfo
+from tessera.data.tokenizer import CARRIED_DIR, CARRIED_INFO_FILE
 from tessera.trainer.architecture import ARCHITECTURE_FIELDS  # noqa: F401  (named with the format)
 
 # A tokenizer as a checkpoint carries it: its description, and its tokenizer.json text (hf kind).
@@ -19,8 +20,9 @@ CarriedTokenizer = tuple[TokenizerInfo, str | None]
 MANIFEST_FILE = "manifest.json"
 STATE_FILE = "tessera_state.json"
 CONFIG_FILE = "config.yaml"
-TOKENIZER_DIR = "tokenizer"
-TOKENIZER_INFO = f"{TOKENIZER_DIR}/info.json"
+# the folder data.tokenizer.find_tokenizer reads (tessera prepare --tokenizer CHECKPOINT)
+TOKENIZER_DIR = CARRIED_DIR
+TOKENIZER_INFO = f"{TOKENIZER_DIR}/{CARRIED_INFO_FILE}"
 LATEST_FILE = "latest"
 FORMAT = "tessera-checkpoint"
 FORMAT_VERSION = 1

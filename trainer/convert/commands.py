@@ -63,12 +63,13 @@ USAGE = """usage:
                           [launch.nproc_per_node=N]
 
 CKPT: a checkpoint step directory, a run's checkpoints directory or a run directory (its newest).
-to-hf:   a Hugging Face Llama directory (config.json, generation_config.json, safetensors with an
-         index above --max-shard-size, tokenizer files); --tokenizer: a `tessera prepare` output
-         or a tokenizer.json (default: the tokenizer of the data the run trained on)
-from-hf: a Tessera run directory at the given layout from safetensors weights (pickle .bin only
-         with --allow-pickle); then tessera train checkpoint.load_from=OUT
-         checkpoint.load_weights_only=true ... starts pretraining from them
+to-hf:   a Hugging Face directory of the model's family (config.json, generation_config.json,
+         safetensors with an index above --max-shard-size, tokenizer files); --tokenizer: a
+         tokenizer.json or a directory with one (default: the one the checkpoint carries)
+from-hf: a Tessera run directory at the given layout from a Llama, Mistral, Qwen2 or Qwen3
+         directory's safetensors (pickle .bin only with --allow-pickle) and its tokenizer; then
+         tessera prepare ... --tokenizer OUT, and tessera train --config OUT/config.yaml
+         checkpoint.load_from=OUT checkpoint.load_weights_only=true ... pretrains from them
 reshard: the full training state at another layout; tessera train --config OUT/config.yaml
          continues it
 from-hf and reshard start launch.nproc_per_node ranks (default tp*pp: dp=1)."""
@@ -105,7 +106,8 @@ def to_hf(
     tokenizer: str | None = None,
     verify: bool = True,
 ) -> list[str]:
-    """Write `out` as a Hugging Face Llama directory; returns the weight files written.
+    """Write `out` as a Hugging Face directory of the model's family; returns the weight files
+    written.
 
     One canonical tensor is assembled at a time and goes into the current shard: peak memory is
     about one shard (`max_shard_bytes`) plus twice the largest tensor in fp32."""
@@ -128,8 +130,11 @@ def to_hf(
             writer.add(architecture.hf_name(name), reader.tensor(name).to(DTYPES[dtype]))
             bar.advance(1, note=name)
         files = writer.close()
-    hf.hf_config(reader.cfg.model, eos_id, DTYPES[dtype]).save_pretrained(tmp)
-    GenerationConfig(bos_token_id=None, eos_token_id=eos_id).save_pretrained(tmp)
+    bos_id = hf.bos_id(tokenizer_json)
+    config = hf.hf_config(reader.cfg.model, eos_id, DTYPES[dtype])
+    config.bos_token_id = bos_id
+    config.save_pretrained(tmp)
+    GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id).save_pretrained(tmp)
     hf.write_tokenizer(tmp, tokenizer_json, eos_id, reader.cfg.model.seq_len)
     if out.exists():
         out.rmdir()
@@ -188,7 +193,8 @@ def reshard(ckpt: str | Path, cfg: Config, verify: bool = True) -> Path:
 
 
 def from_hf(hf_dir: str | Path, cfg: Config, allow_pickle: bool = False) -> Path:
-    """Collective: the weights of a Hugging Face Llama as a step-0 checkpoint at `cfg`'s layout."""
+    """Collective: the weights of a Hugging Face model (and its tokenizer) as a step-0 checkpoint
+    at `cfg`'s layout."""
     source = hf.HFCheckpoint(hf_dir, allow_pickle)
     source.check(canonical_shapes(cfg.model))
     state = {"train": dataclasses.asdict(TrainState())}
@@ -344,6 +350,7 @@ def _from_hf_command(argv: list[str]) -> int:
     out = Path(args.out).absolute()
     cfg = from_hf_config(source, out, overrides)
     source.check(canonical_shapes(cfg.model))
+    source.tokenizer()  # refused here, before any process starts
     if not inside_distributed_launch():
         _check_new_directory(out)
     argv = [args.source, args.out, *(["--allow-pickle"] if args.allow_pickle else []), *overrides]

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from tessera.data.format import DataError, first_line
+from tessera.data.format import TokenizerInfo, first_line
 from tessera.data.tokenizer import BYTE_EOS_ID, HF_TOKENIZER_FILE, HFTokenizer
 from tessera.trainer import architecture
 from tessera.trainer.config import ModelConfig
@@ -176,16 +176,19 @@ class HFCheckpoint:
                 raise HFError(f"{path}: cannot be loaded ({first_line(e)})") from e
         return self._pickled[path]
 
-    def tokenizer(self) -> tuple | None:
-        """The directory's tokenizer.json with what Tessera needs of it (vocabulary, EOS), for
-        the imported checkpoint to carry; None when there is none, or no EOS token in it."""
+    def tokenizer(self) -> tuple[TokenizerInfo, str] | None:
+        """The directory's tokenizer.json (EOS from its tokenizer_config.json) as the imported
+        checkpoint carries it; None when there is none. Refused when its vocabulary, added
+        special tokens included, does not fit the model's."""
         path = self.directory / HF_TOKENIZER_FILE
         if not path.is_file():
             return None
-        try:
-            return HFTokenizer.from_file(path).info(), path.read_text()
-        except DataError:
-            return None
+        tokenizer = HFTokenizer.from_file(path)
+        if tokenizer.vocab_size > self.model.vocab_size:
+            raise HFError(f"{path}: {tokenizer.vocab_size} tokens (added special tokens "
+                          f"included), more than config.json's vocab_size "
+                          f"{self.model.vocab_size}: not this model's tokenizer")
+        return tokenizer.info(), path.read_text()
 
     def check(self, shapes: dict[str, tuple[int, ...]]) -> None:
         """Every tensor our model needs is there with its shape (names in the message)."""
@@ -313,16 +316,30 @@ def _bytes_to_unicode() -> dict[int, str]:
     return chars
 
 
+def bos_id(tokenizer_json: str) -> int | None:
+    """The token the tokenizer's post-processor puts before a text (Llama 3's
+    <|begin_of_text|>); None when it adds none."""
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    framed = tokenizer.encode("a", add_special_tokens=True).ids
+    plain = tokenizer.encode("a", add_special_tokens=False).ids
+    prepends_one = len(framed) > len(plain) and framed[1 : 1 + len(plain)] == plain
+    return framed[0] if prepends_one else None
+
+
 def write_tokenizer(directory: Path, tokenizer_json: str, eos_id: int, seq_len: int) -> None:
     """tokenizer.json plus the tokenizer_config.json that makes AutoTokenizer load it as a fast
-    tokenizer with its EOS token."""
-    eos_token = Tokenizer.from_str(tokenizer_json).id_to_token(eos_id)
+    tokenizer with its EOS (and BOS) token."""
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    special = {"eos_token": tokenizer.id_to_token(eos_id)}
+    bos = bos_id(tokenizer_json)
+    if bos is not None:
+        special["bos_token"] = tokenizer.id_to_token(bos)
     (directory / "tokenizer.json").write_text(tokenizer_json)
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": eos_token,
+        **special,
         "model_max_length": seq_len,
         "clean_up_tokenization_spaces": False,
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (directory / "special_tokens_map.json").write_text(json.dumps({"eos_token": eos_token}) + "\n")
+    (directory / "special_tokens_map.json").write_text(json.dumps(special) + "\n")

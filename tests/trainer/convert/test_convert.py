@@ -460,6 +460,14 @@ def test_bad_hf_directories(tmp_path, capsys):
     config = json.loads((remote / "config.json").read_text())
     (remote / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "x.Y"}}))
     assert "auto_map=" in from_hf_error(capsys, remote, out)
+    (remote / "config.json").write_text(json.dumps({**config, "trust_remote_code": True}))
+    assert "trust_remote_code=" in from_hf_error(capsys, remote, out)
+
+    # a tokenizer of 257 tokens (the byte tokenizer's) beside a model of 40
+    too_big = small_hf(tmp_path / "too_big")
+    (too_big / "tokenizer.json").write_text(hf.byte_tokenizer_json())
+    err = from_hf_error(capsys, too_big, out)
+    assert "too_big/tokenizer.json: 257 tokens" in err and "vocab_size 40" in err
 
     missing = small_hf(tmp_path / "missing")
     tensors = load_file(missing / "model.safetensors")
