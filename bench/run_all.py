@@ -117,7 +117,18 @@ def rows_speed_levers(result: dict) -> list[tuple]:
          f"({loss['vocab_size']} vocabulary)", loss["memory_ratio"], "< 1",
          f"{loss['chunked_mb']:.0f} vs {loss['whole_mb']:.0f} MB; step time ratio "
          f"{loss['step_time_ratio']:.2f}; losses within {loss['loss_rel_diff']:.1e}"),
+        *_masking_rows(data.get("document_masking")),
     ]
+
+
+def _masking_rows(masking: dict | None) -> list[tuple]:
+    if not masking:
+        return []
+    steady = masking["steady_step_s"]
+    return [("data.document_masking: tokens/s, masked / causal attention (CPU, SDPA math)",
+             masking["throughput_ratio"], ">= 0.8",
+             f"steady step {steady['masked']:.3f} vs {steady['causal']:.3f} s, "
+             f"{masking['tokens_per_step']} tokens/step")]
 
 
 def rows_pipeline_bubble(result: dict) -> list[tuple]:

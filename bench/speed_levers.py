@@ -1,5 +1,6 @@
 """The speed levers on a CPU: `train.compile` and `train.loss_chunk_tokens`, each against the
-default, side by side in one run.
+default, side by side in one run; and the cost of `data.document_masking` against plain causal
+attention.
 
 - compile: one process builds two engines of the same model (eager, compiled blocks) and times
   their steps interleaved (so a slower minute of the machine slows both). The compile cost is
@@ -9,6 +10,10 @@ default, side by side in one run.
   activation. Each mode runs one forward and backward in a fresh process; the figure is the
   growth of its peak resident memory over that step (the activations kept for backward plus
   what the loss allocates). Losses must agree (1e-6 relative).
+- document masking: two engines of the same model, one fed its batches with document ids (a
+  document ends every 64 tokens on average, at random), timed interleaved as for compile; the
+  figure is masked tokens/s over causal tokens/s. On a CPU both run SDPA's math kernel: a
+  [B, 1, S, S] mask against the causal flag, plus the per-row rotary tables.
 
 Run: .venv/bin/python bench/speed_levers.py [--steps 8] [--json out.json]
 """
@@ -69,6 +74,39 @@ def measure_compile(steps: int) -> dict:
     }
 
 
+def measure_masking(steps: int) -> dict:
+    import torch
+
+    from tessera.parallel.topology import destroy_distributed, init_distributed
+    from tessera.trainer.batches import with_documents
+    from tessera.trainer.train import build_training_engine, train_step
+
+    topo = init_distributed(tp=1, pp=1)
+    try:
+        cfg = bench_config(COMPILE_MODEL)
+        eos = cfg.model.vocab_size - 1
+        runners = {name: build_training_engine(cfg, topo) for name in ("causal", "masked")}
+        micro = COMPILE_MODEL["train.global_batch_size"] // COMPILE_MODEL["train.micro_batch_size"]
+        generator = torch.Generator().manual_seed(1)
+        data = random_token_steps(cfg, steps + 1, micro, seed=0)
+        for batches in data:  # an EOS at 1 in 64 positions
+            for input_ids, _ in batches:
+                ends = torch.rand(input_ids.shape, generator=generator) < 1 / 64
+                input_ids[ends] = eos
+        seconds = {name: [] for name in runners}
+        for batches in data:
+            for name, (engine, _, clipper) in runners.items():
+                fed = with_documents(iter(batches), eos) if name == "masked" else iter(batches)
+                started = time.perf_counter()
+                train_step(engine, clipper, fed, micro)
+                seconds[name].append(time.perf_counter() - started)
+    finally:
+        destroy_distributed()
+    steady = {name: statistics.median(s[1:]) for name, s in seconds.items()}
+    return {"steady_step_s": steady, "throughput_ratio": steady["causal"] / steady["masked"],
+            "tokens_per_step": COMPILE_MODEL["train.global_batch_size"] * cfg.model.seq_len}
+
+
 def loss_step(chunk_tokens: int) -> dict:
     """In this process: one forward and backward; the peak RSS growth over it (MB)."""
     import resource
@@ -120,8 +158,9 @@ def main() -> int:
     from tessera.launch.env import quiet_dependencies
 
     quiet_dependencies()
-    figures = {"compile": measure_compile(args.steps), "loss": measure_loss()}
-    c, loss = figures["compile"], figures["loss"]
+    figures = {"compile": measure_compile(args.steps), "loss": measure_loss(),
+               "document_masking": measure_masking(args.steps)}
+    c, loss, masking = figures["compile"], figures["loss"], figures["document_masking"]
     print(f"compile: first step {c['first_step_s']['compiled']:.1f} s compiled vs "
           f"{c['first_step_s']['eager']:.2f} s eager (compile cost {c['compile_cost_s']:.1f} s); "
           f"steady step {c['steady_step_s']['compiled']:.3f} s vs "
@@ -131,6 +170,9 @@ def main() -> int:
           f"growth {loss['whole_mb']:.0f} MB whole, {loss['chunked_mb']:.0f} MB in chunks of "
           f"{loss['chunk_tokens']} (ratio {loss['memory_ratio']:.2f}); step time ratio "
           f"{loss['step_time_ratio']:.2f}; losses within {loss['loss_rel_diff']:.1e}")
+    print(f"document masking: steady step {masking['steady_step_s']['masked']:.3f} s vs "
+          f"{masking['steady_step_s']['causal']:.3f} s causal: tokens/s ratio "
+          f"{masking['throughput_ratio']:.2f}")
     write_json(args.json, figures)
     return 0
 

@@ -43,6 +43,7 @@ from tessera.data.sources import (
     Source,
     resolve_data,
     resolve_shards,
+    schedule_steps,
     shards_fingerprint,
 )
 
@@ -465,7 +466,10 @@ class TrainLoader:
         self.rows_per_stream = global_batch_size // num_streams
         local = num_streams // dp_size
         self.local_streams = range(dp_rank * local, (dp_rank + 1) * local)
-        self.segments: tuple[Segment, ...] = (Segment(0, self.weights),)
+        # the mixture schedule the config declares, and the segments in effect so far (the
+        # history a checkpoint carries: a planned switch is entered when its step is drawn)
+        self.plan: tuple[Segment, ...] = planned_segments(self.sources)
+        self.segments: tuple[Segment, ...] = (self.plan[0],)
         self.skipped_samples = 0  # over all data-parallel ranks when read through `steps()`
         self._plans: list[StreamPlan] = []  # for consumed_tokens, built for `_plans_for`
         self._plans_for: tuple[Segment, ...] | None = None
@@ -507,7 +511,16 @@ class TrainLoader:
 
     @property
     def weights(self) -> dict[str, float]:
-        return {s.name: s.weight for s in self.sources}
+        """The weights of the loader's first step."""
+        return self.weights_at(self.start_step)
+
+    def weights_at(self, step: int) -> dict[str, float]:
+        return {s.name: s.weight_at(step) for s in self.sources}
+
+    @property
+    def eos_id(self) -> int:
+        """The EOS id of the data's tokenizer (every source shares it), where documents end."""
+        return self.shards[0].eos_id
 
     @property
     def micro_batches_per_step(self) -> int:
@@ -527,11 +540,11 @@ class TrainLoader:
             warn=self.warn,
         )
 
-    def _dataloader(self) -> DataLoader:
+    def _dataloader(self, step: int) -> DataLoader:
         dataset = _StreamChunks(
             self.stream_config(),
             streams=self.local_streams,
-            start_window=self.start_step * self.rows_per_stream,
+            start_window=step * self.rows_per_stream,
         )
         return DataLoader(
             dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_keep_chunk
@@ -539,11 +552,15 @@ class TrainLoader:
 
     def _local_steps(self) -> Iterator[tuple[list[tuple[torch.Tensor, torch.Tensor]], int]]:
         """Per step, this rank's micro-batches and the bad samples its streams counted.
-        Raises DataError (one line) when a stream stopped."""
-        chunks = iter(self._dataloader())
+        Raises DataError (one line) when a stream stopped. At the step of a planned mixture
+        switch the streams start again there, as a resume at that step would."""
+        step, chunks = self.start_step, None
         num_streams, per_stream = len(self.local_streams), self.rows_per_stream
         num_rows, num_workers = num_streams * per_stream, max(1, self.num_workers)
         while True:
+            if self._enter_planned_segment(step) or chunks is None:
+                chunks = iter(self._dataloader(step))
+            step += 1
             inputs = torch.empty((num_rows, self.seq_len), dtype=torch.int64)
             labels = torch.empty((num_rows, self.seq_len), dtype=torch.int64)
             inputs_np, labels_np = inputs.numpy(), labels.numpy()  # views: written in place
@@ -564,6 +581,20 @@ class TrainLoader:
                 for start in range(0, num_rows, self.micro_batch_size)
             ]
             yield micro_batches, skipped
+
+    def _enter_planned_segment(self, step: int) -> bool:
+        """True when a segment of the mixture schedule starts at `step` (now in `segments`)."""
+        starts = {segment.start_step: segment for segment in self.plan}
+        if step not in starts or self.segments[-1].start_step >= step:
+            return False
+        self.segments = (*self.segments, Segment(step, starts[step].weights))
+        return True
+
+    def _history_at(self, step: int) -> tuple[Segment, ...]:
+        """The segments in effect before `step`: those entered, and the planned ones that
+        drawing up to `step` enters (a switch at `step` itself is entered when it is drawn)."""
+        last = self.segments[-1].start_step
+        return self.segments + tuple(s for s in self.plan if last < s.start_step < step)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's micro-batches, without talking to other ranks (see `steps`)."""
@@ -610,12 +641,13 @@ class TrainLoader:
     def consumed_tokens(self, step: int) -> dict[str, int]:
         """Training tokens (seq_len per sequence) each source supplied before `step`, over all
         data-parallel ranks (computed, not counted: the same on every rank)."""
-        if len(self.sources) == 1 and len(self.segments) == 1:
+        segments = self._history_at(step)
+        if len(self.sources) == 1 and len(segments) == 1:
             return {self.sources[0].name: step * self.global_batch_size * self.seq_len}
-        if self._plans_for != self.segments:
-            config = self.stream_config()
+        if self._plans_for != segments:
+            config = dataclasses.replace(self.stream_config(), segments=segments)
             self._plans = [config.plan(stream) for stream in range(self.num_streams)]
-            self._plans_for = self.segments
+            self._plans_for = segments
         totals: dict[str, int] = {}
         for plan in self._plans:
             for name, windows in plan.emitted(step * self.rows_per_stream).items():
@@ -625,8 +657,9 @@ class TrainLoader:
     def metrics(self, step: int) -> dict[str, int]:
         """Entries for the metrics row after `step` steps."""
         row = {"data/skipped_samples": self.skipped_samples}
-        for name, tokens in sorted(self.consumed_tokens(step).items()):
-            row[f"data/tokens/{name}"] = tokens
+        consumed = self.consumed_tokens(step)
+        for name in sorted(s.name for s in self.sources):  # a source still at weight 0 too
+            row[f"data/tokens/{name}"] = consumed.get(name, 0)
         return row
 
     def state_dict(self, step: int) -> dict:
@@ -640,7 +673,8 @@ class TrainLoader:
             "shuffle": self.shuffle,
             "shuffle_buffer": self.shuffle_buffer,
             "sources": {s.name: s.fingerprint for s in self.sources},
-            "segments": [s.to_json() for s in self.segments],
+            "segments": [s.to_json() for s in self._history_at(step)],
+            "mixture_schedule": [s.to_json() for s in self.plan],
             "skipped_samples": self.skipped_samples,
         }
 
@@ -672,25 +706,41 @@ class TrainLoader:
         segments = tuple(Segment.from_json(s) for s in state.get("segments") or ())
         if not segments:
             raise DataError("cannot resume the data stream: the checkpoint has no mixture history")
-        if dict(segments[-1].weights) != self.weights:
+        # A checkpoint from before mixture schedules: the weights it last drew with, throughout.
+        saved = tuple(Segment.from_json(s) for s in state.get("mixture_schedule") or ()) or (
+            Segment(0, segments[-1].weights),)
+        if saved != self.plan:
             if not self.allow_mixture_change:
                 raise DataError(
                     f"cannot resume the data stream: the data mixture changed (weights "
-                    f"{dict(segments[-1].weights)} in the checkpoint, now {self.weights}); set "
-                    f"data.allow_mixture_change=true to continue with the new weights from step "
-                    f"{self.start_step} on"
+                    f"{describe_plan(saved)} in the checkpoint, now {describe_plan(self.plan)}); "
+                    f"set data.allow_mixture_change=true to continue with the new weights from "
+                    f"step {self.start_step} on"
                 )
             log.warning(
                 "tessera data: warning: data mixture changed at step %d: %s -> %s",
-                self.start_step,
-                dict(segments[-1].weights),
-                self.weights,
+                self.start_step, describe_plan(saved), describe_plan(self.plan),
             )
-            segments = (*segments, Segment(self.start_step, self.weights))
+            now = self.weights_at(self.start_step)
+            if dict(segments[-1].weights) != now:
+                segments = (*segments, Segment(self.start_step, now))
         self.segments = segments
         self.skipped_samples = int(state.get("skipped_samples", 0))
 
     load_state_dict = check_resume
+
+
+def planned_segments(sources: Sequence[Source]) -> tuple[Segment, ...]:
+    """The mixture schedule of `data.sources`: a segment from each step where a weight is set."""
+    return tuple(Segment(step, {s.name: s.weight_at(step) for s in sources})
+                 for step in schedule_steps(sources))
+
+
+def describe_plan(plan: Sequence[Segment]) -> str:
+    """{name: weight} for constant weights, else {step: {name: weight}, ...}."""
+    if len(plan) == 1:
+        return str(dict(plan[0].weights))
+    return str({segment.start_step: dict(segment.weights) for segment in plan})
 
 
 def _keep_chunk(chunk: Chunk) -> Chunk:

@@ -75,8 +75,20 @@ class Source:
     """One entry of `data.sources` (or all of `data.shards`): a weighted set of shards."""
 
     name: str
-    weight: float
+    weight: float  # from step 0 on
     shards: tuple[ResolvedShard, ...]
+    # a mixture schedule: (step, weight) pairs, piecewise constant from each step on, the first
+    # at step 0 (then `weight` is its weight); empty: `weight` throughout
+    weight_steps: tuple[tuple[int, float], ...] = ()
+
+    def weight_at(self, step: int) -> float:
+        """The weight of optimizer step `step` (0-based)."""
+        current = self.weight
+        for start, weight in self.weight_steps:
+            if start > step:
+                break
+            current = weight
+        return current
 
     @property
     def key(self) -> int:
@@ -359,11 +371,38 @@ def _parse_source_entry(index: int, entry: Any) -> tuple[str, Any, float]:
     ):
         raise _source_error(index, "shards", f"must be a path, pattern or list, got {shards!r}")
     weight = entry.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-        raise _source_error(index, "weight", f"must be a number, got {weight!r}")
-    if not (math.isfinite(weight) and weight > 0):
-        raise _source_error(index, "weight", f"must be positive, got {weight!r}")
+    if isinstance(weight, (list, tuple)):
+        return name, shards, _weight_steps(index, weight)
+    _check_weight(index, weight)
+    if weight == 0:
+        raise _source_error(index, "weight", "must be positive, got 0")
     return name, shards, float(weight)
+
+
+def _check_weight(index: int, weight: Any) -> None:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise _source_error(index, "weight", f"must be a number or a list of [step, weight] "
+                                             f"pairs, got {weight!r}")
+    if not (math.isfinite(weight) and weight >= 0):
+        raise _source_error(index, "weight", f"must be positive, got {weight!r}")
+
+
+def _weight_steps(index: int, pairs: Sequence[Any]) -> tuple[tuple[int, float], ...]:
+    """[[step, weight], ...]: steps increasing from 0; a weight may be 0 (the source waits)."""
+    steps: list[tuple[int, float]] = []
+    for pair in pairs:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2
+                and isinstance(pair[0], int) and not isinstance(pair[0], bool)):
+            raise _source_error(index, "weight", f"a schedule is a list of [step, weight] pairs, "
+                                                 f"got {pair!r}")
+        _check_weight(index, pair[1])
+        if steps and pair[0] <= steps[-1][0]:
+            raise _source_error(index, "weight", f"schedule steps must increase, got {pair[0]} "
+                                                 f"after {steps[-1][0]}")
+        steps.append((pair[0], float(pair[1])))
+    if not steps or steps[0][0] != 0:
+        raise _source_error(index, "weight", f"a schedule starts at step 0, got {pairs!r}")
+    return tuple(steps)
 
 
 def resolve_sources(entries: Sequence[Any]) -> list[Source]:
@@ -375,14 +414,19 @@ def resolve_sources(entries: Sequence[Any]) -> list[Source]:
     sources = []
     names: set[str] = set()
     for index, entry in enumerate(entries):
-        name, spec, weight = _parse_source_entry(index, entry)
+        name, spec, weight_or_steps = _parse_source_entry(index, entry)
         if name in names:
             raise _source_error(index, "name", f"{name!r} names two sources")
         names.add(name)
         key = f"data.sources[{index}].shards"
         shards = _drop_empty(_resolve(spec, cache, key), key)
-        sources.append(Source(name=name, weight=weight, shards=tuple(shards)))
+        if isinstance(weight_or_steps, tuple):
+            source = Source(name, weight_or_steps[0][1], tuple(shards), weight_or_steps)
+        else:
+            source = Source(name, weight_or_steps, tuple(shards))
+        sources.append(source)
     _check_consistent(cache, "data.sources")
+    _check_schedule_segments(sources)
     everywhere: set[str] = set()
     for source in sources:
         for shard in source.shards:
@@ -390,6 +434,18 @@ def resolve_sources(entries: Sequence[Any]) -> list[Source]:
                 raise DataError(f"{shard.path}: shard belongs to two of data.sources")
             everywhere.add(shard.path)
     return sources
+
+
+def schedule_steps(sources: Sequence[Source]) -> list[int]:
+    """The steps at which some source's weight is set: 0 and each change of a schedule."""
+    return sorted({0, *(step for s in sources for step, _ in s.weight_steps)})
+
+
+def _check_schedule_segments(sources: Sequence[Source]) -> None:
+    for step in schedule_steps(sources):
+        if not any(s.weight_at(step) > 0 for s in sources):
+            raise DataError(f"config key 'data.sources': from step {step} every weight is 0 "
+                            f"(a segment of the mixture schedule needs a positive weight)")
 
 
 def resolve_data(shards: ShardsSpec | None, sources: Sequence[Any] | None) -> list[Source]:
@@ -433,4 +489,4 @@ def data_vocab_size(sources: Sequence[Source]) -> int:
 
 
 def describe_sources(sources: Sequence[Source]) -> str:
-    return json.dumps({s.name: s.weight for s in sources})
+    return json.dumps({s.name: [list(p) for p in s.weight_steps] or s.weight for s in sources})

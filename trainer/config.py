@@ -81,11 +81,19 @@ class ParallelConfig:
 @dataclasses.dataclass
 class TrainConfig:
     steps: int = 100  # total optimizer steps of the run (a resumed run trains up to it)
+    stop_at: int | None = None  # stop (saved) after this step although the schedule runs to
+    # train.steps: a job that trains part of a run, the next resumes it; null: at train.steps
     global_batch_size: int = 8  # sequences per optimizer step, over all data-parallel ranks
     micro_batch_size: int = 4  # sequences per forward/backward on one rank
     lr: float = 3e-4  # peak learning rate (AdamW)
-    min_lr: float = 3e-5  # the cosine schedule decays to this at train.steps
+    min_lr: float = 3e-5  # the schedule decays to this at train.steps (cosine, wsd)
     warmup_steps: int = 10  # linear warmup from lr/warmup_steps to lr
+    lr_schedule: str = "cosine"  # after warmup: cosine (to min_lr at train.steps) | wsd (warmup,
+    # stable at lr, then decay to min_lr over the last train.decay_steps) | constant (lr)
+    decay_steps: int = 0  # wsd: steps of the final decay
+    decay_shape: str = "linear"  # wsd's decay: linear | 1-sqrt (lr * (1 - sqrt(progress)))
+    allow_schedule_change: bool = False  # resume although the learning rate at the resume step
+    # differs under the saved and the new schedule keys (train.steps, lr, lr_schedule, ...)
     weight_decay: float = 0.1  # AdamW decoupled weight decay, matrices only (not norms)
     grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
     precision: str = "fp32"  # fp32 | bf16
@@ -111,9 +119,12 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes per rank reading the shards; 0: in-process
     streams: int | None = None  # independent read streams; None: chosen at first start, kept
     shuffle: bool = True  # shard order per epoch and windows within data.shuffle_buffer, seeded
-    sources: Any = None  # instead of shards: a list of {name, shards, weight}, mixed by weight
+    sources: Any = None  # instead of shards: a list of {name, shards, weight}, mixed by weight;
+    # a weight may be a schedule, [[step, weight], ...]: piecewise constant from each step on
     shuffle_buffer: int = 32  # windows per stream shuffled together (exactly resumable); 0: off
     allow_mixture_change: bool = False  # resume although data.sources weights changed
+    document_masking: bool = False  # a token attends only within its document in a packed
+    # window (documents end at the tokenizer's EOS), rotary positions restarting at each
     max_consecutive_errors: int = 100  # more bad samples in a row than this stops the run
     valid_shards: Any = None  # held-out data for eval/loss, prepared like data.shards with the
     # same tokenizer; None: no evaluation
@@ -292,6 +303,22 @@ def save_config(cfg: Config, path: str | Path) -> None:
 # Cross-field checks
 
 
+def _check_schedule(t: TrainConfig) -> None:
+    _check(t.lr_schedule in ("cosine", "wsd", "constant"), "train.lr_schedule",
+           f"must be cosine, wsd or constant, got {t.lr_schedule!r}")
+    _check(t.decay_shape in ("linear", "1-sqrt"), "train.decay_shape",
+           f"must be linear or 1-sqrt, got {t.decay_shape!r}")
+    if t.lr_schedule != "wsd":
+        _check(t.decay_steps == 0, "train.decay_steps",
+               f"{t.decay_steps} is for lr_schedule=wsd; {t.lr_schedule} does not use it")
+        return
+    _check(t.decay_steps >= 1, "train.decay_steps",
+           f"lr_schedule=wsd needs the length of its final decay (>= 1), got {t.decay_steps}")
+    _check(t.decay_steps <= t.steps - t.warmup_steps, "train.decay_steps",
+           f"{t.decay_steps} is larger than train.steps - train.warmup_steps = "
+           f"{t.steps} - {t.warmup_steps}")
+
+
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Checks that need several fields; `world_size` adds the layout checks when known."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
@@ -334,6 +361,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(0 <= t.min_lr <= t.lr, "train.min_lr",
            f"{t.min_lr} must lie between 0 and train.lr={t.lr}")
     _check(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    _check(t.stop_at is None or t.stop_at >= 1, "train.stop_at",
+           f"must be >= 1 (or null), got {t.stop_at}")
+    _check_schedule(t)
     _check(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",
            f"{t.global_batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size}")
     _check(cfg.checkpoint.interval >= 0, "checkpoint.interval",

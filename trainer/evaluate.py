@@ -24,6 +24,7 @@ from tessera.data.loader import TrainLoader
 from tessera.data.sources import DEFAULT_SOURCE, Source, resolve_shards
 from tessera.parallel.engine import Engine
 from tessera.parallel.topology import Topology
+from tessera.trainer.batches import to_device, with_documents
 from tessera.trainer.config import Config
 from tessera.trainer.metrics import warn
 
@@ -67,6 +68,7 @@ class Evaluator:
         self.micro_batches_per_batch = t.global_batch_size // t.micro_batch_size
         self.per_rank = self.micro_batches_per_batch // topo.dp
         self.dp_rank = topo.dp_rank
+        self.masking = cfg.data.document_masking
         self.loader = TrainLoader(
             sources,
             seq_len=cfg.model.seq_len,
@@ -97,7 +99,8 @@ class Evaluator:
         start = self.dp_rank * self.per_rank
         for _ in range(self.eval_steps):
             global_batch = [next(batches) for _ in range(self.micro_batches_per_batch)]
-            yield global_batch[start : start + self.per_rank]
+            mine = global_batch[start : start + self.per_rank]
+            yield list(with_documents(iter(mine), self.loader.eos_id)) if self.masking else mine
 
     @torch.no_grad()
     def run(self, engine: Engine) -> dict[str, float]:
@@ -114,8 +117,9 @@ class Evaluator:
         engine.eval()
         try:
             total = torch.zeros((), dtype=torch.float64, device=engine.device)
-            for input_ids, labels in micro_batches:
-                total += engine(input_ids.to(engine.device), labels.to(engine.device)).double()
+            for inputs, labels in micro_batches:
+                total += engine(to_device(inputs, engine.device),
+                                to_device(labels, engine.device)).double()
         finally:
             engine.train()
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())

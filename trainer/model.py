@@ -10,6 +10,7 @@ Hugging Face's Llama convention (rotate_half), so weights map to `LlamaForCausal
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import torch
@@ -18,6 +19,7 @@ import torch.utils.checkpoint
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from tessera.data.format import first_line
 from tessera.parallel import tensor_parallel as tpl
@@ -62,13 +64,68 @@ def sliding_window_mask(seq_len: int, window: int, device: torch.device) -> torc
     return (j <= i) & (i - j < window)
 
 
+def document_ids(input_ids_BS: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Document masking (data.document_masking): the index of each token's document in its row.
+    A document starts after each EOS, and at the row's first token (a window cut mid-document
+    sees only its part)."""
+    after_eos_BS = torch.zeros_like(input_ids_BS)
+    after_eos_BS[:, 1:] = input_ids_BS[:, :-1] == eos_id
+    return after_eos_BS.cumsum(dim=1)
+
+
+def uses_flex_attention(device: torch.device) -> bool:
+    """Document masking on CUDA runs FlexAttention with a block mask: its kernel skips the
+    blocks a document cannot see, so the cost falls with document length, where SDPA given a
+    dense [B, 1, S, S] mask computes every block and leaves the flash kernel for a slower one.
+    (flash-attn's varlen kernel would need an unpadded layout and another dependency.) On a
+    CPU: SDPA with the dense mask, which needs no compilation."""
+    return device.type == "cuda"
+
+
+@functools.cache
+def _compiled_flex_attention() -> Callable:
+    return torch.compile(flex_attention, dynamic=False)  # eager FlexAttention is a reference
+
+
+def document_tables(documents_BS: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor,
+                    window: int | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | BlockMask]:
+    """Rotary cos/sin [B, 1, S, D] at positions that restart with each document, and the mask
+    of causal attention within a document (and the sliding window): [B, 1, S, S], or a
+    FlexAttention block mask (`uses_flex_attention`)."""
+    batch, seq_len = documents_BS.shape
+    index_S = torch.arange(seq_len, device=documents_BS.device)
+    starts_BS = torch.ones_like(documents_BS, dtype=torch.bool)
+    starts_BS[:, 1:] = documents_BS[:, 1:] != documents_BS[:, :-1]
+    first_BS = torch.where(starts_BS, index_S, 0).cummax(dim=1).values
+    positions_BS = index_S - first_BS
+    cos, sin = cos_SD[positions_BS][:, None], sin_SD[positions_BS][:, None]
+
+    def allowed(b, h, q, k):  # FlexAttention's mask_mod, and the dense mask by broadcasting
+        visible = (documents_BS[b, q] == documents_BS[b, k]) & (k <= q)
+        return visible if window is None else visible & (q - k < window)
+
+    if uses_flex_attention(documents_BS.device):
+        return cos, sin, create_block_mask(allowed, batch, None, seq_len, seq_len,
+                                           device=documents_BS.device)
+    rows_B111 = torch.arange(batch, device=documents_BS.device)[:, None, None, None]
+    return cos, sin, allowed(rows_B111, None, index_S[:, None], index_S[None, :])
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
 
 
-def apply_rotary(x_BNSD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
-    return x_BNSD * cos_SD + _rotate_half(x_BNSD) * sin_SD
+def apply_rotary(x_BNSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """cos/sin [S, D], or [B, 1, S, D] per row (document masking)."""
+    return x_BNSD * cos + _rotate_half(x_BNSD) * sin
+
+
+# With document masking (data.document_masking) the model's input, and what passes between its
+# layers (a pipeline stage's activations), is a pair: (token ids or hidden states, document ids
+# [B, S]); DeepSpeed's pipeline sends the integer tensor along without a gradient.
+Packed = tuple[torch.Tensor, torch.Tensor]
 
 
 class Embedding(nn.Module):
@@ -85,7 +142,15 @@ class Embedding(nn.Module):
                 mp_config, cfg.hidden_size, padded_vocab_size, skip_weight=True
             )
 
-    def forward(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor | Packed) -> torch.Tensor | Packed:
+        """Token ids [B, S], or (ids, document ids) with document masking: the documents pass
+        on with the hidden states (a pipeline stage's activations)."""
+        if isinstance(inputs, tuple):
+            input_ids_BS, documents_BS = inputs
+            return self._embed(input_ids_BS), documents_BS
+        return self._embed(inputs)
+
+    def _embed(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:  # megatron-core transposes and scatters the sequence itself
             return self.embed(input_ids_BS)
         x_BSH = self.embed(input_ids_BS)
@@ -128,16 +193,28 @@ class Block(nn.Module):
         self._rotary: tuple | None = None  # ((seq_len, device, dtype), cos_SD, sin_SD[, mask])
         self._compute = self._layer  # train.compile swaps in the compiled version (`compile`)
 
-    def forward(self, x_SBH: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor | Packed, documents_BS: torch.Tensor | None = None
+                ) -> torch.Tensor | Packed:
+        """Hidden states [S, B, H]; with document masking also the document ids [B, S]: as a
+        pair in a pipeline stage (and passed on), or as an argument in one stage (ZeRO 3 wants
+        a block's output a single tensor)."""
+        if isinstance(inputs, tuple):
+            x_SBH, documents_BS = inputs
+            return self._block(x_SBH, documents_BS), documents_BS
+        return self._block(inputs, documents_BS)
+
+    def _block(self, x_SBH: torch.Tensor, documents_BS: torch.Tensor | None) -> torch.Tensor:
         # With sequence parallelism x holds this rank's slice of the sequence; rotary tables
         # cover the whole sequence, which attention sees after the gather in qkv.
         seq_len = x_SBH.shape[0] * self.sequence_parallel_tp
-        cos_SD, sin_SD, mask_SS = self._position_tables(seq_len, x_SBH.device, x_SBH.dtype)
+        cos, sin, mask = self._position_tables(seq_len, x_SBH.device, x_SBH.dtype)
+        if documents_BS is not None:  # per row: [B, 1, S, D] tables and a mask
+            cos, sin, mask = document_tables(documents_BS, cos, sin, self.cfg.sliding_window)
         if self.checkpoint_activations and torch.is_grad_enabled():
             # Keep only the block's input; recompute its inside during backward.
-            return torch.utils.checkpoint.checkpoint(self._compute, x_SBH, cos_SD, sin_SD,
-                                                     mask_SS, use_reentrant=False)
-        return self._compute(x_SBH, cos_SD, sin_SD, mask_SS)
+            return torch.utils.checkpoint.checkpoint(self._compute, x_SBH, cos, sin, mask,
+                                                     use_reentrant=False)
+        return self._compute(x_SBH, cos, sin, mask)
 
     def compile_layer(self) -> None:
         """torch.compile the block's computation as one graph (train.compile).
@@ -148,16 +225,18 @@ class Block(nn.Module):
         """
         self._compute = torch.compile(self._layer, fullgraph=True)
 
-    def _layer(self, x_SBH: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor,
-               mask_SS: torch.Tensor | None) -> torch.Tensor:
-        x_SBH = x_SBH + self._attention(self.attn_norm(x_SBH), cos_SD, sin_SD, mask_SS)
+    def _layer(self, x_SBH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        x_SBH = x_SBH + self._attention(self.attn_norm(x_SBH), cos, sin, mask)
         h_SBF2, _ = self.gate_up(self.mlp_norm(x_SBH))
         gate_SBF, up_SBF = h_SBF2.chunk(2, dim=-1)
         mlp_SBH, _ = self.down(F.silu(gate_SBF) * up_SBF)
         return x_SBH + mlp_SBH
 
-    def _attention(self, h_SBH: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor,
-                   mask_SS: torch.Tensor | None) -> torch.Tensor:
+    def _attention(self, h_SBH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   mask: torch.Tensor | None) -> torch.Tensor:
+        """cos/sin [S, D] and mask [S, S] or None (causal); per row with document masking:
+        [B, 1, S, D] and [B, 1, S, S] or a FlexAttention block mask."""
         head_dim = self.cfg.head_size
         qkv_SBX, _ = self.qkv(h_SBH)  # with sequence parallelism, gathered to the full sequence
         seq_len, batch = qkv_SBX.shape[0], qkv_SBX.shape[1]
@@ -168,13 +247,18 @@ class Block(nn.Module):
         k_SBND = k.view(seq_len, batch, -1, head_dim)
         if self.cfg.qk_norm:
             q_SBND, k_SBND = self.q_norm(q_SBND), self.k_norm(k_SBND)
-        q_BNSD = apply_rotary(q_SBND.permute(1, 2, 0, 3), cos_SD, sin_SD)
-        k_BNSD = apply_rotary(k_SBND.permute(1, 2, 0, 3), cos_SD, sin_SD)
+        q_BNSD = apply_rotary(q_SBND.permute(1, 2, 0, 3), cos, sin)
+        k_BNSD = apply_rotary(k_SBND.permute(1, 2, 0, 3), cos, sin)
         v_BNSD = v.view(seq_len, batch, -1, head_dim).permute(1, 2, 0, 3)
-        out_BNSD = F.scaled_dot_product_attention(
-            q_BNSD, k_BNSD, v_BNSD, attn_mask=mask_SS, is_causal=mask_SS is None,
-            enable_gqa=self.num_kv_heads_local != self.num_heads_local,
-        )
+        grouped = self.num_kv_heads_local != self.num_heads_local
+        if isinstance(mask, BlockMask):
+            out_BNSD = _compiled_flex_attention()(q_BNSD, k_BNSD, v_BNSD, block_mask=mask,
+                                                  enable_gqa=grouped)
+        else:
+            out_BNSD = F.scaled_dot_product_attention(
+                q_BNSD, k_BNSD, v_BNSD, attn_mask=mask, is_causal=mask is None,
+                enable_gqa=grouped,
+            )
         out_SBX = out_BNSD.permute(2, 0, 1, 3).reshape(seq_len, batch, q_size)
         o_SBH, _ = self.o(out_SBX)
         return o_SBH
@@ -202,7 +286,8 @@ class FinalNorm(nn.Module):
         self.cfg = cfg
         self.final_norm = tpl.replicated(RMSNorm(cfg.hidden_size, cfg.norm_eps), mp_config)
 
-    def forward(self, x_SBH: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor | Packed) -> torch.Tensor:
+        x_SBH = inputs[0] if isinstance(inputs, tuple) else inputs
         return self.final_norm(x_SBH)
 
     def canonical_parts(self) -> dict[str, list[Part]]:
@@ -281,25 +366,27 @@ class Llama(nn.Module):
             self.output = OutputLayer(cfg, mp_config, padded_vocab_size)
         self.loss = loss_function(cfg, mp_config.sequence_parallel, loss_chunk_tokens)
 
-    def hidden_states(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, inputs: torch.Tensor | Packed) -> torch.Tensor:
+        """`inputs`: token ids [B, S], or (ids, document ids) with document masking."""
+        input_ids_BS, documents_BS = inputs if isinstance(inputs, tuple) else (inputs, None)
         x_SBH = self.embedding(input_ids_BS)
         for block in self.blocks:
-            x_SBH = block(x_SBH)
+            x_SBH = block(x_SBH, documents_BS)
         return self.final_norm(x_SBH)
 
-    def logits(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
-        x_SBH = self.hidden_states(input_ids_BS)
+    def logits(self, inputs: torch.Tensor | Packed) -> torch.Tensor:
+        x_SBH = self.hidden_states(inputs)
         if self.cfg.tie_embeddings:
             return self.embedding.project(x_SBH)
         return self.output(x_SBH)
 
-    def forward(self, input_ids_BS: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor | Packed, labels_BS: torch.Tensor) -> torch.Tensor:
         if self.loss is lm_loss:
-            return lm_loss(self.logits(input_ids_BS), labels_BS)
+            return lm_loss(self.logits(inputs), labels_BS)
         # The weight is read here, not through the output layer's forward: under ZeRO 3 it stays
         # gathered for this whole forward, and the chunked loss needs it in no backward.
         head = self.embedding.embed if self.cfg.tie_embeddings else self.output.head
-        return self.loss((self.hidden_states(input_ids_BS), head.weight), labels_BS)
+        return self.loss((self.hidden_states(inputs), head.weight), labels_BS)
 
 
 def build_model(cfg: ModelConfig, tp: int, params_dtype: torch.dtype = torch.float32,

@@ -1,4 +1,6 @@
-"""AdamW parameter groups and the learning-rate schedule (linear warmup, cosine decay)."""
+"""AdamW parameter groups and the learning-rate schedules: linear warmup, then cosine decay,
+warmup-stable-decay (wsd) or constant; and the check that a resume never changes the learning
+rate without a word."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import torch
 from torch import nn
 
 from tessera.parallel.engine import Engine
-from tessera.trainer.config import TrainConfig
+from tessera.trainer.config import ConfigError, TrainConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -38,10 +40,46 @@ def lr_at(step_index: int, train: TrainConfig) -> float:
     """The learning rate of optimizer step `step_index` (0-based)."""
     if step_index < train.warmup_steps:
         return train.lr * (step_index + 1) / train.warmup_steps
+    if train.lr_schedule == "constant":
+        return train.lr
+    if train.lr_schedule == "wsd":
+        decay_start = train.steps - train.decay_steps
+        if step_index < decay_start:
+            return train.lr
+        progress = min((step_index - decay_start) / train.decay_steps, 1.0)
+        remaining = 1.0 - (math.sqrt(progress) if train.decay_shape == "1-sqrt" else progress)
+        return train.min_lr + (train.lr - train.min_lr) * remaining
     decay_steps = max(train.steps - train.warmup_steps, 1)
     progress = min((step_index - train.warmup_steps) / decay_steps, 1.0)
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return train.min_lr + (train.lr - train.min_lr) * cosine
+
+
+SCHEDULE_KEYS = ("steps", "lr", "min_lr", "warmup_steps", "lr_schedule", "decay_steps",
+                 "decay_shape")
+
+
+class ScheduleChangeError(ConfigError):
+    pass
+
+
+def check_schedule_change(saved: TrainConfig, new: TrainConfig, step: int) -> None:
+    """On resume before step `step` (0-based): the schedule keys may change (a longer run, a
+    cooldown branch) where the learning rate of that step stays what it was (extending wsd in
+    its stable phase, decaying from the resume step on); otherwise one line with both, unless
+    train.allow_schedule_change."""
+    changed = [k for k in SCHEDULE_KEYS if getattr(saved, k) != getattr(new, k)]
+    if not changed or new.allow_schedule_change:
+        return
+    before, after = lr_at(step, saved), lr_at(step, new)
+    if before == after:
+        return
+    changes = ", ".join(f"train.{k} {getattr(saved, k)} -> {getattr(new, k)}" for k in changed)
+    raise ScheduleChangeError(
+        f"the learning-rate schedule changed since the checkpoint ({changes}): step {step + 1} "
+        f"would train at {after:.4g} where the saved schedule gives {before:.4g}; set "
+        f"train.allow_schedule_change=true to go on with the new one"
+    )
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig

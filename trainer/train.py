@@ -25,6 +25,7 @@ from tessera.parallel.engine import Engine, GradNormClipper
 from tessera.parallel.pipeline import build_pipeline
 from tessera.parallel.topology import Topology, distributed, env_world
 from tessera.trainer import checkpoint
+from tessera.trainer.batches import to_device, with_documents
 from tessera.trainer.config import Config, ConfigError, save_config, validate, validate_layout
 from tessera.trainer.evaluate import resolve_valid
 from tessera.trainer.metrics import tag_warnings_with_rank
@@ -41,6 +42,7 @@ from tessera.trainer.monitor import TrainMonitor
 from tessera.trainer.optim import (
     build_optimizer,
     build_scheduler,
+    check_schedule_change,
     count_skipped_update,
     follow_schedule_at,
 )
@@ -114,6 +116,8 @@ def _train(cfg: Config, topo: Topology, shards: list[Source]) -> TrainState:
     saved = checkpoint.resume(engine, ckpt_root, cfg)  # None: fresh; without "train": weights only
     if saved is not None and "train" in saved:
         state = TrainState(**saved["train"])
+        check_schedule_change(checkpoint.saved_config(saved["directory"]).train, cfg.train,
+                              state.step)
         follow_schedule_at(scheduler, state.step)
         if topo.rank == 0:
             print(f"tessera: resumed from {saved['directory']} at step {state.step}", flush=True)
@@ -180,17 +184,21 @@ def run_summary(cfg: Config, state: TrainState) -> str:
 def _loop(cfg: Config, topo: Topology, engine: Engine, clipper: GradNormClipper | None,
           loader: TrainLoader, state: TrainState, monitor: TrainMonitor, ckpt_root: Path,
           stop: StopSignal) -> signal.Signals | None:
-    """The steps up to train.steps, or to the signal that stopped them (returned)."""
+    """The steps up to train.steps (or train.stop_at), or to the signal that stopped them
+    (returned)."""
     steps = loader.steps(engine.device)  # collective: a data error on one rank stops all
     last_saved = state.step
     stopped_by = None
-    while state.step < cfg.train.steps:
+    end = min(cfg.train.steps, cfg.train.stop_at or cfg.train.steps)
+    while state.step < end:
         stopped_by = stop.agreed(engine.device)  # every rank stops after the same step
         if stopped_by:
             break
         started = time.perf_counter()
         lr = engine.get_lr()[0]
         batches = iter(next(steps))
+        if cfg.data.document_masking:
+            batches = with_documents(batches, loader.eos_id)
         data_s = time.perf_counter() - started
         loss, grad_norm = train_step(engine, clipper, batches, loader.micro_batches_per_step)
         count_skipped_update(engine)
@@ -201,7 +209,7 @@ def _loop(cfg: Config, topo: Topology, engine: Engine, clipper: GradNormClipper 
         monitor.after_step(engine, state.step, state.consumed_samples, loss=loss, lr=lr,
                            grad_norm=grad_norm, step_s=step_s, data_s=data_s)
         interval = cfg.checkpoint.interval
-        if (interval and state.step % interval == 0) or state.step == cfg.train.steps:
+        if (interval and state.step % interval == 0) or state.step == end:
             save_started = time.perf_counter()
             _save(engine, ckpt_root, state, loader, cfg)
             monitor.saved(time.perf_counter() - save_started)
@@ -272,14 +280,6 @@ def train_step(engine: Engine, clipper: GradNormClipper | None,
     dist.all_reduce(mean_loss, group=parallel_state.get_data_parallel_group())
     loss = mean_loss.item() / parallel_state.get_data_parallel_world_size()
     return loss, ds_engine.step_grad_norm(engine, clipper)
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host batch on `device` without a host sync: `.to(cuda)` from pageable memory waits for
-    the GPU to drain its queue, at every micro-batch; from pinned memory the copy is queued."""
-    if torch.device(device).type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _save(engine: Engine, ckpt_root: Path, state: TrainState, loader: TrainLoader,

@@ -197,3 +197,70 @@ def test_shards_and_sources_are_exclusive(roots):
         resolve_data(str(roots / "web"), entries(roots, {"web": 1}))
     with pytest.raises(DataError, match="data.shards': not set"):
         resolve_data(None, None)
+
+
+# -- mixture schedules: a source's weight as [[step, weight], ...] ------------------------------
+
+ANNEAL = {"web": [[0, 1.0], [5, 0.25]], "code": [[0, 0.0], [5, 0.75]]}
+
+
+def test_a_schedule_switches_its_weights_at_the_step(roots):
+    """Only web before step 5, then a quarter web: the windows and the token metric follow."""
+    sources = resolve_sources(entries(roots, ANNEAL))
+    loader = make_loader(sources, global_batch_size=16, micro_batch_size=16)
+    steps = take_steps(loader, 45)
+    before, after = window_sources(steps[:5]), window_sources(steps[5:])
+    assert set(before) == {"web"}
+    assert abs(after.count("code") / len(after) - 0.75) < 0.02
+    assert [s.start_step for s in loader.segments] == [0, 5]
+    rows = {step: make_loader(sources, global_batch_size=16, micro_batch_size=16).metrics(step)
+            for step in (5, 6, 45)}
+    assert rows[5]["data/tokens/code"] == 0 and rows[6]["data/tokens/code"] > 0
+    assert rows[45]["data/tokens/code"] == after.count("code") * SEQ_LEN
+
+
+@pytest.mark.parametrize("step", [3, 5, 7])
+@pytest.mark.parametrize("dp_size", [1, 2])
+def test_a_schedule_resumes_exactly_at_any_step_and_dp_size(roots, step, dp_size):
+    """Resumed before, at and after the switch, at the saved or another data-parallel size:
+    the global batches of the straight run (closed form per segment, no replay)."""
+    sources = resolve_sources(entries(roots, ANNEAL))
+    straight = take_steps(make_loader(sources, shuffle_buffer=3), 12)
+    state = json.loads(json.dumps(make_loader(sources, shuffle_buffer=3).state_dict(step)))
+    ranks = []
+    for rank in range(dp_size):
+        loader = make_loader(sources, shuffle_buffer=3, start_step=step, dp_rank=rank,
+                             dp_size=dp_size)
+        loader.check_resume(state)
+        ranks.append(take_steps(loader, 12 - step))
+    resumed = [torch.cat([r[k] for r in ranks]) for k in range(12 - step)]
+    assert_steps_equal(resumed, straight[step:])
+
+
+def test_a_changed_schedule_is_refused_unless_allowed(roots):
+    sources = resolve_sources(entries(roots, ANNEAL))
+    moved = resolve_sources(entries(roots, {"web": [[0, 1.0], [8, 0.25]],
+                                            "code": [[0, 0.0], [8, 0.75]]}))
+    state = json.loads(json.dumps(make_loader(sources).state_dict(3)))
+    with pytest.raises(DataError, match=r"mixture changed \(weights \{0: .*, 5: .*\} in the "
+                                        r"checkpoint, now \{0: .*, 8: .*data.allow_mix"):
+        make_loader(moved, start_step=3).check_resume(state)
+    loader = loader_from(moved, state, 3)
+    assert set(window_sources(take_steps(loader, 5))) == {"web"}  # the new plan: web to step 8
+
+
+@pytest.mark.parametrize("weight, words", [
+    ([[0, 1.0], [5, 0.5], [5, 0.2]], "schedule steps must increase, got 5 after 5"),
+    ([[0, 1.0], [5, -0.5]], "must be positive, got -0.5"),
+    ([[2, 1.0]], "a schedule starts at step 0"),
+    ([[0, 1.0], [5]], "a list of [step, weight] pairs, got [5]"),
+])
+def test_bad_schedules_are_named(roots, weight, words):
+    with pytest.raises(DataError, match=r"data.sources\[0\].weight") as error:
+        resolve_sources(entries(roots, {"web": weight, "code": 1.0}))
+    assert words in str(error.value)
+
+
+def test_a_segment_with_every_weight_zero_is_refused(roots):
+    with pytest.raises(DataError, match="from step 5 every weight is 0"):
+        resolve_sources(entries(roots, {"web": [[0, 1.0], [5, 0.0]], "code": [[0, 0.0]]}))

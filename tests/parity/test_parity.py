@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,37 @@ def test_model_options_at_two_rank_layouts(tmp_path, byte_shards):
     # the options change the model: each trains apart from the plain one and from the other
     first = [losses(rows)[-1] for rows in singles]
     assert abs(first[0] - first[1]) > 1e-3
+
+
+@pytest.fixture(scope="module")
+def short_documents(tmp_path_factory) -> Path:
+    """Documents of 4 to 40 bytes: a 33-token window holds two to several of them."""
+    from tessera.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("short-documents")
+    words = ["tessera", "shard", "rank", "token", "window", "pipe", "zero", "adam", "mask"]
+    rng = random.Random(5)
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 6))) for _ in range(1500)]
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    prepare([str(root / "docs.jsonl")], root / "prepared", shard_bytes=8_000, log=lambda _: None)
+    return root / "prepared"
+
+
+def test_document_masking_at_two_rank_layouts(tmp_path, short_documents):
+    """data.document_masking at the layouts that split what it touches: heads over tp, the
+    documents passed between pipeline stages, recomputation under ZeRO 3. 10 steps."""
+    def config(name: str, **overrides):
+        return parity_config(tmp_path / name, short_documents,
+                             **{"train.steps": OPTION_STEPS, **overrides})
+
+    masked = {"data.document_masking": "true"}
+    single, unmasked = run_ranks(1, train_each, [config("single", **masked), config("plain")])[0]
+    runs = run_ranks(2, train_each, [config(name, **masked, **layout)
+                                     for name, layout in OPTION_LAYOUTS.items()])[0]
+    for name, rows in zip(OPTION_LAYOUTS, runs):
+        assert_same_training(f"document masking {name}", rows, single, steps=OPTION_STEPS)
+    # the windows do cross documents: masking changes the first loss already
+    assert abs(losses(single)[0] - losses(unmasked)[0]) > 1e-4
 
 
 def test_two_rank_layouts(tmp_path, byte_shards, reference):

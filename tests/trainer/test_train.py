@@ -24,7 +24,8 @@ def test_stopped_run_resumes_from_its_checkpoint(tmp_path, byte_shards):
     """6 steps straight against 3 + restart + 3: the resumed run starts at step 4 and its losses
     are bitwise those of the uninterrupted run."""
     straight = tiny_config(tmp_path / "straight", byte_shards, **{"train.steps": 6})
-    first_half = tiny_config(tmp_path / "resumed", byte_shards, **{"train.steps": 3})
+    first_half = tiny_config(tmp_path / "resumed", byte_shards,
+                             **{"train.steps": 6, "train.stop_at": 3})
     second_half = tiny_config(tmp_path / "resumed", byte_shards, **{"train.steps": 6})
     configs = [straight, first_half, second_half]
     straight_rows, _, resumed_rows = run_ranks(1, train_each, configs)[0]

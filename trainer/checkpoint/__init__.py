@@ -69,6 +69,7 @@ from tessera.trainer.checkpoint.load import (
     read_manifest,
     resolve_step_dir,
     resume,
+    saved_config,
     tokenizer_of,
 )
 from tessera.trainer.checkpoint.save import (
@@ -87,6 +88,6 @@ __all__ = [
     "canonical_shapes", "carried_tokenizer", "check_compatible", "committed_steps",
     "delete_checkpoint", "file_sha256", "inspect", "install", "latest_tag", "list_checkpoints",
     "load", "problems", "read_latest", "read_manifest", "remove_uncommitted",
-    "replace_text_atomically", "resolve_step_dir", "resume", "safe_globals", "safe_load", "save",
-    "step_of", "tag_for", "tokenizer_of", "wait", "write_torch_file",
+    "replace_text_atomically", "resolve_step_dir", "resume", "safe_globals", "saved_config",
+    "safe_load", "save", "step_of", "tag_for", "tokenizer_of", "wait", "write_torch_file",
 ]

@@ -17,13 +17,13 @@ from megatron.core import parallel_state
 
 from tessera import __version__
 from tessera.data.format import TokenizerInfo
-from tessera.data.format import read_manifest as read_data_manifest
-from tessera.data.tokenizer import HF_TOKENIZER_FILE, HFTokenizer, Tokenizer, load_tokenizer
+from tessera.data.tokenizer import HF_TOKENIZER_FILE, Tokenizer, find_tokenizer, load_tokenizer
 from tessera.parallel.engine import Engine
 from tessera.trainer.checkpoint.engine import checkpoint_engine
 from tessera.trainer.checkpoint.files import file_sha256, safe_load
 from tessera.trainer.checkpoint.format import (
     ARCHITECTURE_FIELDS,
+    CONFIG_FILE,
     FORMAT,
     FORMAT_VERSION,
     LATEST_FILE,
@@ -43,7 +43,7 @@ from tessera.trainer.checkpoint.format import (
 )
 from tessera.trainer.checkpoint.rng import restore_rng_at_first_forward
 from tessera.trainer.checkpoint.save import canonical_shapes
-from tessera.trainer.config import Config
+from tessera.trainer.config import Config, ConfigError, load_config
 
 
 def carried_tokenizer(directory: str | Path) -> CarriedTokenizer | None:
@@ -75,14 +75,11 @@ def carried_tokenizer(directory: str | Path) -> CarriedTokenizer | None:
 
 
 def tokenizer_of(step_dir: Path, override: str | None = None) -> Tokenizer:
-    """`override` (a prepared data directory or a tokenizer.json, from the user's command line),
+    """`override` (a tokenizer.json or a directory with one, from the user's command line),
     else the tokenizer the checkpoint carries. Nothing the checkpoint's config names (its data
     paths, which may be `pipe:` commands) is ever opened."""
     if override is not None:
-        path = Path(override)
-        if path.is_dir():
-            return load_tokenizer(read_data_manifest(path).tokenizer, path)
-        return HFTokenizer.from_file(path)
+        return find_tokenizer(override)
     carried = carried_tokenizer(step_dir)
     if carried is None:
         raise CheckpointError(
@@ -92,6 +89,15 @@ def tokenizer_of(step_dir: Path, override: str | None = None) -> Tokenizer:
         )
     info, _ = carried
     return load_tokenizer(info, step_dir / TOKENIZER_DIR)
+
+
+def saved_config(directory: str | Path) -> Config:
+    """The config a checkpoint was saved with (its config.yaml)."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        return load_config(path, [])
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from e
 
 
 def read_manifest(directory: str | Path) -> dict:

@@ -49,7 +49,7 @@ from tessera.parallel.tensor_parallel import Part
 from tessera.trainer import checkpoint
 from tessera.trainer.architecture import canonical_shapes, layer_parts
 from tessera.trainer.checkpoint import CheckpointError
-from tessera.trainer.config import Config, ConfigError, ModelConfig, load_config
+from tessera.trainer.config import Config, ModelConfig
 
 WEIGHT = "weight"  # the fp32 master weight where the optimizer keeps one, else the model's
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -303,10 +303,7 @@ class CheckpointReader:
         if found:
             raise CheckpointError(f"{self.directory} is not a valid checkpoint: {found[0]}")
         self.manifest = checkpoint.read_manifest(self.directory)
-        try:
-            self.cfg = load_config(self.directory / checkpoint.CONFIG_FILE, [])
-        except ConfigError as e:
-            raise CheckpointError(f"{self.directory / checkpoint.CONFIG_FILE}: {e}") from e
+        self.cfg = checkpoint.saved_config(self.directory)
         self.state = json.loads((self.directory / checkpoint.STATE_FILE).read_text())
         layout = self.manifest["layout"]
         self.tp, self.pp, self.dp = layout["tp"], layout["pp"], layout["dp"]

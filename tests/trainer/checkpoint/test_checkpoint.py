@@ -142,11 +142,12 @@ def scenario_corrupt_files(base: Path, shards: Path) -> dict:
     run = base / "damaged"
     root = run / "checkpoints"
 
-    def cfg(steps: int):
+    def cfg(steps: int):  # one run of 6 steps, stopped after `steps` (its schedule unchanged)
         return tiny_config(
             run,
             shards,
-            **{"train.steps": steps, "checkpoint.interval": 1, "checkpoint.keep_last": 5},
+            **{"train.steps": 6, "train.stop_at": steps, "checkpoint.interval": 1,
+               "checkpoint.keep_last": 5},
         )
 
     train(cfg(3))  # steps 1, 2, 3 committed
