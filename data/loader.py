@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -547,7 +548,8 @@ class TrainLoader:
             start_window=step * self.rows_per_stream,
         )
         return DataLoader(
-            dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_keep_chunk
+            dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_keep_chunk,
+            worker_init_fn=leave_stop_signals_to_the_trainer if self.num_workers else None,
         )
 
     def _local_steps(self) -> Iterator[tuple[list[tuple[torch.Tensor, torch.Tensor]], int]]:
@@ -741,6 +743,18 @@ def describe_plan(plan: Sequence[Segment]) -> str:
     if len(plan) == 1:
         return str(dict(plan[0].weights))
     return str({segment.start_step: dict(segment.weights) for segment in plan})
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """A loader worker ignores the signals that stop a run. Slurm's preemption, time limit and
+    `scancel --full` signal every process of the job, and Ctrl-C the whole process group: a
+    worker that died of it would crash the trainer ("DataLoader worker exited unexpectedly")
+    before its agreed save. The worker still ends with the trainer (torch's watch on it)."""
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
 
 
 def _keep_chunk(chunk: Chunk) -> Chunk:

@@ -8,8 +8,11 @@ convention whatever started it.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
+import signal
+import sys
 import warnings
 
 # MASTER_PORT = PORT_BASE + job id mod PORT_SPAN: every node derives the same port, and jobs
@@ -75,3 +78,20 @@ def quiet_dependencies() -> None:
 
         # Naming the accelerator spares DeepSpeed's "Setting accelerator to CPU" warning.
         os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def exit_with_launcher() -> None:
+    """A rank started by an elastic agent (our local launch, torchrun) is killed when the agent
+    dies, so that a SIGKILLed launcher leaves no rank behind holding memory or a GPU. SIGKILL
+    rather than a stop signal: the peers are going too, so a save would wait in a collective for
+    ranks that are gone; checkpoints survive kill -9. Under srun without torchrun, Slurm ends a
+    step's tasks itself."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    launcher = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    if os.getppid() != launcher:  # it died before prctl took effect
+        os._exit(1)

@@ -11,7 +11,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from tessera import __version__
-from tessera.launch.env import quiet_dependencies
+from tessera.launch.env import exit_with_launcher, quiet_dependencies
 
 if TYPE_CHECKING:  # imported where a command needs it: `tessera --help` stays quick
     from tessera.trainer.config import Config
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tessera {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
+    exit_with_launcher()
     if command != "print-config":  # the one command that imports no torch: it stays quick
         quiet_dependencies()
     match command:

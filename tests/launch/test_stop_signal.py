@@ -61,38 +61,87 @@ def test_usr2_on_one_rank_stops_all_at_one_step_and_resume_is_exact(tmp_path, by
     assert losses(rows) == losses(read_metrics(tmp_path / "straight"))  # bitwise
 
 
-@pytest.mark.parametrize("sig, code, line", [
-    (signal.SIGTERM, PREEMPTED_EXIT_CODE, "SIGTERM received"),
-    # Ctrl-C: the same save at a step boundary, then one line and the shell's 130 (no requeue)
-    (signal.SIGINT, INTERRUPTED_EXIT_CODE, "interrupted (Ctrl-C) and saved at step"),
-], ids=["sigterm", "ctrl-c"])
-def test_a_signal_makes_tessera_train_save_and_exit(tmp_path, byte_shards, sig, code, line):
+def _start_train(tmp_path: Path, byte_shards: Path, **overrides) -> tuple[subprocess.Popen, Path]:
+    """`tessera train` in a session of its own (its process group: what Slurm and a terminal
+    signal), logging to a file; returns once it has logged 2 steps."""
     cfg_args = [f"{k}={v}" for k, v in {
         "run.dir": tmp_path / "run", "run.seed": 3, "data.shards": byte_shards, "data.streams": 2,
         "model.hidden_size": 64, "model.num_layers": 2, "model.num_heads": 4,
         "model.num_kv_heads": 2, "model.ffn_hidden_size": 176, "model.seq_len": 32,
         "train.global_batch_size": 8, "train.micro_batch_size": 2, "train.steps": 200,
-        "checkpoint.interval": 0,
+        "checkpoint.interval": 0, **overrides,
     }.items()]
     metrics = tmp_path / "run" / "metrics.jsonl"
     log = tmp_path / "train.log"  # a file, not a pipe: a full pipe would block the run
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "tessera", "train", *cfg_args],
-                                stdout=out, stderr=subprocess.STDOUT)
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"no steps logged:\n{log.read_text()}")
+        time.sleep(0.05)
+    return proc, log
+
+
+@pytest.mark.parametrize("sig, code, line, whole_group, workers", [
+    (signal.SIGTERM, PREEMPTED_EXIT_CODE, "SIGTERM received", False, 0),
+    # Slurm's preemption and `scancel --full` signal every process, loader workers included
+    (signal.SIGTERM, PREEMPTED_EXIT_CODE, "SIGTERM received", True, 2),
+    (signal.SIGUSR2, PREEMPTED_EXIT_CODE, "SIGUSR2 received", True, 1),
+    # Ctrl-C (the terminal's whole group): the same save at a step boundary, then one line and
+    # the shell's 130 (no requeue)
+    (signal.SIGINT, INTERRUPTED_EXIT_CODE, "interrupted (Ctrl-C) and saved at step", True, 1),
+], ids=["sigterm", "sigterm-full-workers2", "usr2-full-workers1", "ctrl-c-workers1"])
+def test_a_signal_makes_tessera_train_save_and_exit(tmp_path, byte_shards, sig, code, line,
+                                                     whole_group, workers):
+    proc, log = _start_train(tmp_path, byte_shards, **{"data.num_workers": workers})
     try:
-        deadline = time.monotonic() + 300
-        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "no steps logged in 300 s"
-            time.sleep(0.05)
-        proc.send_signal(sig)
+        if whole_group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
     output = log.read_text()
     assert proc.returncode == code, output
     assert line in output and "Traceback" not in output, output
     last_step = read_metrics(tmp_path / "run")[-1]["step"]
     assert last_step < 200
     assert checkpoint.latest_tag(tmp_path / "run" / "checkpoints") == checkpoint.tag_for(last_step)
+
+
+def _ranks_of(run_dir: Path) -> list[int]:
+    """Live processes whose command line names `run_dir` (the launcher and its ranks)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if proc.name.isdigit() and str(run_dir).encode() in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_ranks_exit_when_their_launcher_is_killed(tmp_path, byte_shards):
+    """SIGKILL to `tessera train` (the launcher of 2 local ranks) while its ranks hang (stopped:
+    they reach no collective, no store, no pipe that could tell them): no rank is left."""
+    proc, _ = _start_train(tmp_path, byte_shards, **{"launch.nproc_per_node": 2})
+    ranks = [pid for pid in _ranks_of(tmp_path / "run") if pid != proc.pid]
+    assert len(ranks) >= 2, ranks
+    for pid in ranks:
+        os.kill(pid, signal.SIGSTOP)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while _ranks_of(tmp_path / "run") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = _ranks_of(tmp_path / "run")
+    for pid in left:  # tidy up before failing
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"ranks left running 30 s after their launcher died: {left}"
