@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import signal
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -36,6 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tessera.data.format import DataError
 from tessera.data.mixture import SHARD_ORDER_TAG, Segment, StreamPlan, block_permutation
+from tessera.data.ramp import BatchSizes
 from tessera.data.reader import BadSamples, read_shard
 from tessera.data.sources import (
     DEFAULT_SOURCE,
@@ -215,7 +217,7 @@ class StreamConfig:
     segments: tuple[Segment, ...]
     num_streams: int
     window_tokens: int
-    rows_per_stream: int
+    batch_sizes: BatchSizes
     seed: int
     shuffle: bool
     shuffle_buffer: int
@@ -226,8 +228,17 @@ class StreamConfig:
     def block_size(self) -> int:
         return self.shuffle_buffer if self.shuffle and self.shuffle_buffer > 1 else 0
 
+    def rows_at(self, step: int) -> int:
+        """Windows each stream gives step `step`."""
+        return self.batch_sizes.batch_at(step) // self.num_streams
+
+    def window_at(self, step: int) -> int:
+        """Each stream's position (windows handed out) before step `step`."""
+        return self.batch_sizes.samples_before(step) // self.num_streams
+
     def plan(self, stream: int) -> StreamPlan:
-        return StreamPlan(stream, self.segments, self.rows_per_stream, self.block_size, self.seed)
+        starts = [self.window_at(s.start_step) for s in self.segments]
+        return StreamPlan(stream, self.segments, starts, self.block_size, self.seed)
 
 
 class _Stream:
@@ -281,7 +292,7 @@ class _Stream:
 
     def _fill(self) -> None:
         config = self._config
-        size = config.block_size or config.rows_per_stream
+        size = config.block_size or config.rows_at(0) or 1  # unshuffled: any size reads alike
         schedule = self._plan.schedule
         sources = schedule.sources(self._next_relative, size)
         # Window i of the block is emitted at position emitted_at[i] (identity without shuffle):
@@ -317,7 +328,7 @@ class Chunk:
     samples counted while reading them, or the error that stopped a stream (a one-line message,
     raised by the main process)."""
 
-    rows: np.ndarray | None  # [streams * rows_per_stream, seq_len + 1], the shards' dtype
+    rows: np.ndarray | None  # [streams * rows per stream, seq_len + 1], the shards' dtype
     skipped: int = 0
     error: str | None = None
 
@@ -336,26 +347,29 @@ class _StreamChunks(IterableDataset):
     step: handing an item between processes costs far more than its bytes.
     """
 
-    def __init__(self, config: StreamConfig, streams: Sequence[int], start_window: int) -> None:
+    def __init__(self, config: StreamConfig, streams: Sequence[int], start_step: int) -> None:
         self._config = config
         self._streams = tuple(streams)
-        self._start_window = start_window
+        self._start_step = start_step
 
     def __iter__(self) -> Iterator[Chunk]:
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         try:
+            start_window = self._config.window_at(self._start_step)
             streams = [
-                _Stream(self._config, self._streams[i], self._start_window)
+                _Stream(self._config, self._streams[i], start_window)
                 for i in _worker_streams(len(self._streams), worker, num_workers)
             ]
+            step = self._start_step
             while True:
-                rows, skipped = [], 0
+                rows, skipped, per_stream = [], 0, self._config.rows_at(step)
                 for stream in streams:
                     before = stream.skipped
-                    rows.append(stream.take(self._config.rows_per_stream))
+                    rows.append(stream.take(per_stream))
                     skipped += stream.skipped - before
                 yield Chunk(np.concatenate(rows), skipped)
+                step += 1
         except DataError as e:
             yield Chunk(None, 0, str(e))
 
@@ -424,8 +438,11 @@ class TrainLoader:
         start_step: int = 0,
         max_consecutive_errors: int = DEFAULT_MAX_CONSECUTIVE_ERRORS,
         allow_mixture_change: bool = False,
+        batch_sizes: BatchSizes | None = None,
         warn: bool = True,
     ) -> None:
+        """`batch_sizes`: the global batch of each step (a ramp up to global_batch_size);
+        None: global_batch_size throughout."""
         sources = _as_sources(shards)
         _check_positive(
             seq_len=seq_len,
@@ -433,12 +450,14 @@ class TrainLoader:
             global_batch_size=global_batch_size,
             dp_size=dp_size,
         )
+        batch_sizes = batch_sizes or BatchSizes(global_batch_size)
         if num_streams is None:
-            num_streams = choose_num_streams(sources, global_batch_size, dp_size)
+            num_streams = choose_num_streams(sources, math.gcd(*batch_sizes.sizes()), dp_size)
         _check_positive(**{"data.streams": num_streams})
-        self._check_layout(
-            sources, global_batch_size, micro_batch_size, dp_rank, dp_size, num_streams, num_workers
-        )
+        for batch in batch_sizes.sizes():
+            self._check_layout(
+                sources, batch, micro_batch_size, dp_rank, dp_size, num_streams, num_workers
+            )
         for name, value in (
             ("data.seed", seed),
             ("start_step", start_step),
@@ -464,7 +483,7 @@ class TrainLoader:
         self.max_consecutive_errors = max_consecutive_errors
         self.allow_mixture_change = allow_mixture_change
         self.warn = warn
-        self.rows_per_stream = global_batch_size // num_streams
+        self.batch_sizes = batch_sizes
         local = num_streams // dp_size
         self.local_streams = range(dp_rank * local, (dp_rank + 1) * local)
         # the mixture schedule the config declares, and the segments in effect so far (the
@@ -525,7 +544,11 @@ class TrainLoader:
 
     @property
     def micro_batches_per_step(self) -> int:
-        return self.global_batch_size // (self.dp_size * self.micro_batch_size)
+        """This rank's micro-batches at the loader's first step (`micro_batches_at`)."""
+        return self.micro_batches_at(self.start_step)
+
+    def micro_batches_at(self, step: int) -> int:
+        return self.batch_sizes.batch_at(step) // (self.dp_size * self.micro_batch_size)
 
     def stream_config(self) -> StreamConfig:
         return StreamConfig(
@@ -533,7 +556,7 @@ class TrainLoader:
             segments=self.segments,
             num_streams=self.num_streams,
             window_tokens=self.seq_len + 1,
-            rows_per_stream=self.rows_per_stream,
+            batch_sizes=self.batch_sizes,
             seed=self.seed,
             shuffle=self.shuffle,
             shuffle_buffer=self.shuffle_buffer,
@@ -542,11 +565,7 @@ class TrainLoader:
         )
 
     def _dataloader(self, step: int) -> DataLoader:
-        dataset = _StreamChunks(
-            self.stream_config(),
-            streams=self.local_streams,
-            start_window=step * self.rows_per_stream,
-        )
+        dataset = _StreamChunks(self.stream_config(), streams=self.local_streams, start_step=step)
         return DataLoader(
             dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_keep_chunk,
             worker_init_fn=leave_stop_signals_to_the_trainer if self.num_workers else None,
@@ -557,11 +576,12 @@ class TrainLoader:
         Raises DataError (one line) when a stream stopped. At the step of a planned mixture
         switch the streams start again there, as a resume at that step would."""
         step, chunks = self.start_step, None
-        num_streams, per_stream = len(self.local_streams), self.rows_per_stream
-        num_rows, num_workers = num_streams * per_stream, max(1, self.num_workers)
+        num_streams, num_workers = len(self.local_streams), max(1, self.num_workers)
         while True:
             if self._enter_planned_segment(step) or chunks is None:
                 chunks = iter(self._dataloader(step))
+            per_stream = self.batch_sizes.batch_at(step) // self.num_streams
+            num_rows = num_streams * per_stream
             step += 1
             inputs = torch.empty((num_rows, self.seq_len), dtype=torch.int64)
             labels = torch.empty((num_rows, self.seq_len), dtype=torch.int64)
@@ -645,14 +665,15 @@ class TrainLoader:
         data-parallel ranks (computed, not counted: the same on every rank)."""
         segments = self._history_at(step)
         if len(self.sources) == 1 and len(segments) == 1:
-            return {self.sources[0].name: step * self.global_batch_size * self.seq_len}
+            return {self.sources[0].name: self.batch_sizes.samples_before(step) * self.seq_len}
         if self._plans_for != segments:
             config = dataclasses.replace(self.stream_config(), segments=segments)
             self._plans = [config.plan(stream) for stream in range(self.num_streams)]
             self._plans_for = segments
         totals: dict[str, int] = {}
+        window = self.batch_sizes.samples_before(step) // self.num_streams
         for plan in self._plans:
-            for name, windows in plan.emitted(step * self.rows_per_stream).items():
+            for name, windows in plan.emitted(window).items():
                 totals[name] = totals.get(name, 0) + windows * self.seq_len
         return totals
 
@@ -677,6 +698,7 @@ class TrainLoader:
             "sources": {s.name: s.fingerprint for s in self.sources},
             "segments": [s.to_json() for s in self._history_at(step)],
             "mixture_schedule": [s.to_json() for s in self.plan],
+            "batch_size_ramp": self.batch_sizes.to_json(),
             "skipped_samples": self.skipped_samples,
         }
 
@@ -698,6 +720,12 @@ class TrainLoader:
                     f"cannot resume the data stream: {field} was {state.get(field)!r} in the "
                     f"checkpoint, now {current[field]!r}"
                 )
+        if state.get("batch_size_ramp") != current["batch_size_ramp"]:
+            raise DataError(
+                f"cannot resume the data stream: train.batch_size_ramp was "
+                f"{state.get('batch_size_ramp')!r} in the checkpoint, now "
+                f"{current['batch_size_ramp']!r} (it places every step's data)"
+            )
         saved_sources: Mapping[str, str] = state.get("sources") or {}
         for name, fingerprint in current["sources"].items():
             if name in saved_sources and saved_sources[name] != fingerprint:

@@ -107,7 +107,7 @@ class StreamPlan:
         self,
         stream: int,
         segments: Sequence[Segment],
-        rows_per_stream: int,
+        segment_starts: Sequence[int],  # the stream's window at each segment's first step
         block_size: int,  # windows per shuffle block; 0 = no sample shuffling
         seed: int,
     ) -> None:
@@ -118,7 +118,7 @@ class StreamPlan:
             Schedule(s.weights, [seed, PHASE_TAG, stream, index])
             for index, s in enumerate(segments)
         ]
-        self.starts = [s.start_step * rows_per_stream for s in segments]
+        self.starts = list(segment_starts)
         self.read_base: dict[str, int] = {}
         self.emitted_base: dict[str, int] = {}
         for index in range(len(segments) - 1):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -42,3 +43,17 @@ def byte_shards(tmp_path_factory) -> Path:
     output = root / "prepared"
     prepare([str(p) for p in files], str(output), shard_bytes=10_000, log=lambda _: None)
     return output
+
+
+@pytest.fixture(scope="session")
+def short_documents(tmp_path_factory) -> Path:
+    """Documents of 4 to 40 bytes: a 33-token window holds two to several of them."""
+    from tessera.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("short-documents")
+    words = ["tessera", "shard", "rank", "token", "window", "pipe", "zero", "adam", "mask"]
+    rng = random.Random(5)
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 6))) for _ in range(1500)]
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    prepare([str(root / "docs.jsonl")], root / "prepared", shard_bytes=8_000, log=lambda _: None)
+    return root / "prepared"

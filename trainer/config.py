@@ -21,6 +21,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from tessera.data.ramp import BatchSizes
 from tessera.launch.config import LaunchConfig, SlurmConfig
 from tessera.trainer.architecture import model_problems
 
@@ -84,6 +85,8 @@ class TrainConfig:
     stop_at: int | None = None  # stop (saved) after this step although the schedule runs to
     # train.steps: a job that trains part of a run, the next resumes it; null: at train.steps
     global_batch_size: int = 8  # sequences per optimizer step, over all data-parallel ranks
+    batch_size_ramp: Any = None  # null, or {start, increment, samples}: the global batch grows
+    # from start by increment until `samples` samples are consumed, then stays global_batch_size
     micro_batch_size: int = 4  # sequences per forward/backward on one rank
     lr: float = 3e-4  # peak learning rate (AdamW)
     min_lr: float = 3e-5  # the schedule decays to this at train.steps (cosine, wsd)
@@ -303,6 +306,39 @@ def save_config(cfg: Config, path: str | Path) -> None:
 # Cross-field checks
 
 
+RAMP_KEYS = ("start", "increment", "samples")
+
+
+def batch_sizes(t: TrainConfig) -> BatchSizes:
+    """The global batch of each step (train.batch_size_ramp), after `validate`."""
+    ramp = t.batch_size_ramp
+    if ramp is None:
+        return BatchSizes(t.global_batch_size)
+    return BatchSizes(t.global_batch_size, ramp["start"], ramp["increment"], ramp["samples"])
+
+
+def _check_ramp(t: TrainConfig) -> None:
+    ramp = t.batch_size_ramp
+    if ramp is None:
+        return
+    key = "train.batch_size_ramp"
+    _check(isinstance(ramp, dict) and sorted(ramp) == sorted(RAMP_KEYS)
+           and all(isinstance(ramp[k], int) and not isinstance(ramp[k], bool) for k in RAMP_KEYS),
+           key, f"must be null or {{start: N, increment: N, samples: N}} (integers), got {ramp!r}")
+    start, increment, samples = (ramp[k] for k in RAMP_KEYS)
+    _check(1 <= start < t.global_batch_size, key,
+           f"start {start} must be at least 1 and below train.global_batch_size "
+           f"{t.global_batch_size}")
+    _check(increment >= 1 and (t.global_batch_size - start) % increment == 0, key,
+           f"increment {increment} must step from start {start} to train.global_batch_size "
+           f"{t.global_batch_size}")
+    _check(samples >= 0, key, f"samples must be >= 0, got {samples}")
+    for batch in batch_sizes(t).sizes():
+        _check(batch % t.micro_batch_size == 0, key,
+               f"the ramp's global batch {batch} is not divisible by train.micro_batch_size="
+               f"{t.micro_batch_size}")
+
+
 def _check_schedule(t: TrainConfig) -> None:
     _check(t.lr_schedule in ("cosine", "wsd", "constant"), "train.lr_schedule",
            f"must be cosine, wsd or constant, got {t.lr_schedule!r}")
@@ -364,6 +400,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(t.stop_at is None or t.stop_at >= 1, "train.stop_at",
            f"must be >= 1 (or null), got {t.stop_at}")
     _check_schedule(t)
+    _check_ramp(t)
     _check(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",
            f"{t.global_batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size}")
     _check(cfg.checkpoint.interval >= 0, "checkpoint.interval",
@@ -468,6 +505,10 @@ def validate_layout(cfg: Config, world_size: int,
            f"{t.global_batch_size} is not divisible by train.micro_batch_size*dp = "
            f"{t.micro_batch_size}*{dp} (dp = world {world_size} / (tp*pp)); make it a multiple "
            f"of {t.micro_batch_size * dp} or lower train.micro_batch_size")
+    for batch in batch_sizes(t).sizes():
+        _check(batch % (t.micro_batch_size * dp) == 0, "train.batch_size_ramp",
+               f"the ramp's global batch {batch} is not divisible by train.micro_batch_size*dp = "
+               f"{t.micro_batch_size}*{dp}: every step is whole micro-batches on every rank")
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:

@@ -60,6 +60,7 @@ TAGS = {
     "tokens_per_s": "throughput/tokens_per_s",
     "step_s": "time/step",
     "consumed_samples": "train/consumed_samples",
+    "global_batch_size": "train/global_batch_size",
 }
 NOT_SCALARS = ("step", "total_steps")
 
@@ -102,7 +103,7 @@ class StepTimes:
     """Step and data-wait seconds since the last logged row, and the clock for the ETA."""
 
     def __init__(self, cfg: Config, world_size: int, device: torch.device, start_step: int):
-        self.tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
+        self.seq_len = cfg.model.seq_len
         self.total_steps = cfg.train.steps
         self.world_size = world_size
         self.device = device
@@ -110,13 +111,15 @@ class StepTimes:
         self.peak_tflops = device_peak_tflops(cfg.log, cfg.train.precision, device)
         self.start_step = start_step
         self.started = time.perf_counter()
-        self._steps, self._step_s, self._data_s = 0, 0.0, 0.0
+        self._steps, self._step_s, self._data_s, self._samples = 0, 0.0, 0.0, 0
         self._save_s: float | None = None
 
-    def add(self, step_s: float, data_s: float) -> None:
+    def add(self, step_s: float, data_s: float, samples: int) -> None:
+        """A step of `samples` sequences (the global batch: a batch-size ramp changes it)."""
         self._steps += 1
         self._step_s += step_s
         self._data_s += data_s
+        self._samples += samples
 
     def saved(self, seconds: float) -> None:
         self._save_s = seconds
@@ -130,7 +133,7 @@ class StepTimes:
     def row(self, step: int) -> dict[str, float]:
         """Collective (a max over ranks for memory): the timing part of a metrics row; resets."""
         steps, step_s = max(self._steps, 1), max(self._step_s, 1e-12)
-        tokens_per_s = self.tokens_per_step * steps / step_s
+        tokens_per_s = self._samples * self.seq_len / step_s
         per_device = tokens_per_s / self.world_size
         tflops = per_device * self.flops_per_token / 1e12
         memory = torch.tensor(
@@ -154,6 +157,7 @@ class StepTimes:
         if self._save_s is not None:
             row["checkpoint/save_seconds"] = self._save_s
         self._steps, self._step_s, self._data_s, self._save_s = 0, 0.0, 0.0, None
+        self._samples = 0
         return row
 
 

@@ -45,6 +45,7 @@ class TrainMonitor:
         engine: Engine,
         step: int,
         consumed_samples: int,
+        global_batch_size: int,
         *,
         loss: float,
         lr: float,
@@ -62,7 +63,7 @@ class TrainMonitor:
             )
         self._check_spike(step, loss)
         health["train/loss_spikes"] = self.spikes.count
-        self.times.add(step_s, data_s)
+        self.times.add(step_s, data_s, global_batch_size)
         evaluation = (
             self.evaluator.run(engine) if self.evaluator and self.evaluator.due(step) else {}
         )
@@ -75,6 +76,7 @@ class TrainMonitor:
                     "lr": lr,
                     "grad_norm": grad_norm,
                     "consumed_samples": consumed_samples,
+                    "global_batch_size": global_batch_size,
                     **self.times.row(step),
                     **health,
                     **evaluation,

@@ -26,7 +26,14 @@ from tessera.parallel.pipeline import build_pipeline
 from tessera.parallel.topology import Topology, distributed, env_world
 from tessera.trainer import checkpoint
 from tessera.trainer.batches import to_device, with_documents
-from tessera.trainer.config import Config, ConfigError, save_config, validate, validate_layout
+from tessera.trainer.config import (
+    Config,
+    ConfigError,
+    batch_sizes,
+    save_config,
+    validate,
+    validate_layout,
+)
 from tessera.trainer.evaluate import resolve_valid
 from tessera.trainer.metrics import tag_warnings_with_rank
 from tessera.trainer.model import (
@@ -141,6 +148,7 @@ def _train(cfg: Config, topo: Topology, shards: list[Source]) -> TrainState:
         start_step=state.step,
         max_consecutive_errors=cfg.data.max_consecutive_errors,
         allow_mixture_change=cfg.data.allow_mixture_change,
+        batch_sizes=batch_sizes(cfg.train),
         warn=topo.tp_rank == 0 and topo.pp_rank == 0,
     )
     if saved is not None and "data" in saved:
@@ -196,18 +204,22 @@ def _loop(cfg: Config, topo: Topology, engine: Engine, clipper: GradNormClipper 
             break
         started = time.perf_counter()
         lr = engine.get_lr()[0]
-        batches = iter(next(steps))
+        global_batch = loader.batch_sizes.batch_at(state.step)  # train.batch_size_ramp
+        if global_batch != engine.train_batch_size():
+            engine.set_train_batch_size(global_batch)  # the micro-batches one update sums
+        micro_batches = next(steps)
+        batches = iter(micro_batches)
         if cfg.data.document_masking:
             batches = with_documents(batches, loader.eos_id)
         data_s = time.perf_counter() - started
-        loss, grad_norm = train_step(engine, clipper, batches, loader.micro_batches_per_step)
+        loss, grad_norm = train_step(engine, clipper, batches, len(micro_batches))
         count_skipped_update(engine)
         step_s = time.perf_counter() - started
         state.step += 1
-        state.consumed_samples += cfg.train.global_batch_size
+        state.consumed_samples += global_batch
         # skipped non-finite updates, loss spikes, evaluation, metrics row and console line
-        monitor.after_step(engine, state.step, state.consumed_samples, loss=loss, lr=lr,
-                           grad_norm=grad_norm, step_s=step_s, data_s=data_s)
+        monitor.after_step(engine, state.step, state.consumed_samples, global_batch, loss=loss,
+                           lr=lr, grad_norm=grad_norm, step_s=step_s, data_s=data_s)
         interval = cfg.checkpoint.interval
         if (interval and state.step % interval == 0) or state.step == end:
             save_started = time.perf_counter()
@@ -270,8 +282,10 @@ def train_step(engine: Engine, clipper: GradNormClipper | None,
         loss = engine.train_batch(data_iter=batches).item()
         return loss, ds_engine.step_grad_norm(engine, clipper)
     loss_sum = torch.zeros((), device=engine.device)
-    for _ in range(micro_batches):
+    for index in range(micro_batches):
         input_ids, labels = next(batches)
+        # said, not counted from DeepSpeed's running micro-step total: a ramp changes the count
+        engine.set_gradient_accumulation_boundary(index == micro_batches - 1)
         loss = engine(to_device(input_ids, engine.device), to_device(labels, engine.device))
         engine.backward(loss)
         engine.step()

@@ -124,9 +124,9 @@ def take_steps(loader: TrainLoader, num_steps: int) -> list[torch.Tensor]:
     batches = iter(loader)
     steps = []
     seq_len = loader.seq_len
-    for _ in range(num_steps):
+    for k in range(num_steps):
         rows = []
-        for _ in range(loader.micro_batches_per_step):
+        for _ in range(loader.micro_batches_at(loader.start_step + k)):
             input_ids, labels = next(batches)
             assert input_ids.dtype == labels.dtype == torch.int64
             assert input_ids.shape == labels.shape == (loader.micro_batch_size, seq_len)

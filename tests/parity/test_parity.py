@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from pathlib import Path
 
 import pytest
@@ -118,20 +117,6 @@ def test_model_options_at_two_rank_layouts(tmp_path, byte_shards):
     # the options change the model: each trains apart from the plain one and from the other
     first = [losses(rows)[-1] for rows in singles]
     assert abs(first[0] - first[1]) > 1e-3
-
-
-@pytest.fixture(scope="module")
-def short_documents(tmp_path_factory) -> Path:
-    """Documents of 4 to 40 bytes: a 33-token window holds two to several of them."""
-    from tessera.data.prepare import prepare
-
-    root = tmp_path_factory.mktemp("short-documents")
-    words = ["tessera", "shard", "rank", "token", "window", "pipe", "zero", "adam", "mask"]
-    rng = random.Random(5)
-    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 6))) for _ in range(1500)]
-    (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    prepare([str(root / "docs.jsonl")], root / "prepared", shard_bytes=8_000, log=lambda _: None)
-    return root / "prepared"
 
 
 def test_document_masking_at_two_rank_layouts(tmp_path, short_documents):

@@ -78,8 +78,8 @@ def test_peak_table_by_device_name(name, peak):
 def test_mfu_only_with_a_peak_and_from_the_formula():
     cfg = model_config(**{"train.global_batch_size": 8, "model.seq_len": 64})
     times = StepTimes(cfg, world_size=2, device=torch.device("cpu"), start_step=0)
-    times.add(step_s=0.5, data_s=0.1)
-    times.add(step_s=1.5, data_s=0.3)
+    times.add(step_s=0.5, data_s=0.1, samples=cfg.train.global_batch_size)
+    times.add(step_s=1.5, data_s=0.3, samples=cfg.train.global_batch_size)
     row = times.row(2)
     assert "throughput/mfu" not in row  # CPU, no log.peak_tflops
     tokens_per_s = 2 * 8 * 64 / 2.0
@@ -92,7 +92,7 @@ def test_mfu_only_with_a_peak_and_from_the_formula():
         **{"train.global_batch_size": 8, "model.seq_len": 64, "log.peak_tflops": 0.5}
     )
     times = StepTimes(cfg, world_size=2, device=torch.device("cpu"), start_step=0)
-    times.add(step_s=2.0, data_s=0.0)
+    times.add(step_s=2.0, data_s=0.0, samples=cfg.train.global_batch_size)
     row = times.row(1)
     expected = (8 * 64 / 2.0) / 2 * flops_per_token(cfg.model) / 1e12 / 0.5  # one 2 s step
     assert row["throughput/mfu"] == pytest.approx(expected)

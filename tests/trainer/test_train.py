@@ -3,6 +3,7 @@ run resumes where it left off. Layout parity (ZeRO stages, tp, pp) is in tests/p
 
 from __future__ import annotations
 
+import pytest
 from multiproc import run_ranks
 from training import losses, tiny_config, train_each
 
@@ -20,13 +21,18 @@ def test_two_ranks_lower_the_loss(tmp_path, byte_shards):
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-00000020"
 
 
-def test_stopped_run_resumes_from_its_checkpoint(tmp_path, byte_shards):
+@pytest.mark.parametrize("masking", [False, True], ids=["causal", "document-masking"])
+def test_stopped_run_resumes_from_its_checkpoint(tmp_path, byte_shards, short_documents,
+                                                 masking):
     """6 steps straight against 3 + restart + 3: the resumed run starts at step 4 and its losses
-    are bitwise those of the uninterrupted run."""
-    straight = tiny_config(tmp_path / "straight", byte_shards, **{"train.steps": 6})
-    first_half = tiny_config(tmp_path / "resumed", byte_shards,
-                             **{"train.steps": 6, "train.stop_at": 3})
-    second_half = tiny_config(tmp_path / "resumed", byte_shards, **{"train.steps": 6})
+    are bitwise those of the uninterrupted run (with document masking too: its mask is a
+    function of the batch; on short documents, so that windows cross them)."""
+    shards, extra = (short_documents, {"data.document_masking": "true"}) if masking else \
+        (byte_shards, {})
+    straight = tiny_config(tmp_path / "straight", shards, **{"train.steps": 6}, **extra)
+    first_half = tiny_config(tmp_path / "resumed", shards,
+                             **{"train.steps": 6, "train.stop_at": 3}, **extra)
+    second_half = tiny_config(tmp_path / "resumed", shards, **{"train.steps": 6}, **extra)
     configs = [straight, first_half, second_half]
     straight_rows, _, resumed_rows = run_ranks(1, train_each, configs)[0]
     resumed_steps = [r["step"] for r in resumed_rows]
