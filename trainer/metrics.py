@@ -2,9 +2,9 @@
 scalars (and optionally Weights & Biases), and one console line, all on rank 0.
 
 Row keys: the flat ones of the run-directory contract (step, loss, lr, grad_norm, tokens_per_s,
-consumed_samples, step_s, total_steps) and namespaced ones ("throughput/mfu", "eval/loss",
-"data/tokens/NAME", ...). TensorBoard tags are the namespaced keys as they are, the flat ones
-mapped by `TAGS`.
+consumed_samples, global_batch_size, step_s, total_steps) and namespaced ones
+("throughput/mfu", "eval/loss", "data/tokens/NAME", ...). TensorBoard tags are the namespaced
+keys as they are, the flat ones mapped by `TAGS`.
 
 Model FLOPs per token: 6N + 12·L·d·T (N = parameters except the input embedding: the 6N of the
 matrix multiplies forward and backward, 12·L·d·T the attention scores and values), so MFU =
