@@ -20,6 +20,8 @@ import torch.distributed as dist
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron.core import parallel_state
 
+SHM_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's name of the op (ShareMemCommBuilder.NAME)
+
 
 @dataclasses.dataclass(frozen=True)
 class Topology:
@@ -83,6 +85,7 @@ def init_distributed(tp: int, pp: int, backend: str = "auto", timeout_s: int = 6
         os.environ.setdefault("LOCAL_RANK", "0")
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                 timeout=timeout)
+    skip_deepspeeds_shm_op()
     # Wraps an existing torch process group, or creates one from the environment.
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     if parallel_state.model_parallel_is_initialized():
@@ -115,6 +118,13 @@ def destroy_distributed(process_group_too: bool = True) -> None:
         parallel_state.destroy_model_parallel()
     if process_group_too and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def skip_deepspeeds_shm_op() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (used by its inference
+    all-reduce) when it first wraps the process group: a C++ build of 20 s to minutes in every new
+    environment, announced by each rank. Training never calls it, so it is marked unavailable."""
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
 
 
 def deepspeed_topology(topo: Topology) -> PipeModelDataParallelTopology:

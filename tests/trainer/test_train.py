@@ -75,3 +75,24 @@ def test_zero3_gathers_each_block_whole(tmp_path, byte_shards):
     cfg = tiny_config(tmp_path / "run", byte_shards, **{"parallel.zero_stage": 3})
     for units in run_ranks(2, zero3_gather_units, cfg):
         assert units == ["blocks.0", "blocks.1"]
+
+
+def test_a_fresh_train_compiles_no_deepspeed_op(tmp_path, byte_shards):
+    """DeepSpeed's CPU backend would JIT-compile its shared-memory op at start (20 s to minutes
+    in every new environment); training never uses it, so nothing is built."""
+    import os
+    import subprocess
+    import sys
+
+    extensions = tmp_path / "torch_extensions"  # where torch's JIT builds, fresh
+    overrides = {"run.dir": tmp_path / "run", "data.shards": byte_shards, "data.streams": 2,
+                 "model.hidden_size": 64, "model.num_layers": 2, "model.num_heads": 4,
+                 "model.num_kv_heads": 2, "model.ffn_hidden_size": 176, "model.seq_len": 32,
+                 "train.global_batch_size": 4, "train.micro_batch_size": 2, "train.steps": 1}
+    done = subprocess.run(
+        [sys.executable, "-m", "tessera", "train", *(f"{k}={v}" for k, v in overrides.items())],
+        env={**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)}, capture_output=True,
+        text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "built successfully" not in done.stdout + done.stderr
+    assert not extensions.exists() or not any(extensions.iterdir())
