@@ -74,7 +74,9 @@ def sbatch_parameters(slurm: SlurmConfig, job_name: str) -> dict:
         "additional_parameters": {"signal": f"{signal_name}@{slurm.signal_lead_s}",
                                   **slurm.sbatch_options},
     }
-    return {key: value for key, value in params.items() if value is not None}
+    params = {key: value for key, value in params.items() if value is not None}
+    # no --wckey unless slurm.sbatch_options asks for one (submitit writes --wckey=submitit)
+    return {**params, "wckey": None}
 
 
 def _submitit_command(folder: Path) -> str:

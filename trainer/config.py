@@ -110,7 +110,8 @@ class TrainConfig:
     # (the largest activation with a big vocabulary); 0: the whole micro-batch's logits at once
     eval_interval: int = 100  # steps between evaluations on data.valid_shards (also at the end);
     # 0: only at the end
-    eval_steps: int = 10  # global batches of held-out windows per evaluation (the same each time)
+    eval_batches: int = 10  # global batches of held-out windows per evaluation (the same each
+    # time)
     skip_nonfinite: bool = True  # a step whose loss or grad norm is not finite on any rank
     # changes nothing (every rank skips the update); false: the first such step stops the run
     max_nonfinite_steps: int = 5  # more skipped steps than this in a row stop the run
@@ -180,7 +181,13 @@ class Config:
 # Loading: YAML + overrides -> plain dict -> typed dataclasses
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+# Keys that were renamed: the old name is refused, naming the new one; a checkpoint's own
+# config.yaml (`saved=True`) is read with the new names.
+RENAMED_KEYS = {"train.eval_steps": "train.eval_batches"}  # HF's eval_steps is an interval
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), saved: bool = False
+                ) -> Config:
     """Merge a YAML file and `dotted.key=value` overrides (a leading `--` is accepted)."""
     layers = []
     if path is not None:
@@ -205,7 +212,19 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         merged = {}
     if not isinstance(merged, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for old, new in RENAMED_KEYS.items():
+        _rename(merged, old, new, refuse=not saved)
     return _build(Config, merged, prefix="")
+
+
+def _rename(values: dict, old: str, new: str, refuse: bool) -> None:
+    section, old_leaf = old.split(".")
+    entries = values.get(section)
+    if not isinstance(entries, dict) or old_leaf not in entries:
+        return
+    if refuse:
+        raise ConfigError(f"config key '{old}' is now '{new}'; rename it")
+    entries[new.split(".")[1]] = entries.pop(old_leaf)
 
 
 def _parse_overrides(overrides: list[str]) -> DictConfig:
@@ -461,7 +480,7 @@ def _check_observability(cfg: Config) -> None:
     t, log = cfg.train, cfg.log
     _check(t.eval_interval >= 0, "train.eval_interval",
            f"must be >= 0 (0: only at the end), got {t.eval_interval}")
-    _check(t.eval_steps >= 1, "train.eval_steps", f"must be at least 1, got {t.eval_steps}")
+    _check(t.eval_batches >= 1, "train.eval_batches", f"must be at least 1, got {t.eval_batches}")
     _check(t.max_nonfinite_steps >= 0, "train.max_nonfinite_steps",
            f"must be >= 0, got {t.max_nonfinite_steps}")
     _check(log.loss_spike_factor == 0 or log.loss_spike_factor > 1, "log.loss_spike_factor",

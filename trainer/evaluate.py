@@ -1,6 +1,6 @@
 """Held-out evaluation: eval/loss and eval/perplexity on `data.valid_shards`.
 
-The held-out windows are the first `train.eval_steps` global batches of the data loader over the
+The held-out windows are the first `train.eval_batches` global batches of the data loader over the
 validation shards, read in order (shuffle off, one stream), so they are the same windows at every
 evaluation, in every run and in every parallel layout. Every rank reads each global batch and
 keeps the micro-batches of its data-parallel rank, the same split as training (the few extra reads
@@ -64,7 +64,7 @@ class Evaluator:
         t = cfg.train
         self.interval = t.eval_interval
         self.total_steps = t.steps
-        self.eval_steps = t.eval_steps
+        self.eval_batches = t.eval_batches
         self.micro_batches_per_batch = t.global_batch_size // t.micro_batch_size
         self.per_rank = self.micro_batches_per_batch // topo.dp
         self.dp_rank = topo.dp_rank
@@ -82,12 +82,12 @@ class Evaluator:
             seed=cfg.run.seed,
             warn=topo.rank == 0,
         )
-        needed = t.eval_steps * t.global_batch_size * (cfg.model.seq_len + 1)
+        needed = t.eval_batches * t.global_batch_size * (cfg.model.seq_len + 1)
         available = sum(s.num_tokens for s in sources[0].shards)
         if needed > available and topo.rank == 0:
             warn(
                 f"data.valid_shards holds {available:,} tokens, fewer than the {needed:,} of "
-                f"train.eval_steps={t.eval_steps} global batches: evaluation windows repeat"
+                f"train.eval_batches={t.eval_batches} global batches: evaluation windows repeat"
             )
 
     def due(self, step: int) -> bool:
@@ -97,7 +97,7 @@ class Evaluator:
         """Per held-out global batch, this data-parallel rank's micro-batches of it."""
         batches = iter(self.loader)
         start = self.dp_rank * self.per_rank
-        for _ in range(self.eval_steps):
+        for _ in range(self.eval_batches):
             global_batch = [next(batches) for _ in range(self.micro_batches_per_batch)]
             mine = global_batch[start : start + self.per_rank]
             yield list(with_documents(iter(mine), self.loader.eos_id)) if self.masking else mine

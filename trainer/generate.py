@@ -104,6 +104,7 @@ def generate(
 ) -> str:
     """The continuation of `prompt` (decoded text, without the prompt)."""
     step_dir = find_step_dir(ckpt_dir)
+    print(f"tessera: generating with {step_dir}", file=sys.stderr, flush=True)  # not in the text
     cfg, tensors = load_canonical_state(step_dir)
     tokenizer = checkpoint.tokenizer_of(step_dir, tokenizer_path)
     if tokenizer.vocab_size > cfg.vocab_size:

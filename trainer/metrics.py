@@ -2,7 +2,7 @@
 scalars (and optionally Weights & Biases), and one console line, all on rank 0.
 
 Row keys: the flat ones of the run-directory contract (step, loss, lr, grad_norm, tokens_per_s,
-consumed_samples, global_batch_size, step_s, total_steps) and namespaced ones
+consumed_samples, global_batch_size, step_s, total_steps, time) and namespaced ones
 ("throughput/mfu", "eval/loss", "data/tokens/NAME", ...). TensorBoard tags are the namespaced
 keys as they are, the flat ones mapped by `TAGS`.
 
@@ -62,7 +62,7 @@ TAGS = {
     "consumed_samples": "train/consumed_samples",
     "global_batch_size": "train/global_batch_size",
 }
-NOT_SCALARS = ("step", "total_steps")
+NOT_SCALARS = ("step", "time", "total_steps")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ writes or prints.
 
 from __future__ import annotations
 
+import time
+
 from tessera.data.loader import TrainLoader
 from tessera.data.sources import Source
 from tessera.parallel.engine import Engine
@@ -71,6 +73,7 @@ class TrainMonitor:
             self.metrics.write(
                 {
                     "step": step,
+                    "time": round(time.time(), 3),  # Unix seconds, when the row was written
                     "total_steps": self.cfg.train.steps,
                     "loss": loss,
                     "lr": lr,

@@ -63,6 +63,7 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     consumed_samples: int = 0  # sequences consumed over all data-parallel ranks
     num_streams: int = 0
+    loss: float | None = None  # of the last step (checkpoint inspect shows it)
 
 
 def resolve_vocab(cfg: Config, shards: list[Source]) -> None:
@@ -217,6 +218,7 @@ def _loop(cfg: Config, topo: Topology, engine: Engine, clipper: GradNormClipper 
         step_s = time.perf_counter() - started
         state.step += 1
         state.consumed_samples += global_batch
+        state.loss = loss
         # skipped non-finite updates, loss spikes, evaluation, metrics row and console line
         monitor.after_step(engine, state.step, state.consumed_samples, global_batch, loss=loss,
                            lr=lr, grad_norm=grad_norm, step_s=step_s, data_s=data_s)

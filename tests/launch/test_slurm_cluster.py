@@ -132,6 +132,7 @@ def test_dry_run_prints_the_script_submitit_submitted(uninterrupted):
     cfg, job, _ = uninterrupted
     submitted = (job.log_dir / f"{job.job_id}_submission.sh").read_text()
     assert submit.sbatch_script(cfg) == submitted
+    assert "--wckey" not in submitted  # only where slurm.sbatch_options names one
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -174,3 +174,14 @@ def test_train_refuses_a_layout_the_world_size_does_not_divide():
     result = run_cli("train", "--config", str(DEMO), "launch.nproc_per_node=3")
     assert result.returncode == 2
     assert "world size 3 is not divisible by tp*pp = 2*1 = 2" in result.stderr
+
+
+def test_a_renamed_key_names_its_new_name_and_old_checkpoints_still_read(tmp_path):
+    with pytest.raises(ConfigError, match="config key 'train.eval_steps' is now "
+                                          "'train.eval_batches'"):
+        load_config(None, ["train.eval_steps=3"])
+    saved = tmp_path / "config.yaml"  # a checkpoint's config.yaml from before the rename
+    saved.write_text("train:\n  eval_steps: 3\n")
+    assert load_config(saved, [], saved=True).train.eval_batches == 3
+    with pytest.raises(ConfigError, match="is now 'train.eval_batches'"):
+        load_config(saved, [])  # as a user's own config file

@@ -29,7 +29,7 @@ def held_out(shards) -> dict:
         "data.valid_shards": f"{shards}/shard-000000.tar",
         "train.steps": 3,
         "train.eval_interval": 2,
-        "train.eval_steps": 2,
+        "train.eval_batches": 2,
     }
 
 
@@ -98,7 +98,10 @@ def test_generate_from_a_tp2_checkpoint_in_one_process(runs, capsys):
         ]
     )
     assert code == 0
-    assert capsys.readouterr().out.splitlines()[-1] == "the model reads" + greedy
+    output = capsys.readouterr()
+    assert output.out.splitlines()[-1] == "the model reads" + greedy
+    step_dir = root / "tp2" / "checkpoints" / "step-00000003"
+    assert f"tessera: generating with {step_dir}" in output.err  # which checkpoint it used
 
 
 def test_held_out_windows_are_fixed_and_split_like_training(byte_shards):
@@ -107,7 +110,8 @@ def test_held_out_windows_are_fixed_and_split_like_training(byte_shards):
     from tessera.parallel.topology import Topology
     from tessera.trainer.evaluate import Evaluator, resolve_valid
 
-    cfg = tiny_config(byte_shards, byte_shards, **{**held_out(byte_shards), "train.eval_steps": 3})
+    cfg = tiny_config(byte_shards, byte_shards,
+                      **{**held_out(byte_shards), "train.eval_batches": 3})
     sources = resolve_valid(cfg.data.valid_shards, resolve_data(cfg.data.shards, None))
 
     def windows(world: int, rank: int) -> list:

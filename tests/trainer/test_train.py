@@ -15,10 +15,12 @@ def test_two_ranks_lower_the_loss(tmp_path, byte_shards):
     first, last = rows[0]["loss"], sum(losses(rows[-3:])) / 3
     assert last < first - 1.0, f"loss did not fall: {first:.3f} -> {last:.3f}"
     for row in rows:
-        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "consumed_samples"} <= row.keys()
+        assert {"step", "time", "loss", "lr", "grad_norm", "tokens_per_s", "consumed_samples",
+                "global_batch_size"} <= row.keys()
+    assert all(rows[i]["time"] <= rows[i + 1]["time"] for i in range(len(rows) - 1))
     assert rows[-1]["consumed_samples"] == 20 * 8
     assert (tmp_path / "run" / "config.yaml").is_file()
-    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-00000020"
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-00000020\n"
 
 
 @pytest.mark.parametrize("masking", [False, True], ids=["causal", "document-masking"])

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
-from tessera.data.progress import human_bytes
+from tessera.data.progress import human_bytes, human_count
 from tessera.trainer.checkpoint.format import (
     ARCHITECTURE_FIELDS,
+    STATE_FILE,
     TMP_SUFFIX,
     CheckpointError,
     read_latest,
     step_of,
 )
-from tessera.trainer.checkpoint.load import problems, read_manifest
+from tessera.trainer.checkpoint.load import problems, read_manifest, saved_config
 
 
 @dataclasses.dataclass
@@ -102,6 +104,20 @@ def checkpoint_command(argv: list[str]) -> int:
     return 2
 
 
+def training_text(directory: Path) -> str | None:
+    """Step, loss and tokens seen, from the checkpoint's train state (None: none readable)."""
+    try:
+        train = json.loads((directory / STATE_FILE).read_text())["train"]
+        seq_len = saved_config(directory).model.seq_len
+    except (OSError, ValueError, KeyError, TypeError, CheckpointError):
+        return None
+    loss = train.get("loss")
+    loss_text = f"loss {loss:.4f}" if isinstance(loss, float) else "loss not recorded"
+    samples = int(train.get("consumed_samples", 0))
+    return (f"step {train.get('step')}, {loss_text}, {samples:,} sequences "
+            f"({human_count(samples * seq_len)} tokens) seen")
+
+
 def layout_text(layout: dict | None) -> str:
     if not layout:
         return "-"
@@ -145,6 +161,9 @@ def inspect_command(directory: Path, verify: bool) -> int:
     manifest = info.manifest
     if manifest is not None:
         print(f"  saved by Tessera {manifest.get('tessera_version')} at {manifest.get('created')}")
+        training = training_text(directory)
+        if training:
+            print(f"  training: {training}")
         print(f"  config sha256 {manifest.get('config_sha256')}")
         layout = manifest.get("layout", {})
         print("  layout: " + " ".join(f"{k}={v}" for k, v in layout.items()))

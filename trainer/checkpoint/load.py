@@ -95,7 +95,7 @@ def saved_config(directory: str | Path) -> Config:
     """The config a checkpoint was saved with (its config.yaml)."""
     path = Path(directory) / CONFIG_FILE
     try:
-        return load_config(path, [])
+        return load_config(path, [], saved=True)
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from e
 

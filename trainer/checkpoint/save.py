@@ -195,7 +195,7 @@ def commit(tmp: Path, final: Path, base: dict, records: list[FileRecord]) -> Non
     os.replace(tmp, final)
     fsync_dir(final.parent)
     fault_point()
-    replace_text_atomically(final.parent / LATEST_FILE, final.name)
+    replace_text_atomically(final.parent / LATEST_FILE, final.name + "\n")
 
 
 def wait(engine: Engine) -> None:

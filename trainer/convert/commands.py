@@ -227,7 +227,8 @@ def reshard_config(reader: CheckpointReader, out: Path, overrides: list[str]) ->
                 f"config key '{key}': a reshard keeps the model, schedule and data; "
                 f"it may set {allowed}"
             )
-    cfg = load_config(reader.directory / checkpoint.CONFIG_FILE, [*overrides, f"run.dir={out}"])
+    cfg = load_config(reader.directory / checkpoint.CONFIG_FILE, [*overrides, f"run.dir={out}"],
+                      saved=True)
     cfg.checkpoint.load_from = None  # the new run resumes from its own checkpoint
     for key in drop_data_commands(cfg):
         if int(os.environ.get("RANK", "0")) == 0:

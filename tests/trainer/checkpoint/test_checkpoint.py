@@ -553,6 +553,8 @@ def test_checkpoint_command_lists_and_inspects(layout_runs, capsys, tmp_path):
     assert cli_main(["checkpoint", "inspect", str(step_dir)]) == 0
     report = capsys.readouterr().out
     assert "step 10" in report and "valid" in report and "mp_rank_01_model_states.pt" in report
+    loss = read_metrics(run_dir)[-1]["loss"]  # the step, its loss and what it had seen
+    assert f"training: step 10, loss {loss:.4f}, 80 sequences (2.6k tokens) seen" in report
     flip_byte(step_dir / "mp_rank_01_model_states.pt")
     assert cli_main(["checkpoint", "inspect", str(step_dir)]) == 1
     assert "INVALID" in capsys.readouterr().out
