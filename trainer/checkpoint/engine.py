@@ -156,6 +156,9 @@ def install(engine: Engine, cfg: Config, tokenizer: CarriedTokenizer | None = No
     ours = TesseraCheckpointEngine(cfg.checkpoint.async_save, group)
     ours.tokenizer = tokenizer
     engine.checkpoint_engine = ours
+    # DeepSpeed copies its zero_to_fp32.py and zero_to_torch.py beside every ZeRO checkpoint:
+    # checkpoints/ holds only what Tessera reads (`tessera convert` is the way out)
+    engine._copy_recovery_script = lambda save_path: None
     return ours
 
 

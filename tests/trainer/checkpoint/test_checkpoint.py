@@ -107,6 +107,8 @@ def test_resume_is_bitwise(layout, layout_runs):
         run_dir / "straight" / "checkpoints" / final, run_dir / "resumed" / "checkpoints" / final
     )
     assert compared > 20  # model, optimizer moments, fp32 partitions, RNG states
+    # only what Tessera reads: no copy of DeepSpeed's zero_to_fp32.py beside ZeRO checkpoints
+    assert not list((run_dir / "straight" / "checkpoints").glob("*.py"))
 
 
 # ---------------------------------------------------------------------------------------------
