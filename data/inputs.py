@@ -47,6 +47,21 @@ class Document:
     end_byte: int = 0  # how far into the file (its bytes on disk) this document ends
 
 
+def _nothing_matched(given: str, directory: Path, globs: Sequence[str]) -> str:
+    """What the directory holds instead, and the option that takes it (a folder of .py or .md
+    files is plain text to prepare)."""
+    patterns = ", ".join(repr(g) for g in globs)
+    seen = sorted(p for p in directory.rglob("*") if p.is_file())
+    if not seen:
+        return f"{given}: no files at all (looked for {patterns})"
+    suffixes = sorted({p.suffix for p in seen if p.suffix})
+    shown = ", ".join(str(p.relative_to(directory)) for p in seen[:3])
+    more = f" and {len(seen) - 3} more" if len(seen) > 3 else ""
+    hint = " ".join(f"--glob '*{s}'" for s in suffixes[:3]) or "--glob '*'"
+    return (f"{given}: no input files matching {patterns}; it holds {shown}{more}: add "
+            f"{hint} to read them as text (one document per file)")
+
+
 def find_input_files(inputs: Sequence[str], globs: Sequence[str]) -> list[InputFile]:
     """Files given directly, plus files under given directories matching a glob (sorted)."""
     if not inputs:
@@ -57,8 +72,7 @@ def find_input_files(inputs: Sequence[str], globs: Sequence[str]) -> list[InputF
         if path.is_dir():
             found = _walk_directory(path, globs)
             if not found:
-                patterns = ", ".join(repr(g) for g in globs)
-                raise DataError(f"{given}: no input files matching {patterns}")
+                raise DataError(_nothing_matched(given, path, globs))
             files.extend(found)
         elif path.is_file():
             files.append(InputFile(path=path, source=given))

@@ -629,3 +629,18 @@ def test_a_post_processor_that_ends_with_eos_gets_no_second_one(tmp_path) -> Non
     ids = tokenizer.tokenizer.encode("hello", add_special_tokens=False).ids
     bos = tokenizer.tokenizer.token_to_id("<|begin_of_text|>")
     assert tokens.tolist() == [bos, *ids, tokenizer.eos_id]
+
+
+def test_a_folder_that_matches_no_glob_names_its_files_and_the_option(tmp_path) -> None:
+    """A folder of source files (the README's first try on a new machine) is named with what it
+    holds and the --glob that reads it."""
+    (tmp_path / "src" / "pkg").mkdir(parents=True)
+    for name in ("a.py", "b.py", "pkg/c.py", "pkg/d.md"):
+        (tmp_path / "src" / name).write_text("print(1)\n")
+    with pytest.raises(DataError, match=r"src: no input files matching '\*.txt'.*; it holds "
+                                        r"a.py, b.py, pkg/c.py and 1 more: add --glob '\*.md' "
+                                        r"--glob '\*.py' to read them as text"):
+        prepare([str(tmp_path / "src")], tmp_path / "out", log=lambda _: 0)
+    manifest = prepare([str(tmp_path / "src")], tmp_path / "out", glob=["*.py", "*.md"],
+                       log=lambda _: 0)
+    assert sum(s.num_samples for s in manifest.shards) == 4
