@@ -165,7 +165,7 @@ def _submit(argv: list[str]) -> int:
     try:
         cfg = _load("tessera submit", [arg for arg in argv if arg != "--dry-run"])
         if dry_run:
-            submit.check_config(cfg)
+            submit.check_config(cfg, dry_run=True)
             print(submit.sbatch_script(cfg), end="")
             return 0
         job = submit.submit(cfg)

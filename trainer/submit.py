@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import sys
 import tempfile
 from pathlib import Path
 
 from submitit.helpers import Checkpointable
 
+from tessera.data.format import DataError
 from tessera.data.sources import resolve_shards
 from tessera.launch import slurm
 from tessera.launch.env import DistEnv, from_slurm, quiet_dependencies
@@ -57,8 +59,9 @@ def sbatch_script(cfg: Config) -> str:
     return slurm.sbatch_script(cfg.slurm, job_name(cfg), log_folder(cfg))
 
 
-def check_config(cfg: Config) -> None:
-    """Config and data problems (ConfigError, DataError), before anything reaches Slurm."""
+def check_config(cfg: Config, dry_run: bool = False) -> None:
+    """Config and data problems (ConfigError, DataError), before anything reaches Slurm. A dry
+    run (perhaps away from the cluster, where the data lives) only warns about the data."""
     s = cfg.slurm
     validate(cfg)
     if s.launcher == "torchrun" and s.tasks_per_node != 1:
@@ -74,7 +77,13 @@ def check_config(cfg: Config) -> None:
     if cfg.data.shards is None:
         raise ConfigError("config key 'data.shards': not set; point it at a `tessera prepare` "
                           "output")
-    resolve_shards(cfg.data.shards)
+    try:
+        resolve_shards(cfg.data.shards)
+    except DataError as e:
+        if not dry_run:
+            raise
+        print(f"tessera submit: warning: {e} (not readable here; the job needs it on the "
+              f"cluster)", file=sys.stderr)
 
 
 def submit(cfg: Config) -> slurm.Submitted:

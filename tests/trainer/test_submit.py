@@ -49,7 +49,21 @@ def test_dry_run_prints_the_sbatch_script(tmp_path, byte_shards):
                  "export SUBMITIT_PREEMPT_SIGNAL=USR1"]:
         assert line in script.splitlines(), f"{line!r} not in:\n{script}"
     assert "srun --unbuffered" in script and "-m submitit.core._submit" in script
+    assert "--wckey" not in script
     assert not (tmp_path / "run").exists(), "a dry run writes nothing"
+
+
+def test_a_dry_run_only_warns_about_data_it_cannot_read_here(tmp_path):
+    """The README's `--dry-run data.shards=/shared/data/train` from a laptop: the data lives on
+    the cluster, so the script is printed with a warning; a real submission refuses."""
+    shards = tmp_path / "shared" / "data" / "train"
+    done = run_cli("submit", "--dry-run", *cli_overrides(tmp_path / "run", shards))
+    assert done.returncode == 0, done.stderr
+    assert "#SBATCH --nodes=1" in done.stdout
+    assert done.stderr.startswith("tessera submit: warning:") and str(shards) in done.stderr
+    refused = run_cli("submit", *cli_overrides(tmp_path / "run", shards))
+    assert refused.returncode == 2 and refused.stderr.startswith("tessera submit: error:")
+    assert str(shards) in refused.stderr
 
 
 def test_torchrun_launcher_runs_one_task_per_node(tmp_path, byte_shards):
