@@ -15,6 +15,7 @@ meaningful tensor-core peak).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -33,7 +34,7 @@ import torch.distributed as dist
 
 from tessera.data.progress import clock_text, human_count
 from tessera.trainer.architecture import flops_per_token
-from tessera.trainer.config import Config, ConfigError, LogConfig, _as_dict
+from tessera.trainer.config import Config, ConfigError, LogConfig, _as_dict, to_yaml
 
 # bf16 dense tensor-core peaks in TFLOP/s, by a substring of torch.cuda.get_device_name();
 # the first match wins, so the more specific names come first.
@@ -212,8 +213,25 @@ def resolved_config_text(cfg: Config, width: int = 100) -> str:
     return "\n".join(lines)
 
 
-def print_resolved_config(cfg: Config) -> None:
-    print(resolved_config_text(cfg), flush=True)
+def config_changes(before: Config, after: Config) -> list[str]:
+    """`section.key old -> new` for each key whose value differs."""
+    old, new = _as_dict(before), _as_dict(after)
+    return [f"{section}.{key} {json.dumps(old[section][key])} -> {json.dumps(value)}"
+            for section, values in new.items() for key, value in values.items()
+            if old.get(section, {}).get(key) != value]
+
+
+def print_resolved_config(cfg: Config, resumed_config: Config | None = None) -> None:
+    """The whole config at a first start; on a resume one line: its hash (the checkpoint
+    manifest's config_sha256) and what changed since the checkpoint."""
+    if resumed_config is None:
+        print(resolved_config_text(cfg), flush=True)
+        return
+    digest = hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:12]
+    changes = config_changes(resumed_config, cfg)
+    said = "changed since the checkpoint: " + "; ".join(changes) if changes else \
+        "unchanged since the checkpoint"
+    print(f"tessera: config {digest} (run.dir/config.yaml), {said}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,12 +28,15 @@ class TrainMonitor:
         loader: TrainLoader,
         sources: list[Source],
         start_step: int,
+        resumed_config: Config | None = None,
     ) -> None:
+        """`resumed_config`: the config of the checkpoint the run resumed from (None: a first
+        start, which prints the whole config; a resume prints one line of what changed)."""
         self.cfg = cfg
         self.is_writer = topo.rank == 0
         self.loader = loader
         if self.is_writer:
-            print_resolved_config(cfg)
+            print_resolved_config(cfg, resumed_config)
         self.evaluator = None
         if cfg.data.valid_shards is not None:
             self.evaluator = Evaluator(cfg, topo, resolve_valid(cfg.data.valid_shards, sources))

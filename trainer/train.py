@@ -116,7 +116,7 @@ def _train(cfg: Config, topo: Topology, shards: list[Source]) -> TrainState:
 
     engine, scheduler, clipper = build_training_engine(cfg, topo)
 
-    state = TrainState()
+    state, resumed_config = TrainState(), None
     # Every checkpoint carries the data's tokenizer (rank 0 writes it): generate and convert
     # read it there and never open a data path a checkpoint's config names.
     tokenizer = prepared_tokenizer(shards[0].shards[0]) if topo.rank == 0 else None
@@ -124,8 +124,8 @@ def _train(cfg: Config, topo: Topology, shards: list[Source]) -> TrainState:
     saved = checkpoint.resume(engine, ckpt_root, cfg)  # None: fresh; without "train": weights only
     if saved is not None and "train" in saved:
         state = TrainState(**saved["train"])
-        check_schedule_change(checkpoint.saved_config(saved["directory"]).train, cfg.train,
-                              state.step)
+        resumed_config = checkpoint.saved_config(saved["directory"])
+        check_schedule_change(resumed_config.train, cfg.train, state.step)
         follow_schedule_at(scheduler, state.step)
         if topo.rank == 0:
             print(f"tessera: resumed from {saved['directory']} at step {state.step}", flush=True)
@@ -157,7 +157,7 @@ def _train(cfg: Config, topo: Topology, shards: list[Source]) -> TrainState:
     if topo.rank == 0:  # only now: a refused resume leaves the run's config.yaml as it was
         save_config(cfg, run_dir / "config.yaml")
 
-    monitor = TrainMonitor(cfg, topo, engine, loader, shards, start_step=state.step)
+    monitor = TrainMonitor(cfg, topo, engine, loader, shards, state.step, resumed_config)
     try:
         # Slurm's warning signal, SIGTERM and Ctrl-C stop the loop at a step boundary, saved
         with StopSignal([cfg.slurm.signal, "TERM", "INT"]) as stop:

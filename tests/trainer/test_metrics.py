@@ -177,6 +177,26 @@ def test_resolved_config_names_every_key():
     assert max(len(line) for line in text.splitlines()) <= 100
 
 
+def test_a_resume_prints_one_line_of_what_changed(capsys):
+    """The whole config at a first start; on a resume its hash and the keys that changed."""
+    import hashlib
+
+    from tessera.trainer.config import to_yaml
+    from tessera.trainer.metrics import print_resolved_config
+
+    saved = load_config("configs/demo.yaml", [])
+    longer = load_config("configs/demo.yaml", ["train.steps=600", "log.interval=5"])
+    print_resolved_config(longer, resumed_config=saved)
+    out = capsys.readouterr().out
+    digest = hashlib.sha256(to_yaml(longer).encode()).hexdigest()[:12]
+    assert out == (f"tessera: config {digest} (run.dir/config.yaml), changed since the "
+                   f"checkpoint: train.steps 300 -> 600; log.interval 10 -> 5\n")
+    print_resolved_config(saved, resumed_config=saved)
+    assert capsys.readouterr().out.endswith("unchanged since the checkpoint\n")
+    print_resolved_config(saved)
+    assert len(capsys.readouterr().out.splitlines()) > 5  # a first start: every section
+
+
 def test_warnings_of_other_ranks_carry_the_rank():
     code = (
         "import warnings\n"
