@@ -87,12 +87,30 @@ def _compiled_flex_attention() -> Callable:
     return torch.compile(flex_attention, dynamic=False)  # eager FlexAttention is a reference
 
 
+# The last micro-batch's document tables: every block of a stage gets the same document ids
+# tensor, so the tables (and a FlexAttention block mask) are made once per micro-batch, not
+# once per block. Held by reference: the `is` test cannot match a new tensor at a reused id.
+_last_document_tables: list = [None]
+
+
 def document_tables(documents_BS: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor,
                     window: int | None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | BlockMask]:
     """Rotary cos/sin [B, 1, S, D] at positions that restart with each document, and the mask
     of causal attention within a document (and the sliding window): [B, 1, S, S], or a
     FlexAttention block mask (`uses_flex_attention`)."""
+    last = _last_document_tables[0]
+    key = (window, cos_SD.shape, cos_SD.dtype, uses_flex_attention(documents_BS.device))
+    if last is not None and last[0] is documents_BS and last[1] == key:
+        return last[2]
+    tables = _document_tables(documents_BS, cos_SD, sin_SD, window)
+    _last_document_tables[0] = (documents_BS, key, tables)
+    return tables
+
+
+def _document_tables(documents_BS: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor,
+                     window: int | None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | BlockMask]:
     batch, seq_len = documents_BS.shape
     index_S = torch.arange(seq_len, device=documents_BS.device)
     starts_BS = torch.ones_like(documents_BS, dtype=torch.bool)

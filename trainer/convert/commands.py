@@ -135,7 +135,7 @@ def to_hf(
     config.bos_token_id = bos_id
     config.save_pretrained(tmp)
     GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id).save_pretrained(tmp)
-    hf.write_tokenizer(tmp, tokenizer_json, eos_id, reader.cfg.model.seq_len)
+    hf.write_tokenizer(tmp, tokenizer_json, eos_id, bos_id, reader.cfg.model.seq_len)
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)

@@ -326,12 +326,12 @@ def bos_id(tokenizer_json: str) -> int | None:
     return framed[0] if prepends_one else None
 
 
-def write_tokenizer(directory: Path, tokenizer_json: str, eos_id: int, seq_len: int) -> None:
+def write_tokenizer(directory: Path, tokenizer_json: str, eos_id: int, bos: int | None,
+                    seq_len: int) -> None:
     """tokenizer.json plus the tokenizer_config.json that makes AutoTokenizer load it as a fast
-    tokenizer with its EOS (and BOS) token."""
+    tokenizer with its EOS (and BOS, `bos_id`) token."""
     tokenizer = Tokenizer.from_str(tokenizer_json)
     special = {"eos_token": tokenizer.id_to_token(eos_id)}
-    bos = bos_id(tokenizer_json)
     if bos is not None:
         special["bos_token"] = tokenizer.id_to_token(bos)
     (directory / "tokenizer.json").write_text(tokenizer_json)
