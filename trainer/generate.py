@@ -104,7 +104,6 @@ def generate(
 ) -> str:
     """The continuation of `prompt` (decoded text, without the prompt)."""
     step_dir = find_step_dir(ckpt_dir)
-    print(f"tessera: generating with {step_dir}", file=sys.stderr, flush=True)  # not in the text
     cfg, tensors = load_canonical_state(step_dir)
     tokenizer = checkpoint.tokenizer_of(step_dir, tokenizer_path)
     if tokenizer.vocab_size > cfg.vocab_size:
@@ -113,6 +112,8 @@ def generate(
             f"{step_dir} {cfg.vocab_size}: --tokenizer names another tokenizer than "
             f"the run's"
         )
+    # which checkpoint, once it loaded (on stderr: not in the text; an error stays one line)
+    print(f"tessera: generating with {step_dir}", file=sys.stderr, flush=True)
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:
         prompt_ids = [tokenizer.eos_id]  # an empty prompt starts a new document
