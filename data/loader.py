@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import math
 import signal
+import time
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -379,15 +380,20 @@ class _StreamChunks(IterableDataset):
 
 
 def default_num_streams(num_shards: int, global_batch_size: int, dp_size: int) -> int:
-    """The largest L <= num_shards dividing global_batch_size that is a multiple of dp_size."""
-    for num_streams in range(min(num_shards, global_batch_size), 0, -1):
-        if global_batch_size % num_streams == 0 and num_streams % dp_size == 0:
-            return num_streams
-    raise DataError(
-        f"no data.streams fits {num_shards} shards, global_batch_size {global_batch_size} and "
-        f"data-parallel size {dp_size} (it must be <= the shard count, divide the global batch "
-        f"and be a multiple of the data-parallel size); prepare more, smaller shards"
-    )
+    """The largest L <= num_shards dividing global_batch_size that is a multiple of dp_size.
+    With fewer shards than that allows (a small corpus in one shard), the smallest such L: the
+    streams then share the shards (each reads its lane whole and keeps its own windows), so any
+    prepared data trains at any data-parallel size."""
+    fitting = [streams for streams in range(dp_size, global_batch_size + 1, dp_size)
+               if global_batch_size % streams == 0]
+    if not fitting:
+        raise DataError(
+            f"data-parallel size {dp_size} does not divide the global batch size "
+            f"{global_batch_size}: no data.streams fits (it must divide the global batch and be a "
+            f"multiple of the data-parallel size)"
+        )
+    within = [streams for streams in fitting if streams <= num_shards]
+    return max(within) if within else min(fitting)
 
 
 def choose_num_streams(sources: Sequence[Source], global_batch_size: int, dp_size: int) -> int:
@@ -491,6 +497,7 @@ class TrainLoader:
         self.plan: tuple[Segment, ...] = planned_segments(self.sources)
         self.segments: tuple[Segment, ...] = (self.plan[0],)
         self.skipped_samples = 0  # over all data-parallel ranks when read through `steps()`
+        self.read_done_at = 0.0  # perf_counter() when `steps()` last finished its own reading
         self._plans: list[StreamPlan] = []  # for consumed_tokens, built for `_plans_for`
         self._plans_for: tuple[Segment, ...] | None = None
         self.fingerprint = shards_fingerprint(self.shards)
@@ -503,11 +510,6 @@ class TrainLoader:
             raise DataError(f"dp_rank {dp_rank} is outside [0, {dp_size})")
         if num_workers < 0:
             raise DataError(f"data.num_workers must be >= 0, got {num_workers}")
-        if len(sources) == 1 and num_streams > len(sources[0].shards):
-            raise DataError(
-                f"data.streams {num_streams} exceeds the {len(sources[0].shards)} shards: lower "
-                f"data.streams or prepare more, smaller shards"
-            )
         if global_batch_size % num_streams:
             raise DataError(
                 f"data.streams {num_streams} must divide global_batch_size {global_batch_size}"
@@ -639,6 +641,7 @@ class TrainLoader:
                 micro_batches, skipped = next(local)
             except DataError as e:
                 error = str(e)
+            self.read_done_at = time.perf_counter()  # own work done; the agreement may wait
             if not (dist.is_available() and dist.is_initialized()):
                 if error is not None:
                     raise DataError(error)

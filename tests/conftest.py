@@ -46,6 +46,18 @@ def byte_shards(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def one_shard(tmp_path_factory) -> Path:
+    """A small corpus as `prepare` writes it at the default shard size: one shard."""
+    from tessera.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("one-shard")
+    files = make_text_files(root / "text", num_files=4, sentences_per_file=40)
+    prepare([str(p) for p in files], str(root / "prepared"), log=lambda _: None)
+    assert len(json.loads((root / "prepared" / "manifest.json").read_text())["shards"]) == 1
+    return root / "prepared"
+
+
+@pytest.fixture(scope="session")
 def short_documents(tmp_path_factory) -> Path:
     """Documents of 4 to 40 bytes: a 33-token window holds two to several of them."""
     from tessera.data.prepare import prepare

@@ -197,8 +197,6 @@ def test_manifest_token_count_is_checked(tmp_path):
 
 def test_layout_errors_name_the_key(tmp_path):
     make_data(tmp_path, num_shards=8)
-    with pytest.raises(DataError, match="data.streams 16 exceeds the 8 shards"):
-        make_loader(tmp_path, num_streams=16, global_batch_size=16)
     with pytest.raises(DataError, match="data.streams 3 must divide global_batch_size"):
         make_loader(tmp_path, num_streams=3)
     with pytest.raises(DataError, match="data.streams 2 must be a multiple of the data-parallel"):
@@ -216,8 +214,37 @@ def test_default_num_streams(tmp_path):
     assert default_num_streams(num_shards=7, global_batch_size=8, dp_size=2) == 4
     assert default_num_streams(num_shards=100, global_batch_size=48, dp_size=4) == 48
     assert default_num_streams(num_shards=10, global_batch_size=48, dp_size=4) == 8
-    with pytest.raises(DataError, match="data.streams"):
-        default_num_streams(num_shards=3, global_batch_size=8, dp_size=4)
+    # fewer shards than ranks: the fewest streams that fit (they share the shards)
+    assert default_num_streams(num_shards=1, global_batch_size=8, dp_size=4) == 4
+    assert default_num_streams(num_shards=3, global_batch_size=8, dp_size=4) == 4
+    assert default_num_streams(num_shards=1, global_batch_size=8, dp_size=1) == 1
+    with pytest.raises(DataError, match="data-parallel size 3 does not divide"):
+        default_num_streams(num_shards=3, global_batch_size=8, dp_size=3)
     make_data(tmp_path, num_shards=6)
     loader = make_loader(tmp_path, num_streams=None, dp_size=2)
     assert loader.num_streams == 4 and loader.micro_batches_per_step == 2
+
+
+# One shard (what `prepare` writes for a small corpus at the default shard size): the streams
+# share it, each reading it whole and keeping its own windows.
+@pytest.mark.parametrize("dp_size", [2, 4])
+def test_one_shard_feeds_any_data_parallel_size(tmp_path, dp_size):
+    make_data(tmp_path, num_shards=1, tokens_per_shard=900)
+    streams = default_num_streams(num_shards=1, global_batch_size=8, dp_size=dp_size)
+    assert streams == dp_size
+    overrides = {"num_streams": streams, "shuffle_buffer": 0}
+    expected = global_steps(tmp_path, dp_size=1, num_steps=12, **overrides)
+    got = global_steps(tmp_path, dp_size=dp_size, num_steps=12, **overrides)
+    assert_steps_equal(got, expected)
+    rows = torch.cat(got)  # the streams do not repeat each other's windows within an epoch
+    assert len({tuple(row.tolist()) for row in rows[:24]}) == 24
+
+
+@pytest.mark.parametrize("start_dp, resume_dp", [(4, 2), (2, 4)])
+def test_one_shard_resumes_exactly_at_another_data_parallel_size(tmp_path, start_dp, resume_dp):
+    make_data(tmp_path, num_shards=1, tokens_per_shard=900)
+    start_step, overrides = 7, {"num_streams": 4, "shuffle_buffer": 0}
+    uninterrupted = global_steps(tmp_path, dp_size=start_dp, num_steps=start_step + 5, **overrides)
+    resumed = global_steps(tmp_path, dp_size=resume_dp, num_steps=5, start_step=start_step,
+                           **overrides)
+    assert_steps_equal(resumed, uninterrupted[start_step:])
