@@ -271,6 +271,47 @@ def tag_warnings_with_rank(rank: int, world_size: int) -> None:
         warnings.showwarning = show
 
 
+class _RankLines:
+    """A text stream that starts every line with "[rank N] " (lines that already name a rank
+    are left alone), written through to the stream it wraps."""
+
+    def __init__(self, stream: Any, rank: int):
+        self.stream = stream
+        self.prefix = f"[rank {rank}] "
+        self.at_line_start = True
+
+    def write(self, text: str) -> int:
+        out = []
+        for piece in text.splitlines(keepends=True):
+            if self.at_line_start and not piece.startswith("[rank "):
+                out.append(self.prefix)
+            out.append(piece)
+            self.at_line_start = piece.endswith("\n")
+        self.stream.write("".join(out))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, encoding, ...
+        return getattr(self.stream, name)
+
+
+def tag_output_with_rank(rank: int) -> None:
+    """On a rank other than 0, every line this process prints through Python (its own and its
+    dependencies': DeepSpeed's logger, megatron-core's, torch's warnings, print) starts with
+    "[rank N]". Output written by native code straight to the file descriptors is not seen."""
+    if rank == 0 or isinstance(sys.stdout, _RankLines):
+        return
+    originals = {id(sys.stdout): _RankLines(sys.stdout, rank),
+                 id(sys.stderr): _RankLines(sys.stderr, rank)}
+    loggers = [logging.getLogger(), *(logger for logger in logging.root.manager.loggerDict.values()
+                                      if isinstance(logger, logging.Logger))]
+    for logger in loggers:  # handlers made at import time hold the streams themselves
+        for handler in logger.handlers:
+            stream = getattr(handler, "stream", None)
+            if isinstance(handler, logging.StreamHandler) and id(stream) in originals:
+                handler.setStream(originals[id(stream)])
+    sys.stdout, sys.stderr = originals[id(sys.stdout)], originals[id(sys.stderr)]
+
+
 def warn(message: str) -> None:
     """A warning on stderr from this rank (prefixed with the rank in multi-rank jobs)."""
     logging.getLogger("tessera.trainer").warning("tessera: warning: %s", message)

@@ -4,6 +4,7 @@ loss-spike detector."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -324,3 +325,28 @@ def test_wandb_missing_names_the_fix(tmp_path, monkeypatch):
         r"`pip install wandb`, or set log.wandb=false",
     ):
         MetricsLog(tmp_path, enabled=True, cfg=cfg, console=False)
+
+
+RANK_1_PROBE = """
+import logging, warnings
+import deepspeed.utils
+from tessera.trainer.metrics import tag_output_with_rank
+tag_output_with_rank(1)
+deepspeed.utils.logger.warning("probe from DeepSpeed's logger")
+logging.getLogger("megatron.core").warning("probe from megatron-core")
+warnings.warn("probe warning")
+print("probe print\\nsecond line")
+"""
+
+
+def test_every_line_of_a_rank_other_than_0_names_the_rank():
+    """Dependencies' messages included: DeepSpeed's logger holds its own handler, made at
+    import, on the original stream."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}  # (as quiet_dependencies sets before imports)
+    done = subprocess.run([sys.executable, "-c", RANK_1_PROBE], capture_output=True, text=True,
+                          env=env)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    probes = [line for line in lines if "probe" in line or "second line" in line]
+    assert len(probes) == 5, lines
+    assert all(line.startswith("[rank 1] ") for line in lines), lines
