@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+MIN_HANG_TIMEOUT_S = 5  # below this a heartbeat's delay could pass for a hang
+
 
 @dataclasses.dataclass
 class LaunchConfig:
@@ -37,3 +39,18 @@ class SlurmConfig:
     def tasks_on_each_node(self) -> int:
         """Slurm tasks per node: one per rank with srun, one (torchrun) per node otherwise."""
         return self.tasks_per_node if self.launcher == "srun" else 1
+
+
+@dataclasses.dataclass
+class ResilienceConfig:
+    hang_timeout_s: float = 600  # a rank that makes no progress (data, forward/backward,
+    # optimizer, save) this long: every live rank writes its stacks to run.dir/hangs/, one line
+    # names the ranks and hosts that stopped, and the job exits with code 76 to restart. The
+    # first step (compilation) and the first save may take 10x as long, a later save 3x the
+    # longest before it. 0: off
+    straggler_factor: float = 1.5  # name a rank whose own time (data + forward) exceeds this
+    # times the median over all ranks for 3 log steps in a row; 0: off
+    max_restarts: int = 3  # relaunches in the same allocation (or `tessera train` launch) after
+    # a rank dies or hangs, each resuming from the last checkpoint; then a Slurm job requeues
+    exclude_after: int = 2  # strikes (a hang or crash named on a host) after which a requeue or
+    # the next `tessera submit` of the run leaves the host out; 0: never

@@ -16,6 +16,8 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from tessera.launch.restarts import run_with_restarts
+
 
 def inside_distributed_launch() -> bool:
     """True when a launcher (torchrun, our elastic launch, srun wrapper) already set the ranks."""
@@ -28,11 +30,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_or_run(nproc_per_node: int, argv: list[str], run: Callable[[], int]) -> int:
-    """`nproc_per_node` local ranks of `python -m tessera <argv>`; or `run()` in this process
-    when it is the only rank, or a rank already (started by torchrun, srun or us)."""
+def launch_or_run(nproc_per_node: int, argv: list[str], run: Callable[[], int],
+                  run_dir: str | None = None, max_restarts: int = 0) -> int:
+    """`nproc_per_node` local ranks of `python -m tessera <argv>`, started again up to
+    `max_restarts` times after a crash or a hang (tessera.launch.restarts; `run_dir` holds their
+    heartbeats); or `run()` in this process when it is the only rank, or a rank already (started
+    by torchrun, srun or us)."""
     if nproc_per_node > 1 and not inside_distributed_launch():
-        return launch_local(nproc_per_node, argv)
+        if run_dir is None or max_restarts == 0:
+            return launch_local(nproc_per_node, argv)
+        code, _ = run_with_restarts(lambda: launch_local(nproc_per_node, argv), run_dir,
+                                    max_restarts)
+        return code
     return run()
 
 

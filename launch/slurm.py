@@ -52,8 +52,9 @@ class Submitted:
 # What is asked of Slurm
 
 
-def sbatch_parameters(slurm: SlurmConfig, job_name: str) -> dict:
-    """submitit SlurmExecutor parameters (its native names, passed through unchanged)."""
+def sbatch_parameters(slurm: SlurmConfig, job_name: str, exclude: list[str] = ()) -> dict:
+    """submitit SlurmExecutor parameters (its native names, passed through unchanged).
+    `exclude`: hosts the job must not run on."""
     signal_name = parse_signal(slurm.signal).name.removeprefix("SIG")
     params = {
         "job_name": job_name,
@@ -67,6 +68,9 @@ def sbatch_parameters(slurm: SlurmConfig, job_name: str) -> dict:
         "account": slurm.account,
         "qos": slurm.qos,
         "constraint": slurm.constraint,
+        "exclude": ",".join(exclude) or None,
+        # a task that dies ends the step on every node (the batch script may start it again)
+        "srun_args": ["--kill-on-bad-exit=1"],
         "signal_delay_s": slurm.signal_lead_s,
         # the job's submitit handles this signal until training installs its own handler
         "setup": [f"export SUBMITIT_PREEMPT_SIGNAL={signal_name}", *slurm.setup],
@@ -85,10 +89,43 @@ def _submitit_command(folder: Path) -> str:
                      shlex.quote(str(folder))])
 
 
-def sbatch_script(slurm: SlurmConfig, job_name: str, folder: Path) -> str:
+@dataclasses.dataclass(frozen=True)
+class JobStep:
+    """How the batch script runs its srun step."""
+
+    wrapper: tuple[str, ...] = ()  # words before `srun` (tessera.launch.restarts)
+    note: tuple[str, ...] = ()  # comment lines above it: what each task runs
+    exclude: tuple[str, ...] = ()  # hosts the job must not run on
+
+    def wrap(self, script: str) -> str:
+        """The submitit script with the note above its srun line and the wrapper before it."""
+        prefix = "".join(shlex.quote(word) + " " for word in self.wrapper)
+        lines = []
+        for line in script.split("\n"):
+            if line.startswith("srun "):
+                lines += [f"# {note}" for note in self.note]
+                line = prefix + line
+            lines.append(line)
+        return "\n".join(lines)
+
+
+def sbatch_script(slurm: SlurmConfig, job_name: str, folder: Path, step: JobStep = JobStep()
+                  ) -> str:
     """The sbatch script submitit writes for this request (what --dry-run prints)."""
-    return _make_sbatch_string(command=_submitit_command(folder), folder=folder,
-                               **sbatch_parameters(slurm, job_name))
+    script = _make_sbatch_string(command=_submitit_command(folder), folder=folder,
+                                 **sbatch_parameters(slurm, job_name, list(step.exclude)))
+    return step.wrap(script)
+
+
+class _Executor(submitit.SlurmExecutor):
+    """submitit's executor, its scripts' srun line wrapped by a JobStep."""
+
+    def __init__(self, folder: Path, max_num_timeout: int, step: JobStep):
+        super().__init__(folder=folder, max_num_timeout=max_num_timeout)
+        self.step = step
+
+    def _make_submission_file_text(self, command: str, uid: str) -> str:
+        return self.step.wrap(super()._make_submission_file_text(command, uid))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,9 +179,10 @@ def _leading_int(text: str) -> int:
     return int(digits) if digits else 0
 
 
-def check_against_cluster(slurm: SlurmConfig, job_name: str, folder: Path) -> None:
+def check_against_cluster(slurm: SlurmConfig, job_name: str, folder: Path,
+                          step: JobStep = JobStep()) -> None:
     """Partition, node count, GPUs/CPUs/memory per node, then Slurm's own `sbatch --test-only`."""
-    s = slurm
+    s, exclude = slurm, step.exclude
     nodes, default = cluster_nodes()
     partitions = sorted({p for node in nodes for p in node.partitions})
     partition = s.partition or default
@@ -167,35 +205,68 @@ def check_against_cluster(slurm: SlurmConfig, job_name: str, folder: Path) -> No
             raise SlurmError(f"config key '{key}': {asked} {unit} per node requested; nodes of "
                              f"{where} have at most {have}")
     fitting = [n for n in members if n.gpus >= s.gpus_per_node and n.cpus >= cpus
-               and n.memory_mb >= memory_mb]
+               and n.memory_mb >= memory_mb and n.name not in exclude]
     if s.nodes > len(fitting):
+        left_out = f", {len(exclude)} excluded for strikes: {', '.join(exclude)}" if exclude else ""
         raise SlurmError(f"config key 'slurm.nodes': {s.nodes} nodes requested; {where} has "
-                         f"{len(fitting)} that fit the request ({len(members)} in all)")
-    test = subprocess.run(["sbatch", "--test-only"], input=sbatch_script(slurm, job_name, folder),
+                         f"{len(fitting)} that fit the request ({len(members)} in all{left_out})")
+    script = sbatch_script(slurm, job_name, folder, step)
+    test = subprocess.run(["sbatch", "--test-only"], input=script,
                           text=True, capture_output=True)
     if test.returncode != 0:
-        reason = (test.stderr or test.stdout).strip().splitlines()[-1:] or ["no reason given"]
-        raise SlurmError(f"Slurm rejects the job (sbatch --test-only): {reason[0]}")
+        raise SlurmError(rejection(test.stderr or test.stdout))
+
+
+# Words in sbatch's refusal -> the key that sets what it refused
+_REFUSED_KEYS = (("account", "slurm.account"), ("qos", "slurm.qos"),
+                 ("partition", "slurm.partition"), ("feature", "slurm.constraint"),
+                 ("constraint", "slurm.constraint"), ("time limit", "slurm.time_min"),
+                 ("memory", "slurm.mem_gb"), ("node count", "slurm.nodes"))
+
+
+def rejection(output: str) -> str:
+    """One line for sbatch's refusal, naming the config key it concerns where one does."""
+    lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
+    reason = lines[-1] if lines else "no reason given"
+    reason = reason.removeprefix("sbatch: error: ").removeprefix("Batch job submission failed: ")
+    key = next((key for word, key in _REFUSED_KEYS if word in reason.lower()), None)
+    where = f"config key '{key}': " if key else ""
+    return f"{where}Slurm rejects the job (sbatch --test-only): {reason}"
 
 
 def _slurm_command(command: list[str]) -> str:
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        raise SlurmError(f"`{' '.join(command)}` failed: {(done.stderr or done.stdout).strip()}")
+        output = (done.stderr or done.stdout).strip()
+        if "contact slurm controller" in output.lower() or "connection refused" in output.lower():
+            controller = _controller_named(output)
+            raise SlurmError(f"the Slurm controller{controller} does not answer (`{command[0]}`); "
+                             "is slurmctld up, and SLURM_CONF the cluster's? (`scontrol ping`)")
+        first = output.splitlines()[0] if output else f"exit code {done.returncode}"
+        raise SlurmError(f"`{' '.join(command)}` failed: {first}")
     return done.stdout
+
+
+def _controller_named(output: str) -> str:
+    """' (host:port)' when Slurm's message names its controller, else ''."""
+    for word in output.replace(",", " ").split():
+        if ":" in word and word.split(":")[-1].rstrip(")").isdigit():
+            return f" ({word.strip('()[]')})"
+    return ""
 
 
 # ---------------------------------------------------------------------------------------------
 # Submitting
 
 
-def submit(slurm: SlurmConfig, job_name: str, folder: Path, job: Callable[[], Any]) -> Submitted:
+def submit(slurm: SlurmConfig, job_name: str, folder: Path, job: Callable[[], Any],
+           step: JobStep = JobStep()) -> Submitted:
     """Submit `job` (pickled by submitit; each task calls it) after the checks against the
-    cluster."""
+    cluster; `step` says how the script runs its srun step."""
     require_slurm_tools()
-    check_against_cluster(slurm, job_name, folder)
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=slurm.max_requeues)
-    executor.update_parameters(**sbatch_parameters(slurm, job_name))
+    check_against_cluster(slurm, job_name, folder, step)
+    executor = _Executor(folder=folder, max_num_timeout=slurm.max_requeues, step=step)
+    executor.update_parameters(**sbatch_parameters(slurm, job_name, list(step.exclude)))
     try:
         submitted = executor.submit(job)
     except (FailedJobError, FailedSubmissionError) as e:

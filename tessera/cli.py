@@ -131,7 +131,8 @@ def _train(argv: list[str]) -> int:
         if not inside_distributed_launch():  # fail here, before any process starts
             validate(cfg, world_size=cfg.launch.nproc_per_node)
             RunLock(cfg.run.dir).check_free()  # (rank 0 takes the lock for the job's life)
-        return launch_or_run(cfg.launch.nproc_per_node, ["train", *argv], lambda: _train_here(cfg))
+        return launch_or_run(cfg.launch.nproc_per_node, ["train", *argv], lambda: _train_here(cfg),
+                             cfg.run.dir, cfg.resilience.max_restarts)
     except (ConfigError, DataError, CheckpointError, NonFiniteError) as e:
         return _fail("train", e)
     except Interrupted as e:  # Ctrl-C in the loop: saved at a step boundary

@@ -50,3 +50,18 @@ def train_each(configs: list[Config]) -> list[list[dict] | None]:
 
 def losses(rows: list[dict]) -> list[float]:
     return [row["loss"] for row in rows]
+
+
+def last_losses(run_dir: str | Path) -> list[float]:
+    """The loss of each step as last logged (steps run again after a restart log again)."""
+    by_step = {row["step"]: row["loss"] for row in read_metrics(run_dir)}
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def rank_pid(run_dir: str | Path, rank: int) -> int:
+    """The pid in the rank's heartbeat of the newest launch (tessera.launch.faults)."""
+    from tessera.launch import faults
+
+    beats = sorted((Path(run_dir) / faults.RESILIENCE_DIR / "launches").glob(
+        f"*/*/rank-{rank:05d}.json"), key=lambda p: p.stat().st_mtime)
+    return json.loads(beats[-1].read_text())["pid"]

@@ -22,7 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tessera.data.ramp import BatchSizes
-from tessera.launch.config import LaunchConfig, SlurmConfig
+from tessera.launch.config import (
+    MIN_HANG_TIMEOUT_S,
+    LaunchConfig,
+    ResilienceConfig,
+    SlurmConfig,
+)
 from tessera.trainer.architecture import model_problems
 
 
@@ -175,6 +180,7 @@ class Config:
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     launch: LaunchConfig = dataclasses.field(default_factory=LaunchConfig)
     slurm: SlurmConfig = dataclasses.field(default_factory=SlurmConfig)
+    resilience: ResilienceConfig = dataclasses.field(default_factory=ResilienceConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,6 +442,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(_paths_or_none(shards),
            "data.shards", f"must be a path, a pattern or a list of them, got {shards!r}")
     _check_slurm(cfg.slurm)
+    _check_resilience(cfg.resilience)
     _check_observability(cfg)
     if world_size is not None:
         validate_layout(cfg, world_size)
@@ -473,6 +480,18 @@ def _check_slurm(s: SlurmConfig) -> None:
                                        f"submit)")
     _check(isinstance(s.setup, list) and all(isinstance(line, str) for line in s.setup),
            "slurm.setup", f"must be a list of shell lines, got {s.setup!r}")
+
+
+def _check_resilience(r: ResilienceConfig) -> None:
+    _check(r.hang_timeout_s == 0 or r.hang_timeout_s >= MIN_HANG_TIMEOUT_S,
+           "resilience.hang_timeout_s", f"{r.hang_timeout_s} s is too short to tell a hang from a "
+           f"slow step: at least {MIN_HANG_TIMEOUT_S} s (or 0: off)")
+    _check(r.straggler_factor == 0 or r.straggler_factor > 1, "resilience.straggler_factor",
+           f"must be above 1 (or 0: off), got {r.straggler_factor}")
+    _check(r.max_restarts >= 0, "resilience.max_restarts",
+           f"must be >= 0 (0: no restart), got {r.max_restarts}")
+    _check(r.exclude_after >= 0, "resilience.exclude_after",
+           f"must be >= 0 (0: never exclude), got {r.exclude_after}")
 
 
 def _check_observability(cfg: Config) -> None:

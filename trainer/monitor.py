@@ -17,6 +17,7 @@ from tessera.trainer.config import Config
 from tessera.trainer.evaluate import Evaluator, resolve_valid
 from tessera.trainer.health import LossSpikes, NonFiniteGuard
 from tessera.trainer.metrics import MetricsLog, StepTimes, print_resolved_config, warn
+from tessera.trainer.stragglers import Stragglers
 
 
 class TrainMonitor:
@@ -43,6 +44,8 @@ class TrainMonitor:
         self.guard = NonFiniteGuard(cfg)
         self.spikes = LossSpikes(cfg.log.loss_spike_factor)
         self.times = StepTimes(cfg, topo.world_size, engine.device, start_step)
+        self.stragglers = Stragglers(cfg.resilience.straggler_factor, topo.rank,
+                                     topo.world_size, engine.device, cfg.run.dir)
         self.metrics = MetricsLog(cfg.run.dir, self.is_writer, cfg, start_step)
 
     def after_step(
@@ -57,8 +60,10 @@ class TrainMonitor:
         grad_norm: float,
         step_s: float,
         data_s: float,
+        own_s: float,
     ) -> None:
-        """Collective: account for optimizer step `step`; raises NonFiniteError to stop."""
+        """Collective: account for optimizer step `step`; raises NonFiniteError to stop. `own_s`:
+        this rank's own time in the step (stragglers)."""
         health = self.guard.check(step, loss, grad_norm, engine.was_step_applied())
         if health["train/skipped"] and self.is_writer:
             warn(
@@ -69,10 +74,12 @@ class TrainMonitor:
         self._check_spike(step, loss)
         health["train/loss_spikes"] = self.spikes.count
         self.times.add(step_s, data_s, global_batch_size)
+        self.stragglers.add(own_s)
         evaluation = (
             self.evaluator.run(engine) if self.evaluator and self.evaluator.due(step) else {}
         )
         if step % self.cfg.log.interval == 0 or step == self.cfg.train.steps or evaluation:
+            stragglers = self.stragglers.check(step)  # collective: every rank, same steps
             self.metrics.write(
                 {
                     "step": step,
@@ -85,6 +92,7 @@ class TrainMonitor:
                     "global_batch_size": global_batch_size,
                     **self.times.row(step),
                     **health,
+                    **stragglers,
                     **evaluation,
                     **self.loader.metrics(step),
                 }

@@ -22,11 +22,14 @@ import json
 import os
 import socket
 import tempfile
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch.distributed as dist
 
+from tessera.launch import faults
 from tessera.trainer.config import ConfigError
 
 LOCK_FILE = "tessera.lock"
@@ -156,3 +159,41 @@ def _read_holder(fd: int) -> Holder | None:
         return Holder(**json.loads(raw)) if raw else None
     except (OSError, ValueError, TypeError):
         return None
+
+
+SHARED_CHECK_FILE = "shared-check.txt"  # under run.dir/resilience/
+SHARED_CHECK_PATIENCE_S = 30.0  # a network file system may show a new file late
+
+
+def check_shared(run_dir: str | Path, rank: int,
+                 patience_s: float = SHARED_CHECK_PATIENCE_S) -> None:
+    """Collective: every rank sees a file rank 0 just wrote in run.dir, else ConfigError on
+    every rank naming the ranks and hosts that do not. A node-local run.dir would split the
+    checkpoints between nodes and a requeue would not find them: found at start, not at the
+    first requeue."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    path = Path(run_dir) / faults.RESILIENCE_DIR / SHARED_CHECK_FILE
+    token = [uuid.uuid4().hex if rank == 0 else None]
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(token[0])
+    dist.broadcast_object_list(token, src=0)
+    deadline = time.monotonic() + patience_s
+    while not (sees := _reads(path, token[0])) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    views: list = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (sees, faults.host_name()))
+    blind = [f"rank {r} on {host}" for r, (seen, host) in enumerate(views) if not seen]
+    if blind:
+        raise ConfigError(
+            f"config key 'run.dir': {run_dir} is not shared between the nodes: "
+            f"{', '.join(blind[:4])} cannot see the file rank 0 on {views[0][1]} wrote there "
+            f"({path.name}); point run.dir at a file system every node mounts")
+
+
+def _reads(path: Path, text: str) -> bool:
+    try:
+        return path.read_text() == text
+    except OSError:
+        return False

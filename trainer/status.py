@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import collections
+import datetime
 import json
 import pickle
 import shutil
 import subprocess
 from pathlib import Path
 
+from tessera.launch import faults
 from tessera.launch.slurm import JOBS_FILE
 from tessera.trainer import checkpoint
 
@@ -108,4 +111,25 @@ def status_lines(run_dir: str | Path) -> list[str]:
     root = run_dir / "checkpoints"
     tag = checkpoint.latest_tag(root)
     lines.append(f"last checkpoint: {root / tag}" if tag else "last checkpoint: none")
+    return lines + fault_lines(run_dir)
+
+
+def fault_lines(run_dir: Path) -> list[str]:
+    """Restarts, hangs, crashes and stragglers (run.dir/resilience/), the last of each, and the
+    hosts with strikes."""
+    events = faults.read_events(run_dir)
+    counts = collections.Counter(event["event"] for event in events)
+    kinds = ("restart", "hang", "crash", "straggler", "requeue")
+    lines = ["faults: " + "  ".join(f"{kind}s {counts[kind]}" for kind in kinds)]
+    last = {event["event"]: event for event in events}
+    for kind in ("hang", "crash", "straggler"):
+        if kind in last:
+            event = last[kind]
+            when = datetime.datetime.fromtimestamp(event["time"]).isoformat(timespec="seconds")
+            what = event.get("line") or event.get("reason") or (
+                f"step {event.get('step')}: ranks {event.get('ranks')} on {event.get('hosts')} "
+                f"({event.get('ratio')}x the median)")
+            lines.append(f"  last {kind} {when}: {what}")
+    for host, entry in sorted(faults.host_strikes(run_dir).items()):
+        lines.append(f"  host {host}: {entry['strikes']} strikes ({entry['reasons'][-1]})")
     return lines

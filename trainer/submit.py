@@ -25,8 +25,9 @@ from submitit.helpers import Checkpointable
 
 from tessera.data.format import DataError
 from tessera.data.sources import resolve_shards
-from tessera.launch import slurm
+from tessera.launch import faults, slurm
 from tessera.launch.env import DistEnv, from_slurm, quiet_dependencies
+from tessera.launch.restarts import batch_command
 from tessera.trainer import checkpoint
 from tessera.trainer.config import Config, ConfigError, save_config, validate, validate_layout
 
@@ -56,7 +57,39 @@ def log_folder(cfg: Config) -> Path:
 
 def sbatch_script(cfg: Config) -> str:
     """The sbatch script submitit writes for this config (what --dry-run prints)."""
-    return slurm.sbatch_script(cfg.slurm, job_name(cfg), log_folder(cfg))
+    return slurm.sbatch_script(cfg.slurm, job_name(cfg), log_folder(cfg), job_step(cfg))
+
+
+def job_step(cfg: Config) -> slurm.JobStep:
+    """The srun step runs under tessera.launch.restarts (a failed step starts again in the
+    allocation, up to resilience.max_restarts times), on hosts without too many strikes; the
+    comment above it says what each task runs."""
+    r = cfg.resilience
+    wrapper = batch_command(sys.executable, str(Path(cfg.run.dir).resolve()), r.max_restarts,
+                            r.exclude_after, cfg.slurm.max_requeues)
+    return slurm.JobStep(tuple(wrapper), task_note(cfg), tuple(excluded_hosts(cfg)))
+
+
+def task_note(cfg: Config) -> tuple[str, ...]:
+    """What each task runs (submitit's _submit below unpickles it), as a command line."""
+    config = submitted_config_path(cfg)
+    if cfg.slurm.launcher == "srun":
+        return (f"each task is one rank ($SLURM_PROCID) of: python -m tessera train --config "
+                f"{config}",
+                "(submitit's _submit runs it: tessera.trainer.submit.TrainJob, the same config)")
+    return (f"each task (one per node) runs: torchrun --nproc-per-node "
+            f"{cfg.launch.nproc_per_node} -m tessera train --config {config}",
+            "(submitit's _submit runs it: tessera.trainer.submit.TrainJob, the same config)")
+
+
+def submitted_config_path(cfg: Config) -> Path:
+    """The config a job was submitted with (written at submit, read by nothing: for people)."""
+    return slurm_dir(cfg) / "submitted.yaml"
+
+
+def excluded_hosts(cfg: Config) -> list[str]:
+    """Hosts with resilience.exclude_after strikes in this run (hangs and crashes named there)."""
+    return faults.excluded_hosts(cfg.run.dir, cfg.resilience.exclude_after)
 
 
 def check_config(cfg: Config, dry_run: bool = False) -> None:
@@ -91,13 +124,20 @@ def submit(cfg: Config) -> slurm.Submitted:
     run = dataclasses.replace(cfg.run, dir=str(Path(cfg.run.dir).resolve()))
     cfg = dataclasses.replace(cfg, run=run)
     check_config(cfg)
-    submitted = slurm.submit(cfg.slurm, job_name(cfg), log_folder(cfg), TrainJob(cfg))
+    exclude = excluded_hosts(cfg)
+    if exclude:
+        print(f"tessera submit: leaving out {', '.join(exclude)}: at least "
+              f"resilience.exclude_after={cfg.resilience.exclude_after} strikes each (see "
+              f"`tessera status {cfg.run.dir}`)", file=sys.stderr)
+    submitted = slurm.submit(cfg.slurm, job_name(cfg), log_folder(cfg), TrainJob(cfg),
+                             job_step(cfg))
+    save_config(cfg, submitted_config_path(cfg))  # (after the checks: a refusal writes nothing)
     slurm.record_job(slurm_dir(cfg) / slurm.JOBS_FILE, {
         "job_id": submitted.job_id, "job_name": submitted.job_name,
         "log_dir": str(submitted.log_dir),
         "submitted_at": datetime.datetime.now().isoformat(timespec="seconds"),
         "nodes": cfg.slurm.nodes, "launcher": cfg.slurm.launcher, "world_size": world_size(cfg),
-        "steps": cfg.train.steps,
+        "steps": cfg.train.steps, "excluded": exclude,
     })
     return submitted
 
@@ -111,6 +151,8 @@ class TrainJob(Checkpointable):
 
     def __call__(self) -> dict:
         env = from_slurm()
+        if env.rank == 0:  # the job's log says what it runs (the script's comment says it too)
+            print(f"tessera: job {env.job_id}: {task_note(self.cfg)[0]}", flush=True)
         if self.cfg.slurm.launcher == "srun":
             finished = _train_here(self.cfg, env)
         else:

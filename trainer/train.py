@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,12 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from megatron.core import parallel_state
 from torch.optim.lr_scheduler import LambdaLR
 
+from tessera.data.format import DataError
 from tessera.data.loader import Source, TrainLoader, choose_num_streams, resolve_data
 from tessera.data.sources import data_vocab_size, prepared_tokenizer
+from tessera.launch import faults
 from tessera.launch.signals import Interrupted, StopSignal
+from tessera.launch.watchdog import Watchdog
 from tessera.parallel import engine as ds_engine
 from tessera.parallel.engine import Engine, GradNormClipper
 from tessera.parallel.pipeline import build_pipeline
@@ -35,7 +39,8 @@ from tessera.trainer.config import (
     validate_layout,
 )
 from tessera.trainer.evaluate import resolve_valid
-from tessera.trainer.metrics import tag_warnings_with_rank
+from tessera.trainer.health import NonFiniteError
+from tessera.trainer.metrics import tag_output_with_rank, tag_warnings_with_rank
 from tessera.trainer.model import (
     Block,
     build_model,
@@ -53,7 +58,8 @@ from tessera.trainer.optim import (
     count_skipped_update,
     follow_schedule_at,
 )
-from tessera.trainer.run_dir import check_writable, run_lock
+from tessera.trainer.run_dir import check_shared, check_writable, run_lock
+from tessera.trainer.stragglers import ForwardClock, injected_delay_s
 
 
 @dataclasses.dataclass
@@ -83,6 +89,27 @@ def train(cfg: Config) -> TrainState:
     """Run (or resume) the configured job to `train.steps`; returns the final state, whose step
     is below `train.steps` when a signal stopped the run (after saving a checkpoint)."""
     validate(cfg)
+    check_writable(cfg.run.dir)
+    rank, world_size, _ = env_world()
+    tag_output_with_rank(rank)  # every line of ranks other than 0 says "[rank N]"
+    # from here on a hang is named and a failing rank stops its peers (tessera.launch.watchdog)
+    watchdog = Watchdog(cfg.run.dir, rank, world_size, cfg.resilience.hang_timeout_s).start()
+    try:
+        state = _start(cfg, watchdog)
+    except Interrupted:  # Ctrl-C, saved at a step boundary
+        watchdog.close(faults.STOPPED)
+        raise
+    except (ConfigError, DataError, checkpoint.CheckpointError, NonFiniteError) as e:
+        watchdog.fail(e, fatal=True)  # a restart would meet it again
+        raise
+    except BaseException as e:
+        watchdog.fail(e, fatal=False)
+        raise
+    watchdog.close(faults.FINISHED if state.step >= cfg.train.steps else faults.STOPPED)
+    return state
+
+
+def _start(cfg: Config, watchdog: Watchdog) -> TrainState:
     if cfg.data.shards is None and not cfg.data.sources:
         raise ConfigError("config key 'data.shards': not set; point it at a `tessera prepare` "
                           "output")
@@ -99,14 +126,16 @@ def train(cfg: Config) -> TrainState:
     ranks_from = ("slurm.tasks_per_node x slurm.nodes" if under_srun
                   else "launch.nproc_per_node x nodes")
     validate_layout(cfg, world_size, ranks_from)
-    check_writable(cfg.run.dir)
+    if cfg.resilience.hang_timeout_s:  # NCCL keeps its last collectives for a hang's report
+        os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
     with distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.launch.backend) as topo:
         validate_layout(cfg, topo.world_size)
         with run_lock(cfg.run.dir, topo.rank):  # one job per run directory
-            return _train(cfg, topo, shards)
+            check_shared(cfg.run.dir, topo.rank)  # every node writes into the same run.dir
+            return _train(cfg, topo, shards, watchdog)
 
 
-def _train(cfg: Config, topo: Topology, shards: list[Source]) -> TrainState:
+def _train(cfg: Config, topo: Topology, shards: list[Source], watchdog: Watchdog) -> TrainState:
     run_dir = Path(cfg.run.dir)
     ckpt_root = run_dir / "checkpoints"
     if topo.rank == 0:
@@ -161,7 +190,8 @@ def _train(cfg: Config, topo: Topology, shards: list[Source]) -> TrainState:
     try:
         # Slurm's warning signal, SIGTERM and Ctrl-C stop the loop at a step boundary, saved
         with StopSignal([cfg.slurm.signal, "TERM", "INT"]) as stop:
-            stopped_by = _loop(cfg, topo, engine, clipper, loader, state, monitor, ckpt_root, stop)
+            stopped_by = _loop(cfg, topo, engine, clipper, loader, state, monitor, ckpt_root, stop,
+                               watchdog)
             checkpoint.wait(engine)  # an asynchronous save still writing commits before the end
     finally:
         monitor.close()
@@ -192,18 +222,23 @@ def run_summary(cfg: Config, state: TrainState) -> str:
 
 def _loop(cfg: Config, topo: Topology, engine: Engine, clipper: GradNormClipper | None,
           loader: TrainLoader, state: TrainState, monitor: TrainMonitor, ckpt_root: Path,
-          stop: StopSignal) -> signal.Signals | None:
+          stop: StopSignal, watchdog: Watchdog) -> signal.Signals | None:
     """The steps up to train.steps (or train.stop_at), or to the signal that stopped them
-    (returned)."""
+    (returned). Each phase is announced to the watchdog."""
     steps = loader.steps(engine.device)  # collective: a data error on one rank stops all
     last_saved = state.step
     stopped_by = None
     end = min(cfg.train.steps, cfg.train.stop_at or cfg.train.steps)
+    forward_clock = ForwardClock(engine.device)
+    delay_s = injected_delay_s(topo.rank)  # the straggler test hook; 0 unless set
     while state.step < end:
+        watchdog.phase(state.step + 1, "data")
         stopped_by = stop.agreed(engine.device)  # every rank stops after the same step
         if stopped_by:
             break
         started = time.perf_counter()
+        if delay_s:
+            time.sleep(delay_s)
         lr = engine.get_lr()[0]
         global_batch = loader.batch_sizes.batch_at(state.step)  # train.batch_size_ramp
         if global_batch != engine.train_batch_size():
@@ -213,22 +248,31 @@ def _loop(cfg: Config, topo: Topology, engine: Engine, clipper: GradNormClipper 
         if cfg.data.document_masking:
             batches = with_documents(batches, loader.eos_id)
         data_s = time.perf_counter() - started
-        loss, grad_norm = train_step(engine, clipper, batches, len(micro_batches))
+        own_data_s = loader.read_done_at - started  # without the wait for the other ranks
+        watchdog.phase(state.step + 1, "forward/backward")
+        loss, grad_norm = train_step(engine, clipper, batches, len(micro_batches),
+                                     forward_clock, lambda: watchdog.phase(state.step + 1,
+                                                                           "optimizer"))
         count_skipped_update(engine)
         step_s = time.perf_counter() - started
         state.step += 1
         state.consumed_samples += global_batch
         state.loss = loss
-        # skipped non-finite updates, loss spikes, evaluation, metrics row and console line
+        watchdog.phase(state.step, "metrics")
+        # skipped non-finite updates, loss spikes, stragglers, evaluation, metrics row and
+        # console line
         monitor.after_step(engine, state.step, state.consumed_samples, global_batch, loss=loss,
-                           lr=lr, grad_norm=grad_norm, step_s=step_s, data_s=data_s)
+                           lr=lr, grad_norm=grad_norm, step_s=step_s, data_s=data_s,
+                           own_s=own_data_s + forward_clock.take_s())
         interval = cfg.checkpoint.interval
         if (interval and state.step % interval == 0) or state.step == end:
+            watchdog.phase(state.step, "save")
             save_started = time.perf_counter()
             _save(engine, ckpt_root, state, loader, cfg)
             monitor.saved(time.perf_counter() - save_started)
             last_saved = state.step
     if last_saved != state.step:
+        watchdog.phase(state.step, "save")
         _save(engine, ckpt_root, state, loader, cfg)
     return stopped_by
 
@@ -273,9 +317,12 @@ def engine_options(cfg: Config) -> ds_engine.EngineOptions:
 
 
 def train_step(engine: Engine, clipper: GradNormClipper | None,
-               batches: Iterator[tuple[torch.Tensor, torch.Tensor]], micro_batches: int
-               ) -> tuple[float, float]:
-    """Forward/backward over the step's micro-batches and one optimizer step.
+               batches: Iterator[tuple[torch.Tensor, torch.Tensor]], micro_batches: int,
+               forward_clock: ForwardClock | None = None,
+               optimizer_phase: Callable[[], None] = lambda: None) -> tuple[float, float]:
+    """Forward/backward over the step's micro-batches and one optimizer step (announced by
+    `optimizer_phase`); the forward passes are timed by `forward_clock` (own time, for
+    stragglers).
 
     Returns the loss averaged over micro-batches and data-parallel ranks, and the grad norm.
     """
@@ -287,9 +334,13 @@ def train_step(engine: Engine, clipper: GradNormClipper | None,
     for index in range(micro_batches):
         input_ids, labels = next(batches)
         # said, not counted from DeepSpeed's running micro-step total: a ramp changes the count
-        engine.set_gradient_accumulation_boundary(index == micro_batches - 1)
-        loss = engine(to_device(input_ids, engine.device), to_device(labels, engine.device))
+        last = index == micro_batches - 1
+        engine.set_gradient_accumulation_boundary(last)
+        with forward_clock.timing() if forward_clock else contextlib.nullcontext():
+            loss = engine(to_device(input_ids, engine.device), to_device(labels, engine.device))
         engine.backward(loss)
+        if last:
+            optimizer_phase()
         engine.step()
         loss_sum += loss.detach().float()
     mean_loss = loss_sum / micro_batches

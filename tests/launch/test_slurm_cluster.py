@@ -6,15 +6,16 @@ cluster cannot run fail at submit with nothing submitted. Skipped without root a
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from training import losses, read_metrics, tiny_config
+from training import last_losses, losses, rank_pid, read_metrics, tiny_config
 
-from tessera.launch import slurm
-from tessera.trainer import checkpoint, submit
+from tessera.launch import faults, slurm
+from tessera.trainer import checkpoint, stragglers, submit
 from tessera.trainer.config import ConfigError
 from tessera.trainer.status import status_lines
 
@@ -152,3 +153,88 @@ def test_requests_the_cluster_cannot_run_fail_with_nothing_submitted(
     assert message in str(error.value)
     assert known_jobs() == before
     assert not (tmp_path / "run" / "slurm").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults (resilience): a hang named and restarted, a killed rank restarted in the allocation, a
+# straggler named, a struck host left out
+
+
+
+def fault_at_step(cfg, job: slurm.Submitted, sig: signal.Signals, step: int = 6) -> float:
+    """`sig` to rank 1 (on n2) once `step` steps are logged; returns when (monotonic)."""
+    metrics = Path(cfg.run.dir) / "metrics.jsonl"
+    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= step,
+             f"step {step} of the job")
+    os.kill(rank_pid(cfg.run.dir, 1), sig)
+    return time.monotonic()
+
+
+
+def test_a_stopped_rank_is_named_with_its_node_and_restarted_in_the_allocation(
+        uninterrupted, byte_shards, tmp_path):
+    reference, _, _ = uninterrupted
+    # a save at step 4 before the fault: a later save then has no 10x first-save allowance
+    cfg = job_config(tmp_path / "hang", byte_shards, **{"resilience.hang_timeout_s": 5,
+                                                        "checkpoint.interval": 4})
+    job = submit.submit(cfg)
+    fault = fault_at_step(cfg, job, signal.SIGSTOP)
+    summary = Path(cfg.run.dir) / faults.HANGS_DIR
+    wait_for(lambda: list(summary.glob("*/summary.txt")), "the hang's line")
+    named_after_s = time.monotonic() - fault
+    info = wait_until_ended(job)
+    assert info["Restarts"] == "0"  # restarted in the allocation, not requeued
+    log = (job.log_dir / f"{job.job_id}_0_log.out").read_text()
+    batch_log = (job.log_dir / f"{job.job_id}_0_log.err").read_text()
+    line = next(line for line in log.splitlines() if "tessera: hang at step" in line)
+    assert "rank 1 on n2 stopped (no heartbeat for" in line, line
+    assert named_after_s < 5 + 30, named_after_s
+    assert "restart 1 of 3" in batch_log, batch_log
+    [hang_dir] = summary.iterdir()
+    assert 'File "' in (hang_dir / "rank-00000.txt").read_text()
+    assert last_losses(cfg.run.dir) == losses(read_metrics(reference.run.dir))  # bitwise
+    assert faults.host_strikes(cfg.run.dir)["n2"]["strikes"] == 1
+    print(f"hang named {named_after_s:.1f} s after SIGSTOP")
+
+
+def test_a_killed_rank_is_restarted_in_the_allocation_without_a_requeue(
+        uninterrupted, byte_shards, tmp_path):
+    reference, _, _ = uninterrupted
+    cfg = job_config(tmp_path / "killed", byte_shards)
+    job = submit.submit(cfg)
+    fault_at_step(cfg, job, signal.SIGKILL)
+    info = wait_until_ended(job)
+    assert info["Restarts"] == "0"
+    batch_log = (job.log_dir / f"{job.job_id}_0_log.err").read_text()
+    assert "killed or crashed without an error: rank 1 on n2" in batch_log, batch_log
+    assert "restart 1 of 3" in batch_log
+    assert last_losses(cfg.run.dir) == losses(read_metrics(reference.run.dir))
+    lines = "\n".join(status_lines(cfg.run.dir))
+    assert "restarts 1" in lines and "host n2: 1 strikes" in lines, lines
+
+
+def test_a_slow_rank_is_named_within_three_log_steps(slurm_cluster, byte_shards, tmp_path,
+                                                     monkeypatch):
+    monkeypatch.setenv(stragglers.TEST_HOOK_VARIABLE, "1:0.4")  # rank 1: 0.4 s more per step
+    cfg = job_config(tmp_path / "straggler", byte_shards, **{"train.steps": 6})
+    job = submit.submit(cfg)
+    wait_until_ended(job)
+    err = (job.log_dir / f"{job.job_id}_0_log.err").read_text()
+    line = next(line for line in err.splitlines() if "tessera: straggler at step" in line)
+    assert line.startswith("tessera: straggler at step 3: rank 1 on n2 ("), line
+    rows = read_metrics(cfg.run.dir)
+    assert all(row["straggler/slowest_rank"] == 1 for row in rows)
+    assert min(row["straggler/ratio"] for row in rows) > 1.5
+
+
+def test_a_host_with_enough_strikes_is_left_out_of_the_next_submission(
+        slurm_cluster, byte_shards, tmp_path):
+    """n1 is the node Slurm picks first; two strikes there send a 1-node job to n2."""
+    cfg = job_config(tmp_path / "struck", byte_shards, **{
+        "train.steps": 2, "slurm.nodes": 1, "resilience.exclude_after": 2})
+    for _ in range(2):
+        faults.add_strike(cfg.run.dir, "n1", "a test's strike")
+    assert "--exclude=n1" in submit.sbatch_script(cfg)
+    job = submit.submit(cfg)
+    info = wait_until_ended(job)
+    assert info["NodeList"] == "n2", info

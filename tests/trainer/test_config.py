@@ -88,6 +88,11 @@ def test_malformed_override_and_missing_file():
      "not divisible by train.micro_batch_size=4"),
     (["train.min_lr=1.0"], None, "train.min_lr", "must lie between 0 and train.lr"),
     (["train.grad_clip=-1"], None, "train.grad_clip", "must be >= 0"),
+    (["resilience.max_restarts=-1"], None, "resilience.max_restarts", "must be >= 0"),
+    (["resilience.hang_timeout_s=2"], None, "resilience.hang_timeout_s", "2.0 s is too short to "
+        "tell a hang from a slow step: at least 5 s"),
+    (["resilience.straggler_factor=0.9"], None, "resilience.straggler_factor", "must be above 1"),
+    (["resilience.exclude_after=-2"], None, "resilience.exclude_after", "must be >= 0"),
     (["parallel.tp=2"], 3, "parallel.tp", "world size 3 is not divisible by tp\\*pp = 2\\*1 = 2"),
     (["train.global_batch_size=8", "train.micro_batch_size=4"], 4, "train.global_batch_size", "not "
         "divisible by train.micro_batch_size\\*dp = 4\\*4"),

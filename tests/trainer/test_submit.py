@@ -50,6 +50,14 @@ def test_dry_run_prints_the_sbatch_script(tmp_path, byte_shards):
         assert line in script.splitlines(), f"{line!r} not in:\n{script}"
     assert "srun --unbuffered" in script and "-m submitit.core._submit" in script
     assert "--wckey" not in script
+    # the command each task runs, in plain view; the step restarts in the allocation
+    config = tmp_path.resolve() / "run" / "slurm" / "submitted.yaml"
+    assert (f"# each task is one rank ($SLURM_PROCID) of: python -m tessera train --config "
+            f"{config}") in script.splitlines()
+    [step] = [line for line in script.splitlines() if "srun --unbuffered" in line]
+    assert "-m tessera.launch.restarts --run-dir" in step and "--max-restarts 3" in step
+    assert step.index("tessera.launch.restarts") < step.index("srun") < step.index(
+        "--kill-on-bad-exit=1")
     assert not (tmp_path / "run").exists(), "a dry run writes nothing"
 
 
@@ -156,3 +164,34 @@ def test_status_without_slurm_reads_the_run_directory(tmp_path, monkeypatch, cap
     assert "last checkpoint: none" in out
     assert main(["status", str(tmp_path / "nowhere")]) == 2
     assert "run directory not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("output, line", [
+    ("sbatch: error: Batch job submission failed: Invalid account or account/partition "
+     "combination specified", "config key 'slurm.account': Slurm rejects the job (sbatch "
+     "--test-only): Invalid account or account/partition combination specified"),
+    ("sbatch: error: Batch job submission failed: Invalid qos specification",
+     "config key 'slurm.qos': Slurm rejects the job (sbatch --test-only): Invalid qos"),
+    ("sbatch: error: Batch job submission failed: Requested node configuration is not available",
+     "Slurm rejects the job (sbatch --test-only): Requested node configuration is not available"),
+])
+def test_a_refusal_by_sbatch_is_one_line_naming_its_key(output, line):
+    assert slurm.rejection(output).startswith(line)
+
+
+def test_an_unreachable_controller_is_one_line(tmp_path, byte_shards, monkeypatch):
+    """Slurm's tools present, its controller down: sinfo's own words (several lines) become one."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in slurm.SLURM_TOOLS:
+        script = bin_dir / tool
+        script.write_text("#!/bin/sh\necho 'sinfo: error: Unable to contact slurm controller "
+                          "(connect failure)' >&2\necho 'slurm_load_partitions: Unable to "
+                          "contact slurm controller (connect failure)' >&2\nexit 1\n")
+        script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    cfg = tiny_config(tmp_path / "run", byte_shards)
+    with pytest.raises(slurm.SlurmError) as error:
+        submit.submit(cfg)
+    assert str(error.value) == ("the Slurm controller does not answer (`sinfo`); is slurmctld up, "
+                                "and SLURM_CONF the cluster's? (`scontrol ping`)")

@@ -1,0 +1,272 @@
+"""A hang watchdog on every rank: a hang named in minutes, not at the collective's timeout.
+
+The train loop tells the watchdog each phase it enters (data, forward/backward, optimizer,
+metrics, save); that costs an attribute write. A thread beats: every `beat_s` it writes the
+rank's heartbeat (tessera.launch.faults) and checks two things:
+- its own rank made no progress for `hang_timeout_s` (10x that in the first step, which may
+  compile, and in the first save; a later save may take 3x the longest before it);
+- another rank already declared a hang in this launch (a claim file).
+Either way the rank writes the Python stacks of all its threads (and, with NCCL, torch's Flight
+Recorder trace) to run.dir/hangs/<time>/rank-NNNNN.txt and exits with HANG_EXIT_CODE, which the
+restart loops relaunch. The rank that declared the hang waits a beat for the others, reads every
+heartbeat and prints the one line that names who stopped: a rank whose heartbeat went stale
+(stopped or frozen, e.g. SIGSTOP or a stuck driver call holding the interpreter) or a rank behind
+the others (a live rank stuck in its own phase, e.g. a data read). Its hosts get a strike.
+The thread needs nothing from the process group: a rank blocked in a collective releases the
+interpreter, so its watchdog still runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import faulthandler
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tessera.launch import faults
+from tessera.launch.faults import FATAL, HANG, PEER_FAILED, Heartbeat
+
+SLOW_PHASE_FACTOR = 10  # the first step and saves may take this many times hang_timeout_s
+PHASES = ("start-up", "data", "forward/backward", "optimizer", "metrics", "save")
+CLAIM_FILE = "hang"  # in the launch's heartbeat directory: names the hang's directory
+FAILED_FILE = "failed"  # in the launch's heartbeat directory: the first rank that failed
+_made = 0  # watchdogs made in this process (a test may train several times in one launch)
+
+
+class Watchdog:
+    def __init__(self, run_dir: str | Path, rank: int, world_size: int, timeout_s: float):
+        global _made
+        _made += 1
+        self.run_dir = Path(run_dir)
+        self.rank = rank
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+        self.directory = faults.launch_dir(run_dir, faults.launch_id(), _made)
+        # quick enough to see a hang well within the timeout; heartbeats only when off
+        self.beat_s = min(max(timeout_s / 10, 0.5), 10.0) if timeout_s else 30.0
+        self.poll_s = min(self.beat_s, 1.0)  # a peer's failure is seen within this
+        self.beat = Heartbeat.start(rank, 0)  # step 0: before the first step
+        self._progressed = time.monotonic()
+        self._allowance_s = timeout_s * SLOW_PHASE_FACTOR  # start-up and the first step
+        self._step_slow = True  # the step held a start-up or a save: its time is no measure
+        self._longest_save_s: float | None = None
+        self._step_started = self._progressed
+        self._warned = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tessera-watchdog", daemon=True)
+
+    def start(self) -> Watchdog:
+        faults.write_heartbeat(self.directory, self.beat)
+        self._thread.start()
+        return self
+
+    def phase(self, step: int, name: str) -> None:
+        """The loop entered phase `name` of step `step` (the step being worked on)."""
+        now = time.monotonic()
+        if self.beat.phase == "save":  # a save ended
+            self._longest_save_s = max(self._longest_save_s or 0.0, now - self._progressed)
+        if name == "data" and step != self.beat.step:  # the previous step is done
+            if not self._step_slow:
+                self._check_timeout_fits(now - self._step_started)
+            self._step_started = now
+            self._step_slow = self.beat.phase == "start-up"  # the first step may compile
+            self._allowance_s = self.timeout_s * (SLOW_PHASE_FACTOR if self._step_slow else 1)
+        if name == "save":
+            self._step_slow = True
+            self._allowance_s = self._save_allowance_s()
+        self.beat.step, self.beat.phase = step, name
+        self.beat.progressed_at = time.time()
+        self._progressed = now
+
+    def _check_timeout_fits(self, step_s: float) -> None:
+        """One warning, naming the key, when a plain step took half the timeout or more."""
+        if self.timeout_s and step_s * 2 > self.timeout_s and not self._warned and self.rank == 0:
+            self._warned = True
+            print(f"tessera: warning: config key 'resilience.hang_timeout_s': a step took "
+                  f"{step_s:.1f} s, more than half of {self.timeout_s:g} s; a slower step would "
+                  f"be taken for a hang: raise it", file=sys.stderr, flush=True)
+
+    def fail(self, error: BaseException, fatal: bool) -> None:
+        """This rank stops on `error`: its peers stop too, in seconds, rather than wait for it in
+        a collective (or at start-up) until a timeout. `fatal`: a restart would fail alike."""
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        with contextlib.suppress(OSError):
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.directory / FAILED_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"rank {self.rank} on {self.beat.host}: {first_line[:300]}")
+        self.close(FATAL if fatal else faults.ERROR)
+
+    def close(self, ended: str) -> None:
+        """Stop the thread; the last heartbeat says how the rank ended."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.beat.ended = ended
+        with contextlib.suppress(OSError):
+            faults.write_heartbeat(self.directory, self._stamped())
+
+    # -----------------------------------------------------------------------------------------
+
+    def _stamped(self) -> Heartbeat:
+        self.beat.beat_at = time.time()
+        return self.beat
+
+    def _run(self) -> None:
+        last_beat = time.monotonic()
+        while not self._stop.wait(self.poll_s):
+            if time.monotonic() - last_beat >= self.beat_s:
+                last_beat = time.monotonic()
+                with contextlib.suppress(OSError):
+                    faults.write_heartbeat(self.directory, self._stamped())
+            claim = self.directory / CLAIM_FILE
+            failed = self.directory / FAILED_FILE
+            if failed.exists() and not self._stop.is_set():
+                self._leave_after_peer(failed.read_text().strip())
+            elif claim.exists():  # another rank declared a hang
+                self._leave(Path(claim.read_text().strip() or self._hang_dir_name()), False)
+            elif self.timeout_s and self._stalled_s() > self._allowance_s:
+                self._leave(*self._claim())
+
+    def _leave_after_peer(self, failure: str) -> None:
+        if self.rank == 0 or failure.startswith("rank 0 "):  # one line for the job
+            print(f"tessera: {failure}; stopping the other ranks", file=sys.stderr, flush=True)
+        self.beat.ended = PEER_FAILED
+        with contextlib.suppress(OSError):
+            faults.write_heartbeat(self.directory, self._stamped())
+        os._exit(1)
+
+    def _stalled_s(self) -> float:
+        return time.monotonic() - self._progressed
+
+    def _save_allowance_s(self) -> float:
+        """The first save may take SLOW_PHASE_FACTOR x the timeout; a later one 3x the longest
+        before it (and at least the timeout)."""
+        if self._longest_save_s is None:
+            return self.timeout_s * SLOW_PHASE_FACTOR
+        return max(self.timeout_s, 3 * self._longest_save_s)
+
+    def _hang_dir_name(self) -> str:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        return str(self.run_dir / faults.HANGS_DIR / stamp)
+
+    def _claim(self) -> tuple[Path, bool]:
+        """(the hang's directory, whether this rank declared it first)."""
+        claim = self.directory / CLAIM_FILE
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            time.sleep(0.1)  # the claimer is writing the name
+            return Path(claim.read_text().strip() or self._hang_dir_name()), False
+        hang_dir = self._hang_dir_name()
+        with os.fdopen(fd, "w") as f:
+            f.write(hang_dir)
+        return Path(hang_dir), True
+
+    def _leave(self, hang_dir: Path, declared: bool) -> None:
+        """Write the stacks, name the culprits (the declaring rank), and exit the process."""
+        with contextlib.suppress(OSError):
+            write_stacks(hang_dir, self.rank, self.beat)
+            self.beat.ended = HANG
+            faults.write_heartbeat(self.directory, self._stamped())
+            if declared:
+                time.sleep(2 * self.beat_s)  # the others write their stacks and last beats
+                beats = faults.read_heartbeats(self.directory)
+                line = name_the_hang(self.run_dir, beats, hang_dir, self.beat_s, self.world_size)
+                kill_stopped_ranks_here(beats, self.beat_s)
+                print(line, flush=True)
+                print(line, file=sys.stderr, flush=True)
+                (hang_dir / "summary.txt").write_text(line + "\n")
+            else:
+                time.sleep(self.beat_s)  # leave after the declaring rank read our heartbeat
+        os._exit(faults.HANG_EXIT_CODE)
+
+
+def write_stacks(hang_dir: Path, rank: int, beat: Heartbeat) -> None:
+    """All threads' Python stacks of this process; with NCCL, the Flight Recorder's trace."""
+    hang_dir.mkdir(parents=True, exist_ok=True)
+    path = hang_dir / f"rank-{rank:05d}.txt"
+    with open(path, "w") as f:
+        f.write(f"rank {rank} on {beat.host} (pid {beat.pid}): step {beat.step}, phase "
+                f"{beat.phase}, no progress for {time.time() - beat.progressed_at:.0f} s\n\n")
+        f.flush()
+        faulthandler.dump_traceback(f, all_threads=True)
+    trace = nccl_flight_recorder_trace()
+    if trace is not None:
+        (hang_dir / f"rank-{rank:05d}.nccl-trace.pkl").write_bytes(trace)
+
+
+def nccl_flight_recorder_trace() -> bytes | None:
+    """torch's record of the last NCCL collectives (TORCH_NCCL_TRACE_BUFFER_SIZE > 0), or None
+    without NCCL."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return None
+    dump = getattr(torch._C._distributed_c10d, "_dump_nccl_trace", None)
+    try:
+        return dump() if dump is not None else None
+    except Exception:  # noqa: BLE001 - no NCCL group, or a torch without the recorder
+        return None
+
+
+def name_the_hang(run_dir: Path, beats: list[Heartbeat], hang_dir: Path, beat_s: float,
+                  world_size: int) -> str:
+    """The one line naming who stopped; strikes their hosts and records the event."""
+    now = time.time()
+    started = {b.rank for b in beats}
+    missing = [r for r in range(world_size) if r not in started]
+    if missing:  # (no heartbeat, so no host: nothing to strike)
+        line = (f"tessera: hang at start-up: rank {', '.join(map(str, missing[:8]))} never "
+                f"started (its log says why); stacks in {hang_dir}")
+        faults.record_event(run_dir, "hang", step=0, ranks=missing, hosts=[],
+                            directory=str(hang_dir), line=line)
+        return line
+    stale = [b for b in beats if b.ended is None and now - b.beat_at > 3 * beat_s]
+    live = [b for b in beats if b not in stale]
+    ahead = max(((b.step, _phase_order(b.phase)) for b in live), default=None)
+    behind = [b for b in live if ahead and (b.step, _phase_order(b.phase)) < ahead]
+    culprits = stale or behind
+    if culprits:
+        first = culprits[0]
+        # where the others wait (a stopped rank's last heartbeat may be older than its step)
+        where = max(live, key=lambda b: (b.step, _phase_order(b.phase))) if stale and live \
+            else first
+        named = ", ".join(f"rank {b.rank} on {b.host}" for b in culprits[:4])
+        more = f" and {len(culprits) - 4} more" if len(culprits) > 4 else ""
+        if stale:
+            what = f"stopped (no heartbeat for {now - first.beat_at:.0f} s)"
+        else:
+            what = f"is stuck in {first.phase} for {now - first.progressed_at:.0f} s"
+        line = (f"tessera: hang at step {where.step} ({where.phase}): {named}{more} {what}; "
+                f"stacks in {hang_dir}")
+    else:
+        phase = beats[0].phase if beats else "?"
+        step = beats[0].step if beats else "?"
+        line = (f"tessera: hang at step {step} ({phase}): every rank is waiting (a collective or "
+                f"a file system that stopped answering); stacks in {hang_dir}")
+    for beat in culprits:
+        faults.add_strike(run_dir, beat.host, f"rank {beat.rank} hung at step {beat.step}")
+    faults.record_event(run_dir, "hang", step=culprits[0].step if culprits else None,
+                        ranks=[b.rank for b in culprits], hosts=sorted({b.host for b in culprits}),
+                        directory=str(hang_dir), line=line)
+    return line
+
+
+def kill_stopped_ranks_here(beats: list[Heartbeat], beat_s: float) -> None:
+    """A stopped rank on this host is killed: a launcher would otherwise wait (torch's agent 30
+    s) for it to answer SIGTERM before the restart. Its peers on other hosts go when their
+    launcher ends the step."""
+    host, now = faults.host_name(), time.time()
+    for beat in beats:
+        if beat.ended is None and beat.host == host and now - beat.beat_at > 3 * beat_s:
+            with contextlib.suppress(OSError):
+                os.kill(beat.pid, signal.SIGKILL)
+
+
+def _phase_order(phase: str) -> int:
+    return PHASES.index(phase) if phase in PHASES else len(PHASES)

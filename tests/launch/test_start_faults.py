@@ -1,0 +1,99 @@
+"""Faults at start-up: a rank that cannot start stops its peers within seconds (naming itself),
+rather than leaving them in a collective until its timeout; a run.dir the ranks do not share is
+refused at start, naming the ranks that cannot see rank 0's files."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+
+import pytest
+from multiproc import _entry, run_ranks
+from training import tiny_config
+
+from tessera.launch import faults
+from tessera.launch.local import free_port
+from tessera.trainer.config import ConfigError
+
+ANSWER_S = 30  # generous on a loaded 2-core machine; the watchdog looks every second
+
+
+def test_a_rank_that_cannot_start_stops_its_peers_within_seconds(tmp_path, byte_shards):
+    """Rank 1's data is missing (as on a node without the data): it fails at start; rank 0,
+    already waiting in DeepSpeed's first collective, leaves within seconds with code 1."""
+    good = tiny_config(tmp_path / "run", byte_shards)
+    bad = tiny_config(tmp_path / "run", tmp_path / "missing-data")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(rank, 2, port, "gloo", train_config, (cfg,),
+                                              results))
+             for rank, cfg in enumerate([good, bad])]
+    started = time.monotonic()
+    for proc in procs:
+        proc.start()
+    try:
+        procs[1].join(timeout=120)
+        failed_at = time.monotonic()
+        procs[0].join(timeout=ANSWER_S + 10)
+        stopped_after_s = time.monotonic() - failed_at
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+    assert procs[0].exitcode == 1, "rank 0 did not leave after rank 1 failed"
+    assert stopped_after_s < ANSWER_S, stopped_after_s
+    [launch] = (tmp_path / "run" / faults.RESILIENCE_DIR / "launches").iterdir()
+    beats = {b.rank: b.ended for b in faults.read_heartbeats(next(launch.iterdir()))}
+    assert beats == {0: faults.PEER_FAILED, 1: faults.FATAL}
+    failure = (next(launch.iterdir()) / "failed").read_text()
+    assert failure.startswith("rank 1 on ") and "missing-data" in failure, failure
+    print(f"rank 0 left {stopped_after_s:.1f} s after rank 1 failed ({failed_at - started:.0f} s "
+          f"in)")
+
+
+def train_config(cfg) -> None:
+    from tessera.trainer.train import train
+
+    train(cfg)
+
+
+def shared_check_on_own_dirs(run_dirs: list) -> str:
+    import torch.distributed as dist
+
+    from tessera.trainer.run_dir import check_shared
+
+    rank = dist.get_rank()
+    try:
+        check_shared(run_dirs[rank], rank, patience_s=1)
+    except ConfigError as e:
+        return str(e)
+    return ""
+
+
+def test_a_run_dir_the_ranks_do_not_share_is_refused_at_start(tmp_path):
+    """Each rank given its own directory stands for a node-local path on each node."""
+    run_dirs = [tmp_path / "node0", tmp_path / "node1"]
+    errors = run_ranks(2, shared_check_on_own_dirs, run_dirs)
+    assert errors[1] == errors[0].replace("node0", "node1")  # one line on every rank
+    assert errors[0].startswith(f"config key 'run.dir': {run_dirs[0]} is not shared between the "
+                                f"nodes: rank 1 on {faults.host_name()} cannot see the file rank 0")
+
+
+def test_a_shared_run_dir_passes(tmp_path):
+    assert run_ranks(2, shared_check_on_own_dirs, [tmp_path, tmp_path]) == ["", ""]
+
+
+@pytest.mark.parametrize("ended, restart", [
+    ([faults.FATAL, faults.PEER_FAILED], False),
+    ([faults.HANG, None], True),
+    ([None, faults.ERROR], True),
+    ([faults.STOPPED, faults.STOPPED], False),
+])
+def test_a_failed_launch_is_restarted_only_when_a_restart_can_help(tmp_path, ended, restart):
+    directory = faults.launch_dir(tmp_path, "launch-a", 1)
+    for rank, ending in enumerate(ended):
+        beat = faults.Heartbeat.start(rank, 3)
+        beat.ended = ending
+        faults.write_heartbeat(directory, beat)
+    assert faults.post_mortem(tmp_path, "launch-a").restart == restart
