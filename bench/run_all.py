@@ -27,7 +27,8 @@ from common import machine
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
-OURS = ("trainer_overhead", "tp_traffic", "zero_memory", "speed_levers")
+OURS = ("trainer_overhead", "tp_traffic", "zero_memory", "speed_levers", "resilience_overhead",
+        "startup")
 THEIRS = ("pipeline_bubble", "activation_memory", "checkpoint_io", "data_throughput")
 QUICK_ARGS = {
     "trainer_overhead": ["--steps", "4", "--warmup", "1"],
@@ -35,6 +36,7 @@ QUICK_ARGS = {
     "pipeline_bubble": ["--mode", "sleep", "--steps", "2"],
     "activation_memory": ["--layers", "4", "--seq", "512", "--batch", "4"],
     "speed_levers": ["--steps", "3"],
+    "resilience_overhead": ["--steps", "6", "--warmup", "1"],
     "checkpoint_io": ["--hidden", "256", "--layers", "2", "--repeats", "1"],
     "data_throughput": ["--rounds", "1", "--demo-steps", "2"],
 }
@@ -121,6 +123,24 @@ def rows_speed_levers(result: dict) -> list[tuple]:
     ]
 
 
+def rows_resilience_overhead(result: dict) -> list[tuple]:
+    data = result.get("data")
+    if not data:
+        return []
+    return [("resilience: step time without / with the watchdog and straggler all-gather "
+             "(demo shape, tp=2, log every 10 steps)", data["ratio"], f">= {data['target']}",
+             f"median step {data['with_s'] * 1000:.1f} ms with, {data['without_s'] * 1000:.1f} "
+             f"ms without, {data['steps']} steps each; all-gather every step: "
+             f"{data['ratio_every_step']:.3f}")]
+
+
+def rows_startup(result: dict) -> list[tuple]:
+    """Seconds a person waits (the ratio: target over measured, >= 1 meets it)."""
+    return [(f"start-up: {r['figure'].replace('_', ' ')} (s: {r['seconds']})", r["ratio"], ">= 1",
+             f"{r['seconds']} s against a target under {r['target_s']} s")
+            for r in result.get("data") or []]
+
+
 def _masking_rows(masking: dict | None) -> list[tuple]:
     if not masking:
         return []
@@ -193,6 +213,8 @@ EXTRACT = {
     "tp_traffic": rows_tp_traffic,
     "zero_memory": rows_zero_memory,
     "speed_levers": rows_speed_levers,
+    "resilience_overhead": rows_resilience_overhead,
+    "startup": rows_startup,
     "pipeline_bubble": rows_pipeline_bubble,
     "activation_memory": rows_activation_memory,
     "checkpoint_io": rows_from_json_ratios,

@@ -13,9 +13,11 @@ import signal
 import threading
 from collections.abc import Iterable
 from types import FrameType
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
+
 
 # EX_TEMPFAIL (sysexits.h): stopped early on a signal after saving; running again resumes.
 PREEMPTED_EXIT_CODE = 75
@@ -61,6 +63,9 @@ class StopSignal:
 
     def agreed(self, device: torch.device | str = "cpu") -> signal.Signals | None:
         """Collective over the default group: the signal any rank received, or None."""
+        import torch  # lazy: `tessera train` prints its first line before torch loads
+        import torch.distributed as dist
+
         flag = torch.tensor([int(self.received or 0)], dtype=torch.int32, device=device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)

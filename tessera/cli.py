@@ -7,6 +7,7 @@ answer in a tenth of a second, without torch, DeepSpeed or megatron-core.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     exit_with_launcher()
-    if command != "print-config":  # the one command that imports no torch: it stays quick
+    # print-config imports no torch; train and generate say a first line before torch loads
+    if command not in ("print-config", "train", "generate"):
         quiet_dependencies()
     match command:
         case "prepare":
@@ -63,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         case "status":
             return _status(rest)
         case "generate":
+            if rest and not rest[0].startswith("-") and sys.stderr.isatty():  # for a person;
+                # piped, stderr holds only the one error line when there is one
+                print(f"tessera: loading {rest[0]} ...", file=sys.stderr, flush=True)
+            quiet_dependencies()
             from tessera.trainer.generate import generate_command
 
             return generate_command(rest)
@@ -115,16 +121,19 @@ def _print_config(argv: list[str]) -> int:
 
 def _train(argv: list[str]) -> int:
     from tessera.data.format import DataError
-    from tessera.launch.env import from_slurm, srun_step_tasks
-    from tessera.launch.local import inside_distributed_launch, launch_or_run
     from tessera.launch.signals import INTERRUPTED_EXIT_CODE, Interrupted
-    from tessera.trainer.checkpoint import CheckpointError
     from tessera.trainer.config import ConfigError, validate
     from tessera.trainer.health import NonFiniteError
-    from tessera.trainer.run_dir import RunLock, check_writable
 
     try:
         cfg = _load("tessera train", argv)
+        if "RANK" not in os.environ:  # the launcher (or the only rank): a line before torch loads
+            print(f"tessera: starting {_ranks_line(cfg)} for {cfg.run.dir}", flush=True)
+        quiet_dependencies()  # (imports torch)
+        from tessera.launch.env import from_slurm, srun_step_tasks
+        from tessera.launch.local import inside_distributed_launch, launch_or_run
+        from tessera.trainer.run_dir import RunLock, check_writable
+
         check_writable(cfg.run.dir)  # before any process starts
         if not inside_distributed_launch() and srun_step_tasks() > 1:
             from_slurm().export()  # `srun tessera train`: each task is a rank
@@ -133,16 +142,29 @@ def _train(argv: list[str]) -> int:
             RunLock(cfg.run.dir).check_free()  # (rank 0 takes the lock for the job's life)
         return launch_or_run(cfg.launch.nproc_per_node, ["train", *argv], lambda: _train_here(cfg),
                              cfg.run.dir, cfg.resilience.max_restarts)
-    except (ConfigError, DataError, CheckpointError, NonFiniteError) as e:
-        return _fail("train", e)
     except Interrupted as e:  # Ctrl-C in the loop: saved at a step boundary
         print(f"tessera train: {e}", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
+    except (ConfigError, DataError, NonFiniteError) as e:
+        return _fail("train", e)
+    except Exception as e:
+        from tessera.trainer.checkpoint import CheckpointError  # (imports torch: not up front)
+
+        if isinstance(e, CheckpointError):
+            return _fail("train", e)
+        raise
     except KeyboardInterrupt:  # Ctrl-C before the loop (or after it): nothing half-written
         print("tessera train: interrupted outside the training loop; the last committed "
               "checkpoint stands", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
     return 0
+
+
+def _ranks_line(cfg: Config) -> str:
+    """'2 ranks (tp=2 pp=1 dp=1)' for this machine's launch."""
+    ranks, p = cfg.launch.nproc_per_node, cfg.parallel
+    dp = max(ranks // (p.tp * p.pp), 1)
+    return f"{ranks} rank{'s' if ranks > 1 else ''} (tp={p.tp} pp={p.pp} dp={dp})"
 
 
 def _train_here(cfg: Config) -> int:
