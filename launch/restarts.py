@@ -22,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from tessera.launch.signals import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 
 # Ended in a way a restart cannot help: done, an input error (2), stopped on a signal and saved.
 NO_RESTART_CODES = (0, 2, PREEMPTED_EXIT_CODE, INTERRUPTED_EXIT_CODE)
+REQUEUE_UPDATE_S = 20.0  # how long a requeued job may take to turn pending (to exclude hosts)
 
 
 def run_with_restarts(launch: Callable[[], int], run_dir: str | Path, max_restarts: int,
@@ -86,16 +88,27 @@ def requeue_excluding(run_dir: str, exclude_after: int, max_requeues: int, why: 
     requeues = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     if requeues >= max_requeues:
         print(f"tessera: {why}; not requeued: {requeues} requeues done (slurm.max_requeues="
-              f"{max_requeues}); `tessera submit` the same config to go on", flush=True)
+              f"{max_requeues}); `tessera submit` the same config to go on", file=sys.stderr,
+              flush=True)
         return 1
     excluded = faults.excluded_hosts(run_dir, exclude_after)
-    if excluded:
-        subprocess.run(["scontrol", "update", f"JobId={job_id}",
-                        f"ExcNodeList={','.join(excluded)}"], check=False)
     faults.record_event(run_dir, "requeue", job_id=job_id, excluded=excluded, reason=why)
     print(f"tessera: {why}; requeuing job {job_id}"
-          + (f" without {', '.join(excluded)}" if excluded else ""), flush=True)
-    subprocess.run(["scontrol", "requeue", job_id], check=False)
+          + (f" without {', '.join(excluded)}" if excluded else ""), file=sys.stderr, flush=True)
+    if not excluded:
+        subprocess.run(["scontrol", "requeue", job_id], check=False)
+        return 0
+    # A running job's node list cannot change: requeue it held, exclude while it is pending,
+    # release. (This script ignores SIGTERM; Slurm kills it after KillWait, time enough.)
+    subprocess.run(["scontrol", "requeuehold", job_id], check=False)
+    deadline = time.monotonic() + REQUEUE_UPDATE_S
+    while time.monotonic() < deadline:
+        update = subprocess.run(["scontrol", "update", f"JobId={job_id}",
+                                 f"ExcNodeList={','.join(excluded)}"], capture_output=True)
+        if update.returncode == 0:
+            break
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "release", job_id], check=False)
     return 0
 
 

@@ -238,3 +238,22 @@ def test_a_host_with_enough_strikes_is_left_out_of_the_next_submission(
     job = submit.submit(cfg)
     info = wait_until_ended(job)
     assert info["NodeList"] == "n2", info
+
+
+def test_spent_restarts_requeue_the_job_without_the_struck_node(uninterrupted, byte_shards,
+                                                                 tmp_path):
+    """No in-allocation restart left: the job requeues as a preempted one does, with the node of
+    the killed rank (one strike, exclude_after=1) excluded, and finishes on the other node."""
+    reference, _, _ = uninterrupted
+    cfg = job_config(tmp_path / "requeued", byte_shards, **{
+        "slurm.nodes": 1, "slurm.tasks_per_node": 2, "resilience.max_restarts": 0,
+        "resilience.exclude_after": 1})
+    job = submit.submit(cfg)
+    fault_at_step(cfg, job, signal.SIGKILL)
+    wait_for(lambda: job_info(job.job_id)["Restarts"] == "1", "the requeue")
+    info = wait_until_ended(job)
+    [struck] = faults.host_strikes(cfg.run.dir)
+    assert info["NodeList"] != struck, info  # the requeued job ran on the other node
+    batch_log = (job.log_dir / f"{job.job_id}_0_log.err").read_text()
+    assert f"requeuing job {job.job_id} without {struck}" in batch_log, batch_log
+    assert last_losses(cfg.run.dir) == losses(read_metrics(reference.run.dir))  # dp=2 either way
