@@ -197,10 +197,13 @@ def test_a_stopped_rank_is_named_with_its_node_and_restarted_in_the_allocation(
     print(f"hang named {named_after_s:.1f} s after SIGSTOP")
 
 
+@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
 def test_a_killed_rank_is_restarted_in_the_allocation_without_a_requeue(
-        uninterrupted, byte_shards, tmp_path):
+        uninterrupted, byte_shards, tmp_path, launcher):
+    """torchrun: the node's agent sees its rank die and fails its task; srun ends the step on
+    both nodes, and the batch script's loop starts it again, as with srun ranks."""
     reference, _, _ = uninterrupted
-    cfg = job_config(tmp_path / "killed", byte_shards)
+    cfg = job_config(tmp_path / "killed", byte_shards, **{"slurm.launcher": launcher})
     job = submit.submit(cfg)
     fault_at_step(cfg, job, signal.SIGKILL)
     info = wait_until_ended(job)
