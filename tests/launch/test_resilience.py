@@ -110,7 +110,9 @@ def test_a_killed_rank_restarts_from_the_last_checkpoint_with_a_strike_on_its_ho
     done, _ = fault_mid_run(run_dir, byte_shards, tmp_path / "log", signal.SIGKILL)
     assert done.returncode == 0, done.stdout
     host = socket.gethostname()
-    assert f"killed or crashed without an error: rank 1 on {host}" in done.stdout, done.stdout
+    # (rank 0 may be named too: the launcher can kill it before it records its peer's error)
+    [line] = [line for line in done.stdout.splitlines() if "killed or crashed without" in line]
+    assert f"rank 1 on {host} (" in line, line
     assert "restart 1 of 3" in done.stdout
-    assert faults.host_strikes(run_dir)[host]["strikes"] == 1
+    assert faults.host_strikes(run_dir)[host]["strikes"] >= 1
     assert last_losses(run_dir) == straight
