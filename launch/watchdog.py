@@ -226,16 +226,15 @@ def name_the_hang(run_dir: Path, beats: list[Heartbeat], hang_dir: Path, beat_s:
         faults.record_event(run_dir, "hang", step=0, ranks=missing, hosts=[],
                             directory=str(hang_dir), line=line)
         return line
-    stale = [b for b in beats if b.ended is None and now - b.beat_at > 3 * beat_s]
+    stale = [b for b in beats if _stopped(b, now, beat_s)]
     live = [b for b in beats if b not in stale]
-    ahead = max(((b.step, _phase_order(b.phase)) for b in live), default=None)
-    behind = [b for b in live if ahead and (b.step, _phase_order(b.phase)) < ahead]
+    ahead = max((_progress(b) for b in live), default=None)
+    behind = [b for b in live if ahead and _progress(b) < ahead]
     culprits = stale or behind
     if culprits:
         first = culprits[0]
         # where the others wait (a stopped rank's last heartbeat may be older than its step)
-        where = max(live, key=lambda b: (b.step, _phase_order(b.phase))) if stale and live \
-            else first
+        where = max(live, key=_progress) if stale and live else first
         named = ", ".join(f"rank {b.rank} on {b.host}" for b in culprits[:4])
         more = f" and {len(culprits) - 4} more" if len(culprits) > 4 else ""
         if stale:
@@ -263,10 +262,16 @@ def kill_stopped_ranks_here(beats: list[Heartbeat], beat_s: float) -> None:
     launcher ends the step."""
     host, now = faults.host_name(), time.time()
     for beat in beats:
-        if beat.ended is None and beat.host == host and now - beat.beat_at > 3 * beat_s:
+        if beat.host == host and _stopped(beat, now, beat_s):
             with contextlib.suppress(OSError):
                 os.kill(beat.pid, signal.SIGKILL)
 
 
-def _phase_order(phase: str) -> int:
-    return PHASES.index(phase) if phase in PHASES else len(PHASES)
+def _stopped(beat: Heartbeat, now: float, beat_s: float) -> bool:
+    """No ending and no heartbeat for 3 beats: stopped or frozen."""
+    return beat.ended is None and now - beat.beat_at > 3 * beat_s
+
+
+def _progress(beat: Heartbeat) -> tuple[int, int]:
+    """How far a rank got: its step, then its phase within the step."""
+    return beat.step, PHASES.index(beat.phase) if beat.phase in PHASES else len(PHASES)

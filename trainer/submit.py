@@ -124,20 +124,19 @@ def submit(cfg: Config) -> slurm.Submitted:
     run = dataclasses.replace(cfg.run, dir=str(Path(cfg.run.dir).resolve()))
     cfg = dataclasses.replace(cfg, run=run)
     check_config(cfg)
-    exclude = excluded_hosts(cfg)
-    if exclude:
-        print(f"tessera submit: leaving out {', '.join(exclude)}: at least "
+    step = job_step(cfg)
+    if step.exclude:
+        print(f"tessera submit: leaving out {', '.join(step.exclude)}: at least "
               f"resilience.exclude_after={cfg.resilience.exclude_after} strikes each (see "
               f"`tessera status {cfg.run.dir}`)", file=sys.stderr)
-    submitted = slurm.submit(cfg.slurm, job_name(cfg), log_folder(cfg), TrainJob(cfg),
-                             job_step(cfg))
+    submitted = slurm.submit(cfg.slurm, job_name(cfg), log_folder(cfg), TrainJob(cfg), step)
     save_config(cfg, submitted_config_path(cfg))  # (after the checks: a refusal writes nothing)
     slurm.record_job(slurm_dir(cfg) / slurm.JOBS_FILE, {
         "job_id": submitted.job_id, "job_name": submitted.job_name,
         "log_dir": str(submitted.log_dir),
         "submitted_at": datetime.datetime.now().isoformat(timespec="seconds"),
         "nodes": cfg.slurm.nodes, "launcher": cfg.slurm.launcher, "world_size": world_size(cfg),
-        "steps": cfg.train.steps, "excluded": exclude,
+        "steps": cfg.train.steps, "excluded": list(step.exclude),
     })
     return submitted
 
