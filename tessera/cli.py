@@ -213,5 +213,5 @@ def _status(argv: list[str]) -> int:
 
 
 def _fail(command: str, error: Exception) -> int:
-    print(f"tessera {command}: error: {error}", file=sys.stderr)
+    sys.stderr.write(f"tessera {command}: error: {error}\n")  # one write: ranks share a pipe
     return 2

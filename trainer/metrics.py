@@ -273,24 +273,38 @@ def tag_warnings_with_rank(rank: int, world_size: int) -> None:
 
 class _RankLines:
     """A text stream that starts every line with "[rank N] " (lines that already name a rank
-    are left alone), written through to the stream it wraps."""
+    are left alone), written through to the stream it wraps a whole line at a time: ranks share
+    one pipe, and print() writes a line and its newline apart."""
 
     def __init__(self, stream: Any, rank: int):
         self.stream = stream
         self.prefix = f"[rank {rank}] "
-        self.at_line_start = True
+        self.partial = ""  # the start of a line not yet ended, held back
+        self.at_line_start = True  # of what went through
 
     def write(self, text: str) -> int:
-        out = []
-        for piece in text.splitlines(keepends=True):
-            if self.at_line_start and not piece.startswith("[rank "):
-                out.append(self.prefix)
-            out.append(piece)
-            self.at_line_start = piece.endswith("\n")
-        self.stream.write("".join(out))
+        self.partial += text
+        complete, newline, self.partial = self.partial.rpartition("\n")
+        if newline:
+            self._emit(complete + newline)
         return len(text)
 
-    def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, encoding, ...
+    def flush(self) -> None:
+        if self.partial:
+            self._emit(self.partial)
+            self.partial = ""
+        self.stream.flush()
+
+    def _emit(self, text: str) -> None:
+        out = []
+        for line in text.splitlines(keepends=True):
+            if self.at_line_start and not line.startswith("[rank "):
+                out.append(self.prefix)
+            out.append(line)
+            self.at_line_start = line.endswith("\n")
+        self.stream.write("".join(out))
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, ...
         return getattr(self.stream, name)
 
 

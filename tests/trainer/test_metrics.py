@@ -350,3 +350,28 @@ def test_every_line_of_a_rank_other_than_0_names_the_rank():
     probes = [line for line in lines if "probe" in line or "second line" in line]
     assert len(probes) == 5, lines
     assert all(line.startswith("[rank 1] ") for line in lines), lines
+
+
+class _Writes:
+    def __init__(self):
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.writes.append(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_a_rank_writes_whole_lines_to_the_pipe_it_shares():
+    """print() writes a line and its newline apart: another rank's line must not land between."""
+    from tessera.trainer.metrics import _RankLines
+
+    sink = _Writes()
+    stream = _RankLines(sink, rank=3)
+    print("tessera train: error: bad", file=stream)
+    stream.write("two\nlines\nand a part")
+    assert sink.writes == ["[rank 3] tessera train: error: bad\n", "[rank 3] two\n[rank 3] lines\n"]
+    stream.flush()  # a progress line without its newline yet
+    stream.write(" ended\n")
+    assert sink.writes[2:] == ["[rank 3] and a part", " ended\n"]
