@@ -35,6 +35,7 @@ SLOW_PHASE_FACTOR = 10  # the first step and saves may take this many times hang
 PHASES = ("start-up", "data", "forward/backward", "optimizer", "metrics", "save")
 CLAIM_FILE = "hang"  # in the launch's heartbeat directory: names the hang's directory
 FAILED_FILE = "failed"  # in the launch's heartbeat directory: the first rank that failed
+FLIGHT_RECORDER_DIR = "flight-recorder"  # in a hang's directory: one trace per rank
 _made = 0  # watchdogs made in this process (a test may train several times in one launch)
 
 
@@ -188,7 +189,7 @@ class Watchdog:
 
 
 def write_stacks(hang_dir: Path, rank: int, beat: Heartbeat) -> None:
-    """All threads' Python stacks of this process; with NCCL, the Flight Recorder's trace."""
+    """All threads' Python stacks of this process, and torch's Flight Recorder trace."""
     hang_dir.mkdir(parents=True, exist_ok=True)
     path = hang_dir / f"rank-{rank:05d}.txt"
     with open(path, "w") as f:
@@ -196,17 +197,31 @@ def write_stacks(hang_dir: Path, rank: int, beat: Heartbeat) -> None:
                 f"{beat.phase}, no progress for {time.time() - beat.progressed_at:.0f} s\n\n")
         f.flush()
         faulthandler.dump_traceback(f, all_threads=True)
-    trace = nccl_flight_recorder_trace()
-    if trace is not None:
-        (hang_dir / f"rank-{rank:05d}.nccl-trace.pkl").write_bytes(trace)
+    trace = flight_recorder_trace()
+    if trace is not None:  # one folder for torch's analyzer: `python -m
+        # torch.distributed.flight_recorder.fr_trace DIR --prefix rank-`
+        (hang_dir / FLIGHT_RECORDER_DIR).mkdir(exist_ok=True)
+        (hang_dir / FLIGHT_RECORDER_DIR / f"rank-{rank:05d}").write_bytes(trace)
 
 
-def nccl_flight_recorder_trace() -> bytes | None:
-    """torch's record of the last NCCL collectives (TORCH_NCCL_TRACE_BUFFER_SIZE > 0), or None
-    without NCCL."""
+def flight_recorder_trace() -> bytes | None:
+    """torch's Flight Recorder (TORCH_FR_BUFFER_SIZE > 0): this rank's last collectives, each
+    with its process group, sequence number, sizes and state (a hung one is not completed).
+    NCCL keeps its own record; gloo's is the generic one. None before torch.distributed."""
     torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available():
+    if torch is None:
         return None
+    dumps = ("_dump_nccl_trace", "_dump_fr_trace") if torch.cuda.is_available() else (
+        "_dump_fr_trace",)
+    for name in dumps:
+        dump = getattr(torch._C._distributed_c10d, name, None)
+        try:
+            trace = dump() if dump is not None else None
+        except Exception:  # noqa: BLE001 - no group of that kind, or a torch without it
+            trace = None
+        if trace:
+            return trace
+    return None
     dump = getattr(torch._C._distributed_c10d, "_dump_nccl_trace", None)
     try:
         return dump() if dump is not None else None

@@ -326,3 +326,28 @@ def test_document_masking_flex_attention_on_cuda():
     cosine = torch.nn.functional.cosine_similarity(flex["grad"].flatten(),
                                                    dense["grad"].flatten(), dim=0)
     assert cosine > 0.99
+
+
+def flight_recorded_all_reduce() -> list[dict]:
+    """Run in a rank: one all-reduce on the rank's device, then torch's Flight Recorder trace as
+    a hang's report writes it."""
+    import pickle
+
+    import torch.distributed as dist
+
+    from tessera.launch.watchdog import flight_recorder_trace
+
+    dist.all_reduce(torch.ones(8, device="cuda" if CUDA else "cpu"))
+    if CUDA:
+        torch.cuda.synchronize()
+    return pickle.loads(flight_recorder_trace())["entries"]
+
+
+def test_the_hang_report_holds_the_flight_recorder_trace_of_nccl(monkeypatch):
+    """A hang writes torch's Flight Recorder trace (launch/watchdog.py): with NCCL, NCCL's own
+    record, as on CPU gloo's (tests/launch/test_resilience.py)."""
+    monkeypatch.setenv("TORCH_FR_BUFFER_SIZE", "64")  # as a run with hang_timeout_s sets it
+    entries = run_ranks(1, flight_recorded_all_reduce, backend=BACKEND)[0]
+    names = [entry["profiling_name"] for entry in entries]
+    report("flight_recorder", {"profiling_names": names})
+    assert f"{BACKEND}:all_reduce" in names, names

@@ -7,6 +7,7 @@ losses bitwise equal to an uninterrupted one. (The same on the 2-node Slurm clus
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -98,6 +99,12 @@ def test_a_stopped_rank_is_named_its_peers_stacks_written_and_the_run_restarts(
     stacks = (hang_dir / "rank-00000.txt").read_text()
     assert "rank 0 on" in stacks and 'File "' in stacks, stacks  # a Python stack of every thread
     assert not (hang_dir / "rank-00001.txt").exists()  # it was stopped: no stack
+    # torch's Flight Recorder: the collective rank 0 waits in (a step's or a save's), unfinished,
+    # and the code that called it
+    trace = pickle.loads((hang_dir / "flight-recorder" / "rank-00000").read_bytes())
+    waiting = trace["entries"][-1]
+    assert waiting["profiling_name"].startswith("gloo:") and not waiting["retired"], waiting
+    assert any("trainer" in frame["filename"] for frame in waiting["frames"]), waiting
     assert "restart 1 of 3" in done.stdout
     assert last_losses(run_dir) == straight  # bitwise, over the restart
     status = "\n".join(status_lines(run_dir))
