@@ -379,11 +379,14 @@ class _StreamChunks(IterableDataset):
 # The loader
 
 
+MIN_STREAMS = 8  # the default keeps resumes at data-parallel sizes up to this open
+
+
 def default_num_streams(num_shards: int, global_batch_size: int, dp_size: int) -> int:
-    """The largest L <= num_shards dividing global_batch_size that is a multiple of dp_size.
-    With fewer shards than that allows (a small corpus in one shard), the smallest such L: the
-    streams then share the shards (each reads its lane whole and keeps its own windows), so any
-    prepared data trains at any data-parallel size."""
+    """The largest L <= num_shards dividing global_batch_size that is a multiple of dp_size, and
+    at least MIN_STREAMS where the batch allows it: with fewer shards (a small corpus in one
+    shard) the streams share them (each reads its lane whole and keeps its own windows), so any
+    prepared data trains at any data-parallel size and resumes at 1, 2, 4 or 8."""
     fitting = [streams for streams in range(dp_size, global_batch_size + 1, dp_size)
                if global_batch_size % streams == 0]
     if not fitting:
@@ -393,7 +396,8 @@ def default_num_streams(num_shards: int, global_batch_size: int, dp_size: int) -
             f"multiple of the data-parallel size)"
         )
     within = [streams for streams in fitting if streams <= num_shards]
-    return max(within) if within else min(fitting)
+    enough = min([streams for streams in fitting if streams >= MIN_STREAMS], default=fitting[-1])
+    return max(max(within, default=0), enough)
 
 
 def choose_num_streams(sources: Sequence[Source], global_batch_size: int, dp_size: int) -> int:

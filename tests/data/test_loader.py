@@ -211,18 +211,21 @@ def test_layout_errors_name_the_key(tmp_path):
 
 def test_default_num_streams(tmp_path):
     assert default_num_streams(num_shards=8, global_batch_size=8, dp_size=2) == 8
-    assert default_num_streams(num_shards=7, global_batch_size=8, dp_size=2) == 4
+    assert default_num_streams(num_shards=7, global_batch_size=8, dp_size=2) == 8
     assert default_num_streams(num_shards=100, global_batch_size=48, dp_size=4) == 48
     assert default_num_streams(num_shards=10, global_batch_size=48, dp_size=4) == 8
     # fewer shards than ranks: the fewest streams that fit (they share the shards)
-    assert default_num_streams(num_shards=1, global_batch_size=8, dp_size=4) == 4
-    assert default_num_streams(num_shards=3, global_batch_size=8, dp_size=4) == 4
-    assert default_num_streams(num_shards=1, global_batch_size=8, dp_size=1) == 1
+    # fewer shards: at least 8 streams where the batch allows, for a resume at dp 1, 2, 4 or 8
+    assert default_num_streams(num_shards=1, global_batch_size=8, dp_size=4) == 8
+    assert default_num_streams(num_shards=3, global_batch_size=16, dp_size=4) == 8
+    assert default_num_streams(num_shards=1, global_batch_size=8, dp_size=1) == 8
+    assert default_num_streams(num_shards=1, global_batch_size=4, dp_size=1) == 4
+    assert default_num_streams(num_shards=1, global_batch_size=24, dp_size=3) == 12
     with pytest.raises(DataError, match="data-parallel size 3 does not divide"):
         default_num_streams(num_shards=3, global_batch_size=8, dp_size=3)
     make_data(tmp_path, num_shards=6)
     loader = make_loader(tmp_path, num_streams=None, dp_size=2)
-    assert loader.num_streams == 4 and loader.micro_batches_per_step == 2
+    assert loader.num_streams == 8 and loader.micro_batches_per_step == 2
 
 
 # One shard (what `prepare` writes for a small corpus at the default shard size): the streams
@@ -231,7 +234,7 @@ def test_default_num_streams(tmp_path):
 def test_one_shard_feeds_any_data_parallel_size(tmp_path, dp_size):
     make_data(tmp_path, num_shards=1, tokens_per_shard=900)
     streams = default_num_streams(num_shards=1, global_batch_size=8, dp_size=dp_size)
-    assert streams == dp_size
+    assert streams == 8
     overrides = {"num_streams": streams, "shuffle_buffer": 0}
     expected = global_steps(tmp_path, dp_size=1, num_steps=12, **overrides)
     got = global_steps(tmp_path, dp_size=dp_size, num_steps=12, **overrides)
