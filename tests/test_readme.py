@@ -64,6 +64,11 @@ SUBSTITUTIONS = {
 }
 
 
+# a user's shell holds no rendezvous (an in-process test of this session may have left one)
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                "MASTER_PORT")
+
+
 @dataclass(frozen=True)
 class Command:
     line: int  # where it starts in README.md
@@ -95,7 +100,7 @@ def substituted(text: str, used: set[str]) -> str:
     return text
 
 
-def hugging_face_models(work: Path) -> None:
+def hugging_face_model(work: Path) -> None:
     """The README's Hugging Face directory: a tiny Llama 3.2 with Llama 3's tokenizer."""
     directory = work / "hf" / "Llama-3.2-1B"
     directory.mkdir(parents=True)
@@ -108,12 +113,12 @@ def work_directory(work: Path) -> None:
     make_text_files(work / "held-out", num_files=2, sentences_per_file=20)
     shutil.copytree(ROOT / "configs", work / "configs")
     (work / "configs" / "demo.yaml").write_text(TINY_DEMO)
-    hugging_face_models(work)
+    hugging_face_model(work)
 
 
 def run(command: Command, text: str, work: Path) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_ENV}
+    env.update(OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
     done = subprocess.run(["bash", "-c", text], cwd=work, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, (f"README.md line {command.line}: {text}\n"
