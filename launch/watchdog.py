@@ -222,11 +222,6 @@ def flight_recorder_trace() -> bytes | None:
         if trace:
             return trace
     return None
-    dump = getattr(torch._C._distributed_c10d, "_dump_nccl_trace", None)
-    try:
-        return dump() if dump is not None else None
-    except Exception:  # noqa: BLE001 - no NCCL group, or a torch without the recorder
-        return None
 
 
 def name_the_hang(run_dir: Path, beats: list[Heartbeat], hang_dir: Path, beat_s: float,

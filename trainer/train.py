@@ -127,8 +127,8 @@ def _start(cfg: Config, watchdog: Watchdog) -> TrainState:
                   else "launch.nproc_per_node x nodes")
     validate_layout(cfg, world_size, ranks_from)
     if cfg.resilience.hang_timeout_s and "TORCH_NCCL_TRACE_BUFFER_SIZE" not in os.environ:
-        os.environ.setdefault("TORCH_FR_BUFFER_SIZE", "2000")  # NCCL's last collectives, for
-        # a hang's report (torch's Flight Recorder; the older name is deprecated)
+        os.environ.setdefault("TORCH_FR_BUFFER_SIZE", "2000")  # the last collectives, for a
+        # hang's report (torch's Flight Recorder; TORCH_NCCL_TRACE_BUFFER_SIZE is its old name)
     with distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.launch.backend) as topo:
         validate_layout(cfg, topo.world_size)
         with run_lock(cfg.run.dir, topo.rank):  # one job per run directory
