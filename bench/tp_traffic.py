@@ -176,9 +176,9 @@ def theory(cfg, dp: int, element_bytes: int) -> dict[str, tuple[int, int]]:
 
 def rank_main(out_dir: str) -> None:
     import torch
-    from megatron.core import parallel_state
 
     from tessera.launch.env import quiet_dependencies
+    from tessera.parallel.mcore import parallel_state
     from tessera.parallel.topology import destroy_distributed, init_distributed
     from tessera.trainer.train import build_training_engine, train_step
 

@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.utils import logger
-from megatron.core import parallel_state
 from torch import nn
 
+from tessera.parallel.mcore import parallel_state
 from tessera.parallel.topology import MegatronMPU, Topology
 
 # A step count DeepSpeed never reaches: we print our own metrics lines.

@@ -22,9 +22,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from megatron.core import parallel_state
-from megatron.core.tensor_parallel import mappings, vocab_parallel_cross_entropy
-from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
+
+from tessera.parallel.mcore import (
+    VocabParallelCrossEntropy,
+    mappings,
+    parallel_state,
+    vocab_parallel_cross_entropy,
+)
 
 
 def head_input(x_SBH: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:

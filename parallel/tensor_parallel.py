@@ -14,10 +14,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
-from megatron.core import tensor_parallel as mcore_tp
-from megatron.core.model_parallel_config import ModelParallelConfig
 
+from tessera.parallel.mcore import ModelParallelConfig, parallel_state
+from tessera.parallel.mcore import tensor_parallel as mcore_tp
 from tessera.parallel.parts import Part, padded_vocab_size  # noqa: F401  (callers import them here too)
 
 

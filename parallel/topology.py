@@ -18,7 +18,8 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-from megatron.core import parallel_state
+
+from tessera.parallel.mcore import parallel_state
 
 SHM_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's name of the op (ShareMemCommBuilder.NAME)
 

@@ -16,7 +16,7 @@ KL_BOUND = 1e-9
 def full_logits(engine, topo, ids_BS: torch.Tensor, cfg) -> torch.Tensor:
     """Collective: (batch, seq, vocab) logits of the engine's model at its layout, on every rank.
     Pipeline stages pass activations with send/recv; the last stage gathers the vocabulary."""
-    from megatron.core import parallel_state as ps
+    from tessera.parallel.mcore import parallel_state as ps
 
     seq, batch = ids_BS.shape[1], ids_BS.shape[0]
     local_SBV = None

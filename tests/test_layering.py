@@ -4,6 +4,7 @@ import nothing of each other or of trainer/; nothing below the CLI imports the C
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -90,3 +91,34 @@ def lazy_imports_without_a_reason() -> list[str]:
 
 def test_imports_inside_functions_say_why():
     assert lazy_imports_without_a_reason() == []
+
+
+def megatron_imports_outside_mcore() -> list[str]:
+    """Imports of megatron itself anywhere but parallel/mcore.py, which imports it without
+    loading torch.compile's machinery."""
+    found = []
+    for folder in PACKAGES:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path == ROOT / "parallel" / "mcore.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([node.module or ""] if isinstance(node, ast.ImportFrom) else
+                         [alias.name for alias in node.names] if isinstance(node, ast.Import)
+                         else [])
+                found += [f"{path.relative_to(ROOT)}:{node.lineno}" for name in names
+                          if name.split(".")[0] == "megatron"]
+    return found
+
+
+def test_megatron_core_is_imported_in_one_place():
+    assert megatron_imports_outside_mcore() == []
+
+
+def test_a_rank_starts_without_loading_the_compiler():
+    """Importing the trainer (what every rank does first) leaves dynamo and inductor unloaded:
+    1.5 s of each rank's start-up that megatron-core's fused kernels would otherwise cost."""
+    probe = ("import sys, tessera.trainer.train; "
+             "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"

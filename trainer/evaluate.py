@@ -17,12 +17,12 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.pipe.engine import PipelineEngine
-from megatron.core import parallel_state
 
 from tessera.data.format import DataError
 from tessera.data.loader import TrainLoader
 from tessera.data.sources import DEFAULT_SOURCE, Source, resolve_shards
 from tessera.parallel.engine import Engine
+from tessera.parallel.mcore import parallel_state
 from tessera.parallel.topology import Topology
 from tessera.trainer.batches import to_device, with_documents
 from tessera.trainer.config import Config

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
-from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
@@ -29,6 +28,7 @@ from tessera.parallel.loss import (
     mask_padded_vocab,
     vocab_parallel_loss,
 )
+from tessera.parallel.mcore import ModelParallelConfig
 from tessera.parallel.tensor_parallel import Part
 from tessera.trainer import architecture
 from tessera.trainer.config import ConfigError, ModelConfig

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.pipe.engine import PipelineEngine
-from megatron.core import parallel_state
 from torch.optim.lr_scheduler import LambdaLR
 
 from tessera.data.format import DataError
@@ -26,6 +25,7 @@ from tessera.launch.signals import Interrupted, StopSignal
 from tessera.launch.watchdog import Watchdog
 from tessera.parallel import engine as ds_engine
 from tessera.parallel.engine import Engine, GradNormClipper
+from tessera.parallel.mcore import parallel_state
 from tessera.parallel.pipeline import build_pipeline
 from tessera.parallel.topology import Topology, distributed, env_world
 from tessera.trainer import checkpoint

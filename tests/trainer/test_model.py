@@ -13,8 +13,7 @@ SEED = 7
 
 def full_logits_and_loss(tp: int, cfg: ModelConfig) -> tuple[torch.Tensor, float, dict]:
     """On each rank: build, init, run a fixed batch; all-gather the vocabulary-sharded logits."""
-    from megatron.core import parallel_state
-
+    from tessera.parallel.mcore import parallel_state
     from tessera.parallel.topology import destroy_distributed, init_distributed
     from tessera.trainer.model import build_model, init_weights
 
@@ -61,9 +60,8 @@ def test_init_is_drawn_per_tensor_from_the_seed():
 def one_rank_layers_against_megatron() -> list[tuple[str, bool, bool]]:
     """At tp=1 our layers skip megatron-core's identity autograd functions; per layer, whether
     their output, and their weight's and input's gradients, equal megatron-core's own path's."""
-    from megatron.core import tensor_parallel as mcore_tp
-
     from tessera.parallel import tensor_parallel as tpl
+    from tessera.parallel.mcore import tensor_parallel as mcore_tp
     from tessera.parallel.topology import destroy_distributed, init_distributed
 
     init_distributed(tp=1, pp=1)

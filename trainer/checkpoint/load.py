@@ -13,12 +13,12 @@ from typing import Any
 import deepspeed
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from tessera import __version__
 from tessera.data.format import TokenizerInfo
 from tessera.data.tokenizer import HF_TOKENIZER_FILE, Tokenizer, find_tokenizer, load_tokenizer
 from tessera.parallel.engine import Engine
+from tessera.parallel.mcore import parallel_state
 from tessera.trainer.checkpoint.engine import checkpoint_engine
 from tessera.trainer.checkpoint.files import file_sha256, safe_load
 from tessera.trainer.checkpoint.format import (
