@@ -6,12 +6,14 @@ rank's heartbeat (tessera.launch.faults) and checks two things:
 - its own rank made no progress for `hang_timeout_s` (10x that in the first step, which may
   compile, and in the first save; a later save may take 3x the longest before it);
 - another rank already declared a hang in this launch (a claim file).
-Either way the rank writes the Python stacks of all its threads (and, with NCCL, torch's Flight
-Recorder trace) to run.dir/hangs/<time>/rank-NNNNN.txt and exits with HANG_EXIT_CODE, which the
-restart loops relaunch. The rank that declared the hang waits a beat for the others, reads every
-heartbeat and prints the one line that names who stopped: a rank whose heartbeat went stale
-(stopped or frozen, e.g. SIGSTOP or a stuck driver call holding the interpreter) or a rank behind
-the others (a live rank stuck in its own phase, e.g. a data read). Its hosts get a strike.
+Either way the rank writes the Python stacks of all its threads to
+run.dir/hangs/<time>/rank-NNNNN.txt (and torch's Flight Recorder trace, NCCL's or gloo's, to
+flight-recorder/ there) and exits with HANG_EXIT_CODE, which the restart loops relaunch. The rank
+that declared the hang waits a beat for the others, reads every heartbeat and prints the one line
+that names who stopped: a rank whose heartbeat went stale (stopped or frozen, e.g. SIGSTOP or a
+stuck driver call holding the interpreter) or a rank behind the others (a live rank stuck in its
+own phase, e.g. a data read), and the collective the declaring rank waits in. Its hosts get a
+strike.
 The thread needs nothing from the process group: a rank blocked in a collective releases the
 interpreter, so its watchdog still runs.
 """
@@ -22,6 +24,7 @@ import contextlib
 import datetime
 import faulthandler
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -172,13 +175,15 @@ class Watchdog:
     def _leave(self, hang_dir: Path, declared: bool) -> None:
         """Write the stacks, name the culprits (the declaring rank), and exit the process."""
         with contextlib.suppress(OSError):
-            write_stacks(hang_dir, self.rank, self.beat)
+            trace = write_stacks(hang_dir, self.rank, self.beat)
             self.beat.ended = HANG
             faults.write_heartbeat(self.directory, self._stamped())
             if declared:
                 time.sleep(2 * self.beat_s)  # the others write their stacks and last beats
                 beats = faults.read_heartbeats(self.directory)
-                line = name_the_hang(self.run_dir, beats, hang_dir, self.beat_s, self.world_size)
+                waits = waiting_collective(trace) if trace else None
+                line = name_the_hang(self.run_dir, beats, hang_dir, self.beat_s, self.world_size,
+                                     f"rank {self.rank} waits in {waits}" if waits else None)
                 kill_stopped_ranks_here(beats, self.beat_s)
                 print(line, flush=True)
                 print(line, file=sys.stderr, flush=True)
@@ -188,8 +193,8 @@ class Watchdog:
         os._exit(faults.HANG_EXIT_CODE)
 
 
-def write_stacks(hang_dir: Path, rank: int, beat: Heartbeat) -> None:
-    """All threads' Python stacks of this process, and torch's Flight Recorder trace."""
+def write_stacks(hang_dir: Path, rank: int, beat: Heartbeat) -> bytes | None:
+    """All threads' Python stacks of this process, and torch's Flight Recorder trace (returned)."""
     hang_dir.mkdir(parents=True, exist_ok=True)
     path = hang_dir / f"rank-{rank:05d}.txt"
     with open(path, "w") as f:
@@ -202,6 +207,7 @@ def write_stacks(hang_dir: Path, rank: int, beat: Heartbeat) -> None:
         # torch.distributed.flight_recorder.fr_trace DIR --prefix rank-`
         (hang_dir / FLIGHT_RECORDER_DIR).mkdir(exist_ok=True)
         (hang_dir / FLIGHT_RECORDER_DIR / f"rank-{rank:05d}").write_bytes(trace)
+    return trace
 
 
 def flight_recorder_trace() -> bytes | None:
@@ -224,9 +230,27 @@ def flight_recorder_trace() -> bytes | None:
     return None
 
 
+def waiting_collective(trace: bytes) -> str | None:
+    """Where a rank waits, from its Flight Recorder trace: the oldest collective it entered that
+    has not completed, e.g. 'gloo:all_reduce #57 of group default_pg'. None when it waits in
+    none (a data read, a file system). The bytes are torch's own dump of this process."""
+    try:
+        entries = pickle.loads(trace).get("entries", [])
+    except Exception:  # noqa: BLE001 - a format this torch does not write; the file is kept
+        return None
+    waiting = [e for e in entries if not e.get("retired") and e.get("state") != "completed"]
+    if not waiting:
+        return None
+    first = waiting[0]
+    name, description = first.get("process_group") or ("?", "")
+    return f"{first.get('profiling_name')} #{first.get('collective_seq_id')} of group " \
+           f"{description or name}"
+
+
 def name_the_hang(run_dir: Path, beats: list[Heartbeat], hang_dir: Path, beat_s: float,
-                  world_size: int) -> str:
-    """The one line naming who stopped; strikes their hosts and records the event."""
+                  world_size: int, where_waiting: str | None = None) -> str:
+    """The one line naming who stopped (and `where_waiting`: the collective the declaring rank
+    waits in); strikes their hosts and records the event."""
     now = time.time()
     started = {b.rank for b in beats}
     missing = [r for r in range(world_size) if r not in started]
@@ -251,13 +275,15 @@ def name_the_hang(run_dir: Path, beats: list[Heartbeat], hang_dir: Path, beat_s:
             what = f"stopped (no heartbeat for {now - first.beat_at:.0f} s)"
         else:
             what = f"is stuck in {first.phase} for {now - first.progressed_at:.0f} s"
-        line = (f"tessera: hang at step {where.step} ({where.phase}): {named}{more} {what}; "
-                f"stacks in {hang_dir}")
+        waits = f"; {where_waiting}" if where_waiting else ""
+        line = (f"tessera: hang at step {where.step} ({where.phase}): {named}{more} {what}"
+                f"{waits}; stacks in {hang_dir}")
     else:
         phase = beats[0].phase if beats else "?"
         step = beats[0].step if beats else "?"
+        waits = f"; {where_waiting}" if where_waiting else ""
         line = (f"tessera: hang at step {step} ({phase}): every rank is waiting (a collective or "
-                f"a file system that stopped answering); stacks in {hang_dir}")
+                f"a file system that stopped answering){waits}; stacks in {hang_dir}")
     for beat in culprits:
         faults.add_strike(run_dir, beat.host, f"rank {beat.rank} hung at step {beat.step}")
     faults.record_event(run_dir, "hang", step=culprits[0].step if culprits else None,

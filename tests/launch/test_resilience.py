@@ -19,6 +19,7 @@ import pytest
 from training import last_losses, losses, rank_pid, read_metrics
 
 from tessera.launch import faults
+from tessera.launch.watchdog import waiting_collective
 from tessera.trainer.status import status_lines
 
 pytestmark = pytest.mark.slow
@@ -105,6 +106,8 @@ def test_a_stopped_rank_is_named_its_peers_stacks_written_and_the_run_restarts(
     waiting = trace["entries"][-1]
     assert waiting["profiling_name"].startswith("gloo:") and not waiting["retired"], waiting
     assert any("trainer" in frame["filename"] for frame in waiting["frames"]), waiting
+    # ... which the line names too
+    assert f"rank 0 waits in {waiting['profiling_name']} #{waiting['collective_seq_id']} " in line
     assert "restart 1 of 3" in done.stdout
     assert last_losses(run_dir) == straight  # bitwise, over the restart
     status = "\n".join(status_lines(run_dir))
@@ -123,3 +126,16 @@ def test_a_killed_rank_restarts_from_the_last_checkpoint_with_a_strike_on_its_ho
     assert "restart 1 of 3" in done.stdout
     assert faults.host_strikes(run_dir)[host]["strikes"] >= 1
     assert last_losses(run_dir) == straight
+
+
+def test_the_waiting_collective_is_the_oldest_unfinished_one():
+    """The Flight Recorder keeps finished collectives too (retired, or completed with NCCL)."""
+    def entry(seq: int, retired: bool, state: str = "scheduled") -> dict:
+        return {"profiling_name": "nccl:all_reduce", "collective_seq_id": seq,
+                "process_group": ("3", "tp"), "retired": retired, "state": state}
+
+    trace = {"entries": [entry(7, True), entry(8, False, "completed"), entry(9, False),
+                         entry(10, False)]}
+    assert waiting_collective(pickle.dumps(trace)) == "nccl:all_reduce #9 of group tp"
+    assert waiting_collective(pickle.dumps({"entries": [entry(7, True)]})) is None
+    assert waiting_collective(b"not a trace") is None
