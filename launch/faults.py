@@ -7,9 +7,13 @@ status`:
     run.dir/hangs/<time>/rank-NNNNN.txt                       the stacks a hang left
 
 A heartbeat file holds the rank's step, phase and host, and how the rank ended when it ended on
-its own; a rank killed with SIGKILL, by the OOM killer or by a segfault leaves none. After a launch
-failed, its heartbeats tell a restart loop who died without a word (the crash's culprit), whether
-a rank hung (restart), or whether the input was at fault (a restart would fail the same way).
+its own; a rank killed with SIGKILL, by the OOM killer or by a segfault leaves none. It also says
+whether SIGTERM reached the rank: a launcher ends a failed launch's other ranks with SIGTERM, then
+SIGKILL (torch's agent 30 s later), so a rank that died silently after a SIGTERM is a peer the
+launcher stopped, not a culprit (with NCCL it may be blocked in a collective until then).
+After a launch failed, its heartbeats tell a restart loop who died without a word (the crash's
+culprit), whether a rank hung (restart), or whether the input was at fault (a restart would fail
+the same way).
 Files rather than the process group's store: they outlive a stopped or dead rank 0, and run.dir
 is shared by every node already (checkpoints need it).
 """
@@ -84,6 +88,7 @@ class Heartbeat:
     progressed_at: float  # Unix seconds of the last phase change
     beat_at: float  # Unix seconds of this write
     ended: str | None = None  # how it ended (the names above); None while running
+    terminated: bool = False  # SIGTERM reached it: a launcher (or Slurm) was stopping it
 
     @staticmethod
     def start(rank: int, step: int) -> Heartbeat:
@@ -202,13 +207,16 @@ def post_mortem(run_dir: str | Path, launch: str) -> Verdict:
         return Verdict(False, "every rank finished or stopped on a signal (saved)", [])
     if any(b.ended == HANG for b in beats):  # the watchdog named the hosts and struck them
         return Verdict(True, "a hang stopped the ranks (named above)", [])
-    silent = [b for b in beats if b.ended is None]
+    stopped = [b for b in beats if b.ended is None and b.terminated]  # by their launcher
+    silent = [b for b in beats if b.ended is None and not b.terminated]
     for beat in silent:
         add_strike(run_dir, beat.host, f"rank {beat.rank} died at step {beat.step}")
     if silent:
         named = ", ".join(f"rank {b.rank} on {b.host} (step {b.step}, {b.phase})"
                           for b in silent[:4])
         reason = f"killed or crashed without an error: {named}"
+    elif stopped:
+        reason = f"rank {stopped[0].rank} on {stopped[0].host} was stopped with SIGTERM and killed"
     else:
         reason = "every rank stopped on an error (above)"
     record_event(run_dir, "crash", launch=launch, reason=reason,

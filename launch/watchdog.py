@@ -26,6 +26,7 @@ import faulthandler
 import os
 import pickle
 import signal
+import socket
 import sys
 import threading
 import time
@@ -63,6 +64,7 @@ class Watchdog:
         self._warned = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tessera-watchdog", daemon=True)
+        self._signals = SignalWatch.in_main_thread()
 
     def start(self) -> Watchdog:
         faults.write_heartbeat(self.directory, self.beat)
@@ -111,6 +113,9 @@ class Watchdog:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
+        if self._signals is not None:
+            self._signals.close()
+            self._signals = None
         self.beat.ended = ended
         with contextlib.suppress(OSError):
             faults.write_heartbeat(self.directory, self._stamped())
@@ -124,6 +129,9 @@ class Watchdog:
     def _run(self) -> None:
         last_beat = time.monotonic()
         while not self._stop.wait(self.poll_s):
+            if self._terminated_now():
+                with contextlib.suppress(OSError):
+                    faults.write_heartbeat(self.directory, self._stamped())
             if time.monotonic() - last_beat >= self.beat_s:
                 last_beat = time.monotonic()
                 with contextlib.suppress(OSError):
@@ -136,6 +144,13 @@ class Watchdog:
                 self._leave(Path(claim.read_text().strip() or self._hang_dir_name()), False)
             elif self.timeout_s and self._stalled_s() > self._allowance_s:
                 self._leave(*self._claim())
+
+    def _terminated_now(self) -> bool:
+        """Whether SIGTERM arrived since the last look (and was not seen before)."""
+        if self._signals is None or self.beat.terminated:
+            return False
+        self.beat.terminated = signal.SIGTERM in self._signals.received()
+        return self.beat.terminated
 
     def _leave_after_peer(self, failure: str) -> None:
         if self.rank == 0 or failure.startswith("rank 0 "):  # one line for the job
@@ -191,6 +206,36 @@ class Watchdog:
             else:
                 time.sleep(self.beat_s)  # leave after the declaring rank read our heartbeat
         os._exit(faults.HANG_EXIT_CODE)
+
+
+class SignalWatch:
+    """The signals this process receives, seen by a thread. Python runs a signal's handler only
+    when the main thread runs Python code, and a rank blocked in a collective does not; the
+    interpreter writes each signal's number to its wakeup fd at once, from C, and this socket
+    pair is that fd."""
+
+    def __init__(self) -> None:
+        self._receiver, self._sender = socket.socketpair()
+        for end in (self._receiver, self._sender):
+            end.setblocking(False)
+        self._previous_fd = signal.set_wakeup_fd(self._sender.fileno(), warn_on_full_buffer=False)
+
+    @staticmethod
+    def in_main_thread() -> SignalWatch | None:
+        """A watch, or None outside the main thread (only it may set the wakeup fd)."""
+        return SignalWatch() if threading.current_thread() is threading.main_thread() else None
+
+    def received(self) -> set[int]:
+        """The numbers of the signals received since the last call."""
+        with contextlib.suppress(BlockingIOError):
+            return set(self._receiver.recv(256))
+        return set()
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError):  # (closed from another thread)
+            signal.set_wakeup_fd(self._previous_fd)
+        self._receiver.close()
+        self._sender.close()
 
 
 def write_stacks(hang_dir: Path, rank: int, beat: Heartbeat) -> bytes | None:

@@ -5,6 +5,10 @@ refused at start, naming the ranks that cannot see rank 0's files."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -97,3 +101,62 @@ def test_a_failed_launch_is_restarted_only_when_a_restart_can_help(tmp_path, end
         beat.ended = ending
         faults.write_heartbeat(directory, beat)
     assert faults.post_mortem(tmp_path, "launch-a").restart == restart
+
+
+def test_a_silent_peer_its_launcher_stopped_with_sigterm_gets_no_strike(tmp_path):
+    """Rank 1 died without a word; rank 0 (blocked, as in an NCCL collective) got its launcher's
+    SIGTERM, then its SIGKILL: the crash, and the strike, are rank 1's alone."""
+    directory = faults.launch_dir(tmp_path, "launch-a", 1)
+    for rank, host in enumerate(["n1", "n2"]):
+        beat = faults.Heartbeat.start(rank, 3)
+        beat.host, beat.terminated = host, rank == 0
+        faults.write_heartbeat(directory, beat)
+    verdict = faults.post_mortem(tmp_path, "launch-a")
+    assert verdict.restart and [b.rank for b in verdict.culprits] == [1]
+    assert verdict.reason == "killed or crashed without an error: rank 1 on n2 (step 3, start-up)"
+    assert set(faults.host_strikes(tmp_path)) == {"n2"}
+
+
+def test_a_launch_whose_ranks_were_all_stopped_with_sigterm_strikes_no_host(tmp_path):
+    directory = faults.launch_dir(tmp_path, "launch-a", 1)
+    beat = faults.Heartbeat.start(0, 3)
+    beat.terminated = True
+    faults.write_heartbeat(directory, beat)
+    verdict = faults.post_mortem(tmp_path, "launch-a")
+    assert verdict.restart and verdict.culprits == []
+    assert "stopped with SIGTERM and killed" in verdict.reason
+    assert faults.host_strikes(tmp_path) == {}
+
+
+WATCHED_RANK = """
+import sys, time
+from tessera.launch.signals import StopSignal
+from tessera.launch.watchdog import Watchdog
+watchdog = Watchdog(sys.argv[1], rank=0, world_size=1, timeout_s=0).start()
+with StopSignal(["TERM"]):
+    print("ready", flush=True)
+    time.sleep(60)  # what the trainer does on SIGTERM does not matter: its launcher kills it
+"""
+
+
+def test_the_watchdog_records_a_sigterm_in_the_heartbeat(tmp_path):
+    """The watchdog's thread sees SIGTERM through the interpreter's wakeup fd, whatever the main
+    thread is doing, and says so in the heartbeat a post-mortem reads after the SIGKILL."""
+    env = {**os.environ, faults.LAUNCH_ID_VARIABLE: "launch-a"}
+    rank = subprocess.Popen([sys.executable, "-c", WATCHED_RANK, str(tmp_path)], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert rank.stdout.readline().strip() == "ready"
+        directory = faults.launch_dir(tmp_path, "launch-a")
+        [before] = faults.read_heartbeats(directory)
+        assert not before.terminated
+        rank.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + ANSWER_S
+        while not faults.read_heartbeats(directory)[0].terminated:
+            assert time.monotonic() < deadline, "no SIGTERM in the heartbeat"
+            time.sleep(0.1)
+    finally:
+        rank.kill()
+        rank.wait()
+    [after] = faults.read_heartbeats(directory)
+    assert after.ended is None and after.terminated
