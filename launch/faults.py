@@ -9,8 +9,9 @@ status`:
 A heartbeat file holds the rank's step, phase and host, and how the rank ended when it ended on
 its own; a rank killed with SIGKILL, by the OOM killer or by a segfault leaves none. It also says
 whether SIGTERM reached the rank: a launcher ends a failed launch's other ranks with SIGTERM, then
-SIGKILL (torch's agent 30 s later), so a rank that died silently after a SIGTERM is a peer the
-launcher stopped, not a culprit (with NCCL it may be blocked in a collective until then).
+SIGKILL (torch's agent 30 s later; srun --kill-on-bad-exit after Slurm's KillWait), so a rank
+that died silently after a SIGTERM is a peer the launcher stopped, not a culprit (with NCCL it
+may be blocked in a collective until then).
 After a launch failed, its heartbeats tell a restart loop who died without a word (the crash's
 culprit), whether a rank hung (restart), or whether the input was at fault (a restart would fail
 the same way).
