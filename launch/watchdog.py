@@ -297,6 +297,7 @@ def name_the_hang(run_dir: Path, beats: list[Heartbeat], hang_dir: Path, beat_s:
     """The one line naming who stopped (and `where_waiting`: the collective the declaring rank
     waits in); strikes their hosts and records the event."""
     now = time.time()
+    waits = f"; {where_waiting}" if where_waiting else ""
     started = {b.rank for b in beats}
     missing = [r for r in range(world_size) if r not in started]
     if missing:  # (no heartbeat, so no host: nothing to strike)
@@ -320,13 +321,11 @@ def name_the_hang(run_dir: Path, beats: list[Heartbeat], hang_dir: Path, beat_s:
             what = f"stopped (no heartbeat for {now - first.beat_at:.0f} s)"
         else:
             what = f"is stuck in {first.phase} for {now - first.progressed_at:.0f} s"
-        waits = f"; {where_waiting}" if where_waiting else ""
         line = (f"tessera: hang at step {where.step} ({where.phase}): {named}{more} {what}"
                 f"{waits}; stacks in {hang_dir}")
     else:
         phase = beats[0].phase if beats else "?"
         step = beats[0].step if beats else "?"
-        waits = f"; {where_waiting}" if where_waiting else ""
         line = (f"tessera: hang at step {step} ({phase}): every rank is waiting (a collective or "
                 f"a file system that stopped answering){waits}; stacks in {hang_dir}")
     for beat in culprits:
