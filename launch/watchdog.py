@@ -40,6 +40,7 @@ PHASES = ("start-up", "data", "forward/backward", "optimizer", "metrics", "save"
 CLAIM_FILE = "hang"  # in the launch's heartbeat directory: names the hang's directory
 FAILED_FILE = "failed"  # in the launch's heartbeat directory: the first rank that failed
 FLIGHT_RECORDER_DIR = "flight-recorder"  # in a hang's directory: one trace per rank
+FILE_OPS_PER_S = 2000  # on run.dir, by the watchdogs of all ranks together
 _made = 0  # watchdogs made in this process (a test may train several times in one launch)
 
 
@@ -52,9 +53,7 @@ class Watchdog:
         self.world_size = world_size
         self.timeout_s = timeout_s
         self.directory = faults.launch_dir(run_dir, faults.launch_id(), _made)
-        # quick enough to see a hang well within the timeout; heartbeats only when off
-        self.beat_s = min(max(timeout_s / 10, 0.5), 10.0) if timeout_s else 30.0
-        self.poll_s = min(self.beat_s, 1.0)  # a peer's failure is seen within this
+        self.beat_s, self.poll_s = watch_intervals(timeout_s, world_size)
         self.beat = Heartbeat.start(rank, 0)  # step 0: before the first step
         self._progressed = time.monotonic()
         self._allowance_s = timeout_s * SLOW_PHASE_FACTOR  # start-up and the first step
@@ -206,6 +205,18 @@ class Watchdog:
             else:
                 time.sleep(self.beat_s)  # leave after the declaring rank read our heartbeat
         os._exit(faults.HANG_EXIT_CODE)
+
+
+def watch_intervals(timeout_s: float, world_size: int) -> tuple[float, float]:
+    """(beat_s, poll_s): how often a rank writes its heartbeat, and how often it looks for a
+    peer's failure or hang claim (a peer's failure is seen within poll_s). Quick enough to name a
+    hang well within the timeout (heartbeats only, when it is off); slow enough that a large job's
+    watchdogs stay within FILE_OPS_PER_S on the shared file system, where each beat is two
+    operations (write, rename) and each look two (two files): from 500 ranks on, both intervals
+    grow with the world size (16 s at 8192 ranks)."""
+    floor_s = 2 * 2 * world_size / FILE_OPS_PER_S  # half the budget each
+    beat_s = min(max(timeout_s / 10, 0.5), 10.0) if timeout_s else 30.0
+    return max(beat_s, floor_s), max(min(beat_s, 1.0), floor_s)
 
 
 class SignalWatch:

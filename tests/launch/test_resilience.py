@@ -19,7 +19,7 @@ import pytest
 from training import last_losses, losses, rank_pid, read_metrics
 
 from tessera.launch import faults
-from tessera.launch.watchdog import waiting_collective
+from tessera.launch.watchdog import FILE_OPS_PER_S, waiting_collective, watch_intervals
 from tessera.trainer.status import status_lines
 
 pytestmark = pytest.mark.slow
@@ -139,3 +139,18 @@ def test_the_waiting_collective_is_the_oldest_unfinished_one():
     assert waiting_collective(pickle.dumps(trace)) == "nccl:all_reduce #9 of group tp"
     assert waiting_collective(pickle.dumps({"entries": [entry(7, True)]})) is None
     assert waiting_collective(b"not a trace") is None
+
+
+@pytest.mark.parametrize("timeout_s, small_job", [(0, (30.0, 1.0)), (5, (0.5, 0.5)),
+                                                  (600, (10.0, 1.0))])
+def test_the_watchdogs_file_traffic_stays_bounded_at_any_world_size(timeout_s, small_job):
+    """Each rank writes a heartbeat (2 operations) every beat_s and looks at 2 files every poll_s;
+    a small job keeps the quick intervals, a large one stays within the budget."""
+    def ops_per_s(world_size: int) -> float:
+        beat_s, poll_s = watch_intervals(timeout_s, world_size)
+        return world_size * (2 / beat_s + 2 / poll_s)
+
+    assert watch_intervals(timeout_s, 8) == small_job
+    for world_size in (500, 2048, 8192, 65536):
+        assert ops_per_s(world_size) <= FILE_OPS_PER_S * 1.0001, world_size
+    assert watch_intervals(600, 8192) == (16.384, 16.384)
