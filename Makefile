@@ -26,7 +26,7 @@ demo: setup $(DEMO_DATA)/manifest.json
 	$(PY) -m tessera train --config configs/demo.yaml
 
 # Two pytest workers, a test file to each: most tests wait on processes they start (ranks, a
-# Slurm job, a hang timeout), so two keep 2 cores busy (11 min instead of 15.5 on 2 cores)
+# Slurm job, a hang timeout), so two keep 2 cores busy (pytest 9.5-11 min instead of 15.5)
 PYTEST := $(PY) -m pytest -q -rs -p no:cacheprovider -n 2 --dist loadfile
 
 test: setup lint
