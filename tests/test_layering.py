@@ -21,8 +21,9 @@ MAY_IMPORT = {
 }
 
 
-def imported_modules(path: Path) -> list[tuple[int, str]]:
-    """(line, module) of every import of ours in a file, inside functions too."""
+def imported_modules(path: Path, top: str = "tessera") -> list[tuple[int, str]]:
+    """(line, module) of every import of package `top` (ours by default) in a file, inside
+    functions too."""
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -30,7 +31,7 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
             found += [(node.lineno, name) for name in names]
         elif isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
-    return [(line, name) for line, name in found if name.split(".")[0] == "tessera"]
+    return [(line, name) for line, name in found if name.split(".")[0] == top]
 
 
 def package_of(module: str) -> str | None:
@@ -96,18 +97,10 @@ def test_imports_inside_functions_say_why():
 def megatron_imports_outside_mcore() -> list[str]:
     """Imports of megatron itself anywhere but parallel/mcore.py, which imports it without
     loading torch.compile's machinery."""
-    found = []
-    for folder in PACKAGES:
-        for path in sorted((ROOT / folder).rglob("*.py")):
-            if path == ROOT / "parallel" / "mcore.py":
-                continue
-            for node in ast.walk(ast.parse(path.read_text())):
-                names = ([node.module or ""] if isinstance(node, ast.ImportFrom) else
-                         [alias.name for alias in node.names] if isinstance(node, ast.Import)
-                         else [])
-                found += [f"{path.relative_to(ROOT)}:{node.lineno}" for name in names
-                          if name.split(".")[0] == "megatron"]
-    return found
+    paths = [path for folder in PACKAGES for path in sorted((ROOT / folder).rglob("*.py"))
+             if path != ROOT / "parallel" / "mcore.py"]
+    return sorted({f"{path.relative_to(ROOT)}:{line}" for path in paths
+                   for line, _ in imported_modules(path, "megatron")})
 
 
 def test_megatron_core_is_imported_in_one_place():
