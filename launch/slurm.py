@@ -98,15 +98,20 @@ class JobStep:
     exclude: tuple[str, ...] = ()  # hosts the job must not run on
 
     def wrap(self, script: str) -> str:
-        """The submitit script with the note above its srun line and the wrapper before it."""
+        """The submitit script with the note above its srun line and the wrapper before it.
+
+        The restarts and the task note live on that one line, so a submitit whose script has
+        no such line, or several, is refused here rather than submitted without them."""
+        lines = script.split("\n")
+        steps = [i for i, line in enumerate(lines) if line.startswith("srun ")]
+        if len(steps) != 1:
+            raise SlurmError(f"submitit {submitit.__version__} wrote a batch script with "
+                             f"{len(steps)} lines starting with `srun ` where Tessera expects "
+                             "one; install the submitit version pinned in pyproject.toml")
+        at = steps[0]
         prefix = "".join(shlex.quote(word) + " " for word in self.wrapper)
-        lines = []
-        for line in script.split("\n"):
-            if line.startswith("srun "):
-                lines += [f"# {note}" for note in self.note]
-                line = prefix + line
-            lines.append(line)
-        return "\n".join(lines)
+        note = [f"# {line}" for line in self.note]
+        return "\n".join(lines[:at] + note + [prefix + lines[at]] + lines[at + 1:])
 
 
 def sbatch_script(slurm: SlurmConfig, job_name: str, folder: Path, step: JobStep = JobStep()

@@ -9,7 +9,7 @@ import pytest
 
 from tessera.launch.env import PORT_BASE, PORT_SPAN, from_slurm, master_port_for_job
 from tessera.launch.signals import parse_signal
-from tessera.launch.slurm import gpus_in_gres
+from tessera.launch.slurm import JobStep, SlurmError, gpus_in_gres
 
 SLURM_TASK_3_OF_4 = {  # what srun sets for the second task on the second of two nodes
     "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1",
@@ -59,3 +59,20 @@ def test_signal_names():
 ])
 def test_gpus_per_node_from_sinfo_gres(gres, gpus):
     assert gpus_in_gres(gres) == gpus
+
+
+SUBMITIT_SCRIPT = ("#!/bin/bash\n#SBATCH --nodes=2\nexport X=1\n"
+                   "srun --output x.out python -u -m run\n")
+
+
+def test_the_job_step_wraps_the_one_srun_line():
+    step = JobStep(wrapper=("python", "-m", "restarts", "--max=2 tries", "--"), note=("task: x",))
+    assert step.wrap(SUBMITIT_SCRIPT).split("\n")[3:5] == [
+        "# task: x", "python -m restarts '--max=2 tries' -- srun --output x.out python -u -m run"]
+
+
+@pytest.mark.parametrize("script", [SUBMITIT_SCRIPT.replace("srun ", "  srun "),
+                                    SUBMITIT_SCRIPT + "srun --other\n"])
+def test_a_script_without_exactly_one_srun_line_is_refused(script):
+    with pytest.raises(SlurmError, match=r"submitit .* (0|2) lines starting with `srun `"):
+        JobStep(wrapper=("restarts", "--")).wrap(script)
