@@ -37,7 +37,10 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimiz
 
 
 def lr_at(step_index: int, train: TrainConfig) -> float:
-    """The learning rate of optimizer step `step_index` (0-based)."""
+    """The learning rate of optimizer step `step_index` (0-based).
+
+    Each phase counts its steps from 1, as the warmup does, so that the last warmup step trains
+    at train.lr and the last step of the run (step_index train.steps - 1) at train.min_lr."""
     if step_index < train.warmup_steps:
         return train.lr * (step_index + 1) / train.warmup_steps
     if train.lr_schedule == "constant":
@@ -46,11 +49,11 @@ def lr_at(step_index: int, train: TrainConfig) -> float:
         decay_start = train.steps - train.decay_steps
         if step_index < decay_start:
             return train.lr
-        progress = min((step_index - decay_start) / train.decay_steps, 1.0)
+        progress = min((step_index - decay_start + 1) / train.decay_steps, 1.0)
         remaining = 1.0 - (math.sqrt(progress) if train.decay_shape == "1-sqrt" else progress)
         return train.min_lr + (train.lr - train.min_lr) * remaining
     decay_steps = max(train.steps - train.warmup_steps, 1)
-    progress = min((step_index - train.warmup_steps) / decay_steps, 1.0)
+    progress = min((step_index - train.warmup_steps + 1) / decay_steps, 1.0)
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return train.min_lr + (train.lr - train.min_lr) * cosine
 
@@ -64,21 +67,21 @@ class ScheduleChangeError(ConfigError):
 
 
 def check_schedule_change(saved: TrainConfig, new: TrainConfig, step: int) -> None:
-    """On resume before step `step` (0-based): the schedule keys may change (a longer run, a
-    cooldown branch) where the learning rate of that step stays what it was (extending wsd in
-    its stable phase, decaying from the resume step on); otherwise one line with both, unless
-    train.allow_schedule_change."""
+    """On resume after `step` steps: the schedule keys may change (a longer run, a cooldown
+    branch) where the new schedule continues the saved one, giving the checkpoint's last step
+    the learning rate it trained at (extending wsd in its stable phase, a decay that starts
+    after it); otherwise one line with both, unless train.allow_schedule_change."""
     changed = [k for k in SCHEDULE_KEYS if getattr(saved, k) != getattr(new, k)]
-    if not changed or new.allow_schedule_change:
+    if not changed or new.allow_schedule_change or step == 0:
         return
-    before, after = lr_at(step, saved), lr_at(step, new)
+    before, after = lr_at(step - 1, saved), lr_at(step - 1, new)
     if before == after:
         return
     changes = ", ".join(f"train.{k} {getattr(saved, k)} -> {getattr(new, k)}" for k in changed)
     raise ScheduleChangeError(
-        f"the learning-rate schedule changed since the checkpoint ({changes}): step {step + 1} "
-        f"would train at {after:.4g} where the saved schedule gives {before:.4g}; set "
-        f"train.allow_schedule_change=true to go on with the new one"
+        f"the learning-rate schedule changed since the checkpoint ({changes}): the new one does "
+        f"not continue the saved one, which trained step {step} at {before:.4g} where the new "
+        f"one gives {after:.4g}; set train.allow_schedule_change=true to go on with the new one"
     )
 
 

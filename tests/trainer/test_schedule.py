@@ -18,19 +18,23 @@ WSD = dict(lr_schedule="wsd", steps=20, warmup_steps=2, decay_steps=5, lr=1e-3, 
 def test_wsd_warms_up_holds_then_decays_linearly_or_by_one_minus_sqrt():
     linear = TrainConfig(**WSD)
     assert [lr_at(i, linear) for i in (0, 1)] == [5e-4, 1e-3]
-    assert all(lr_at(i, linear) == 1e-3 for i in range(2, 16))  # stable until step 15
-    assert lr_at(15, linear) == 1e-3  # the decay starts at steps - decay_steps
-    assert lr_at(17, linear) == pytest.approx(1e-4 + 9e-4 * (1 - 2 / 5))
-    assert lr_at(20, linear) == pytest.approx(1e-4)  # past the end: min_lr
+    assert all(lr_at(i, linear) == 1e-3 for i in range(2, 15))  # stable to step 15 (index 14)
+    assert lr_at(15, linear) == pytest.approx(1e-4 + 9e-4 * (1 - 1 / 5))  # the first of 5
+    assert lr_at(17, linear) == pytest.approx(1e-4 + 9e-4 * (1 - 3 / 5))
+    assert lr_at(19, linear) == pytest.approx(1e-4)  # the run's last step trains at min_lr
+    assert lr_at(25, linear) == pytest.approx(1e-4)  # and so does any step past it
     root = TrainConfig(**{**WSD, "decay_shape": "1-sqrt"})
-    assert lr_at(17, root) == pytest.approx(1e-4 + 9e-4 * (1 - math.sqrt(2 / 5)))
+    assert lr_at(17, root) == pytest.approx(1e-4 + 9e-4 * (1 - math.sqrt(3 / 5)))
+    assert lr_at(19, root) == pytest.approx(1e-4)
 
 
 def test_constant_and_cosine():
     constant = TrainConfig(lr_schedule="constant", steps=10, warmup_steps=2, lr=1e-3)
     assert [lr_at(i, constant) for i in (0, 1, 5, 9)] == [5e-4, 1e-3, 1e-3, 1e-3]
     cosine = TrainConfig(steps=12, warmup_steps=2, lr=1e-3, min_lr=1e-4)
-    assert lr_at(7, cosine) == pytest.approx(1e-4 + 9e-4 * 0.5)  # half way through the decay
+    assert lr_at(1, cosine) == 1e-3  # the last warmup step trains at the peak
+    assert lr_at(6, cosine) == pytest.approx(1e-4 + 9e-4 * 0.5)  # half way through the decay
+    assert lr_at(11, cosine) == pytest.approx(1e-4)  # the run's last step trains at min_lr
 
 
 @pytest.mark.parametrize("keys, key, words", [
@@ -49,12 +53,13 @@ def test_bad_schedule_keys_are_named(tmp_path, keys, key, words):
 
 def test_what_a_resume_may_change():
     stable = TrainConfig(**WSD)
-    # extending wsd in its stable phase, or a cooldown that starts at the resume step: exact
+    # extending wsd in its stable phase, or a cooldown that starts after the checkpoint: exact
     check_schedule_change(stable, TrainConfig(**{**WSD, "steps": 40}), step=10)
     check_schedule_change(stable, TrainConfig(**{**WSD, "steps": 15, "decay_steps": 5}), step=10)
     # extending once the decay has started changes the learning rate: refused, both shown
-    with pytest.raises(ScheduleChangeError, match=r"train.steps 20 -> 40\): step 18 would "
-                       r"train at 0.001 where the saved schedule gives 0.00064"):
+    with pytest.raises(ScheduleChangeError, match=r"train.steps 20 -> 40\): the new one does "
+                       r"not continue the saved one, which trained step 17 at 0.00064 where "
+                       r"the new one gives 0.001"):
         check_schedule_change(stable, TrainConfig(**{**WSD, "steps": 40}), step=17)
     # cosine, extended: refused; allowed on request
     cosine = TrainConfig(steps=20, warmup_steps=2, lr=1e-3, min_lr=1e-4)
@@ -122,7 +127,7 @@ def test_logged_learning_rate_follows_the_schedule_across_resumes(tmp_path, byte
     assert_follows("extended", 4)
     assert losses(runs["extended"]) == losses(runs["straight"])[4:]
     assert_follows("cooldown", 4)
-    assert runs["cooldown"][-1]["lr"] < runs["cooldown"][0]["lr"] == configs["wsd"].train.lr
-    assert "step 5 would train at" in runs["refused"]
+    assert runs["cooldown"][-1]["lr"] == pytest.approx(configs["cooldown"].train.min_lr)
+    assert "trained step 4 at" in runs["refused"]
     assert "train.steps 4 -> 12" in runs["refused"]
     assert_follows("allowed", 4)
