@@ -30,6 +30,7 @@ from tessera.parallel.pipeline import build_pipeline
 from tessera.parallel.topology import Topology, distributed, env_world
 from tessera.trainer import checkpoint
 from tessera.trainer.batches import to_device, with_documents
+from tessera.trainer.checkpoint import TrainState
 from tessera.trainer.config import (
     Config,
     ConfigError,
@@ -60,16 +61,6 @@ from tessera.trainer.optim import (
 )
 from tessera.trainer.run_dir import check_shared, check_writable, run_lock
 from tessera.trainer.stragglers import ForwardClock, injected_delay_s
-
-
-@dataclasses.dataclass
-class TrainState:
-    """What the loop carries between steps and what a checkpoint restores."""
-
-    step: int = 0  # optimizer steps taken
-    consumed_samples: int = 0  # sequences consumed over all data-parallel ranks
-    num_streams: int = 0
-    loss: float | None = None  # of the last step (checkpoint inspect shows it)
 
 
 def resolve_vocab(cfg: Config, shards: list[Source]) -> None:

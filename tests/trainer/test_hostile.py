@@ -278,3 +278,106 @@ def test_generate_refuses_a_temperature_that_is_not_a_number(run_copy, capsys):
     assert main(["generate", str(run_copy), "--prompt", "x", "--temperature", "nan"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "tessera generate: error: --temperature must be a number >= 0, got nan"
+
+
+def train_args(run_dir: Path, shards: Path, **overrides) -> list[str]:
+    """`tessera train` arguments of the `trained` fixture's config, with overrides."""
+    keys = {"run.dir": run_dir, "run.seed": 3, "data.shards": shards, "data.streams": 2,
+            "model.hidden_size": 64, "model.num_layers": 2, "model.num_heads": 4,
+            "model.num_kv_heads": 2, "model.ffn_hidden_size": 176, "model.seq_len": 32,
+            "train.global_batch_size": 8, "train.micro_batch_size": 2, "train.lr": 3e-3,
+            "train.min_lr": 3e-4, "train.warmup_steps": 2, "train.steps": 2,
+            "checkpoint.interval": 0, **overrides}
+    return [f"{k}={v}" for k, v in keys.items()]
+
+
+def tampered_state(step_dir: Path, state: object) -> None:
+    (step_dir / checkpoint.STATE_FILE).write_text(json.dumps(state))
+    resign(step_dir)
+
+
+@pytest.mark.parametrize("state, words", [
+    ({}, "'train' is not an object"),
+    ({"train": {"step": "2"}, "data": {}}, "train.step is not a count: '2'"),
+    ({"train": {"step": 2, "epoch": 1}, "data": {}}, "'train' has an unknown field 'epoch'"),
+    ({"train": {"step": 10**20}, "data": {}}, "train.step 100000000000000000000 is not the "
+                                              "manifest's step 2"),
+])
+def test_a_state_file_that_is_not_a_training_state_stops_the_resume_and_keeps_it(
+        run_copy, byte_shards, capsys, state, words):
+    """A re-signed state file without a usable "train" used to read as a weights-only load: the
+    run trained from step 0 and its first save deleted the checkpoint."""
+    from tessera.cli import main
+
+    step_dir = run_copy / "checkpoints" / "step-00000002"
+    tampered_state(step_dir, state)
+    manifest = (step_dir / checkpoint.MANIFEST_FILE).read_bytes()
+    assert main(["train", *train_args(run_copy, byte_shards, **{"train.steps": 3})]) == 2
+    err = capsys.readouterr().err
+    assert f"{step_dir / checkpoint.STATE_FILE}: {words}" in err, err
+    assert (step_dir / checkpoint.MANIFEST_FILE).read_bytes() == manifest
+    assert checkpoint.committed_steps(run_copy / "checkpoints") == [2]
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("no manifest", "latest names step-00000002; step-00000002 has no manifest.json"),
+    ("linked", "latest names step-00000002; step-00000002 is a link"),
+])
+def test_checkpoints_none_of_which_is_committed_stop_the_resume_and_stay(
+        run_copy, byte_shards, tmp_path, capsys, damage, words):
+    """Checkpoints resume does not take (manifests lost in a copy, step directories moved to
+    another disk and linked back) used to read as a fresh run, which deleted them at its first
+    save."""
+    from tessera.cli import main
+
+    root = run_copy / "checkpoints"
+    step_dir = root / "step-00000002"
+    if damage == "no manifest":
+        (step_dir / checkpoint.MANIFEST_FILE).unlink()
+    else:
+        step_dir.rename(tmp_path / "elsewhere")
+        step_dir.symlink_to(tmp_path / "elsewhere")
+    files_before = sorted(p.name for p in step_dir.iterdir())
+    assert main(["train", *train_args(run_copy, byte_shards, **{"train.steps": 3})]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"tessera train: error: {root} holds checkpoints but none committed ({words}): "
+                   f"nothing was loaded or deleted; restore them, or train in another run.dir")
+    assert sorted(p.name for p in step_dir.iterdir()) == files_before
+
+
+@pytest.mark.parametrize("edit, words", [
+    ({"layout": "x"}, "'layout' is not an object"),
+    ({"layout": {"world_size": 1, "pp": 1, "dp": 1, "zero_stage": 0}},
+     "layout.tp is not a count of ranks: None"),
+    ({"layout": {"world_size": 10**12, "tp": 1, "pp": 1, "dp": 10**12, "zero_stage": 1}},
+     "layout: 1000000000000 ranks, but the manifest lists"),
+    ({"layout": {"world_size": 2, "tp": 1, "pp": 1, "dp": 2, "zero_stage": 0}},
+     "lists no rng/rank-00001.pt: rank 1 of 2 saved nothing"),
+    ({"layout": {"world_size": 1, "tp": 1, "pp": 1, "dp": 1, "zero_stage": 4}},
+     "layout.zero_stage is not 0-3: 4"),
+    ({"model": [1]}, "'model' is not an object"),
+])
+def test_a_manifest_of_the_wrong_shape_is_one_line_for_every_command(run_copy, tmp_path, capsys,
+                                                                     edit, words):
+    from tessera.cli import main
+
+    step_dir = run_copy / "checkpoints" / "step-00000002"
+    path = step_dir / checkpoint.MANIFEST_FILE
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    for command in (["convert", "to-hf", str(step_dir), str(tmp_path / "hf")],
+                    ["checkpoint", "inspect", str(step_dir)]):
+        main(command)
+        out = capsys.readouterr()
+        assert f"{path}: {words}" in out.out + out.err, command
+        assert "Traceback" not in out.err
+
+
+def test_a_run_directory_with_glob_characters_in_its_name_converts(tmp_path, byte_shards):
+    """ZeRO's optimizer partitions are found from the manifest, not by a glob of the path."""
+    from tessera.trainer.convert import convert_command
+
+    run_dir = tmp_path / "run[z1]"
+    run_ranks(1, train_each, [tiny_config(run_dir, byte_shards, **{
+        "train.steps": 1, "parallel.zero_stage": 1})])
+    assert convert_command(["to-hf", str(run_dir), str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").is_file()

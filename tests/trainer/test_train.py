@@ -44,7 +44,8 @@ def test_stopped_run_resumes_from_its_checkpoint(tmp_path, byte_shards, short_do
 
 
 def test_run_summary_names_run_dir_metrics_and_checkpoints(tmp_path):
-    from tessera.trainer.train import TrainState, run_summary
+    from tessera.trainer.checkpoint import TrainState
+    from tessera.trainer.train import run_summary
 
     cfg = tiny_config(tmp_path / "run", tmp_path / "data")
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)

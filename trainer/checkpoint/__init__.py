@@ -54,6 +54,7 @@ from tessera.trainer.checkpoint.format import (
     TOKENIZER_DIR,
     CarriedTokenizer,
     CheckpointError,
+    TrainState,
     committed_steps,
     read_latest,
     step_of,
@@ -67,6 +68,7 @@ from tessera.trainer.checkpoint.load import (
     load,
     problems,
     read_manifest,
+    read_state,
     resolve_step_dir,
     resume,
     saved_config,
@@ -84,10 +86,10 @@ from tessera.trainer.checkpoint.save import (
 __all__ = [
     "ARCHITECTURE_FIELDS", "CONFIG_FILE", "DELAY_ENV", "FORMAT", "FORMAT_VERSION", "LATEST_FILE",
     "MANIFEST_FILE", "STATE_FILE", "TMP_SUFFIX", "TOKENIZER_DIR", "CarriedTokenizer",
-    "CheckpointError", "CheckpointInfo", "TesseraCheckpointEngine", "apply_retention",
+    "CheckpointError", "CheckpointInfo", "TesseraCheckpointEngine", "TrainState", "apply_retention",
     "canonical_shapes", "carried_tokenizer", "check_compatible", "committed_steps",
     "delete_checkpoint", "file_sha256", "inspect", "install", "latest_tag", "list_checkpoints",
-    "load", "problems", "read_latest", "read_manifest", "remove_uncommitted",
+    "load", "problems", "read_latest", "read_manifest", "read_state", "remove_uncommitted",
     "replace_text_atomically", "resolve_step_dir", "resume", "safe_globals", "saved_config",
     "safe_load", "save", "step_of", "tag_for", "tokenizer_of", "wait", "write_torch_file",
 ]

@@ -3,6 +3,7 @@ the error a user sees for any checkpoint problem."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
@@ -41,6 +42,39 @@ SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used (missing, corrupt, another model); the message names it."""
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What the loop carries between steps and what a checkpoint restores."""
+
+    step: int = 0  # optimizer steps taken
+    consumed_samples: int = 0  # sequences consumed over all data-parallel ranks
+    num_streams: int = 0
+    loss: float | None = None  # of the last step (checkpoint inspect shows it)
+
+
+def train_state_problem(saved: object) -> str | None:
+    """What is wrong with a state file's "train" object, read back into a TrainState: unknown
+    fields, counts that are not counts, a loss that is not a number."""
+    if not isinstance(saved, dict):
+        return "'train' is not an object"
+    fields = {f.name for f in dataclasses.fields(TrainState)}
+    unknown = sorted(set(saved) - fields)
+    if unknown:
+        return f"'train' has an unknown field {unknown[0]!r}"
+    for name in fields - {"loss"}:
+        if not is_count(saved.get(name, 0)):
+            return f"train.{name} is not a count: {saved.get(name)!r}"
+    loss = saved.get("loss")
+    if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float))):
+        return f"train.loss is not a number: {loss!r}"
+    return None
+
+
+def is_count(value: object, least: int = 0) -> bool:
+    """An int (not a bool) of at least `least`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def tag_for(step: int) -> str:

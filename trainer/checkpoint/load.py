@@ -35,10 +35,12 @@ from tessera.trainer.checkpoint.format import (
     CarriedTokenizer,
     CheckpointError,
     committed_steps,
+    is_count,
     rank,
     read_latest,
     step_of,
     tag_for,
+    train_state_problem,
     warn,
 )
 from tessera.trainer.checkpoint.rng import restore_rng_at_first_forward
@@ -124,6 +126,9 @@ def read_manifest(directory: str | Path) -> dict:
         problem = _entry_problem(name, entry)
         if problem:
             raise CheckpointError(f"{path}: file entry {name!r} {problem}")
+    problem = _layout_problem(manifest.get("layout"), files) or _model_problem(manifest)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     expected_step = step_of(Path(directory).name)
     if expected_step is not None and manifest.get("step") != expected_step:
         raise CheckpointError(
@@ -144,6 +149,59 @@ def _entry_problem(name: str, entry: Any) -> str | None:
     if not isinstance(entry.get("sha256"), str) or not SHA256_RE.fullmatch(entry["sha256"]):
         return "has no sha256"
     return None
+
+
+def _layout_problem(layout: Any, files: dict) -> str | None:
+    """What is wrong with a manifest's layout: rank counts that are not counts or do not
+    multiply, a ZeRO stage outside 0-3, or ranks without their files (every rank of a save
+    writes rng/rank-NNNNN.pt), so that no reader trusts a layout larger than the files."""
+    if not isinstance(layout, dict):
+        return "'layout' is not an object"
+    for key in ("world_size", "tp", "pp", "dp"):
+        if not is_count(layout.get(key), least=1):
+            return f"layout.{key} is not a count of ranks: {layout.get(key)!r}"
+    if not is_count(layout.get("zero_stage")) or layout["zero_stage"] > 3:
+        return f"layout.zero_stage is not 0-3: {layout.get('zero_stage')!r}"
+    world = layout["world_size"]
+    if layout["tp"] * layout["pp"] * layout["dp"] != world:
+        return f"layout: tp x pp x dp is not its world_size {world}"
+    if world > len(files):
+        return f"layout: {world} ranks, but the manifest lists {len(files)} files"
+    missing = next((r for r in range(world) if f"rng/rank-{r:05d}.pt" not in files), None)
+    if missing is not None:
+        return f"lists no rng/rank-{missing:05d}.pt: rank {missing} of {world} saved nothing"
+    return None
+
+
+def _model_problem(manifest: dict) -> str | None:
+    if not isinstance(manifest.get("model", {}), dict):
+        return "'model' is not an object"
+    tensors = manifest.get("tensors", {})
+    if not isinstance(tensors, dict) or not all(isinstance(v, list) for v in tensors.values()):
+        return "'tensors' is not an object of shapes"
+    return None
+
+
+def read_state(directory: str | Path) -> dict:
+    """A committed checkpoint's tessera_state.json, checked: a "train" object that reads back
+    into a TrainState at the manifest's step, a "data" object where there is one."""
+    directory = Path(directory)
+    path = directory / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not an object")
+    problem = train_state_problem(state.get("train"))
+    if problem is None and not isinstance(state.get("data", {}), dict):
+        problem = "'data' is not an object"
+    step = read_manifest(directory)["step"]
+    if problem is None and state["train"].get("step", 0) != step:
+        problem = f"train.step {state['train'].get('step', 0)} is not the manifest's step {step}"
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
+    return state
 
 
 def check_file(directory: Path, relative: str, entry: dict, checksum: bool) -> str | None:
@@ -279,9 +337,10 @@ def _candidates(root: Path) -> tuple[list[Path], str | None]:
         ordered.insert(0, root / latest)
     elif ordered:
         why = (
-            "missing" if latest is None else f"names {latest}, which is not a committed checkpoint"
+            "is missing or names no step" if latest is None
+            else f"names {latest}, which is not a committed checkpoint"
         )
-        note = f"{root / LATEST_FILE} is {why}"
+        note = f"{root / LATEST_FILE} {why}"
     return ordered, note
 
 
@@ -303,10 +362,29 @@ def _first_valid(candidates: list[Path], note: str | None, checksum: bool) -> Pa
     raise CheckpointError("no valid checkpoint to load: " + "; ".join(rejected[:3]) + more)
 
 
+def _uncommitted_steps(root: Path) -> str:
+    """With no committed checkpoint in `root`: what says checkpoints were there (`latest`, step
+    directories without a manifest, linked ones, which resume never follows), or "" for a run
+    that never committed one. Starting afresh there would delete them at the first save."""
+    found = [f"{LATEST_FILE} names {read_latest(root) or 'no step'}"] \
+        if (root / LATEST_FILE).exists() else []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        if step_of(path.name) is not None:
+            found.append(f"{path.name} is a link" if path.is_symlink()
+                         else f"{path.name} has no {MANIFEST_FILE}")
+    return "; ".join(found[:4]) + ("; ..." if len(found) > 4 else "")
+
+
 def resolve_step_dir(path: str | Path) -> Path:
     """`checkpoint.load_from`: a step directory, a checkpoints directory or a run directory."""
     path = Path(path)
-    if (path / MANIFEST_FILE).exists() or step_of(path.name) is not None:
+    if (path / MANIFEST_FILE).exists():
+        return path
+    if step_of(path.name) is not None:
+        if not path.is_dir():
+            steps = committed_steps(path.parent)
+            held = f"; {path.parent} holds steps {', '.join(map(str, steps))}" if steps else ""
+            raise CheckpointError(f"checkpoint.load_from: {path} does not exist{held}")
         return path
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     if not root.is_dir():
@@ -330,6 +408,12 @@ def resume(engine: Engine, root: str | Path, cfg: Config) -> dict | None:
             print(f"tessera: {root} has checkpoints: resuming them, not checkpoint.load_from")
         directory = _first_valid(candidates, note, cfg.checkpoint.verify)
         return load(engine, directory, cfg)
+    orphans = _uncommitted_steps(root)
+    if orphans:
+        raise CheckpointError(
+            f"{root} holds checkpoints but none committed ({orphans}): nothing was loaded or "
+            f"deleted; restore them, or train in another run.dir"
+        )
     if cfg.checkpoint.load_from:
         directory = resolve_step_dir(cfg.checkpoint.load_from)
         found = problems_collective(directory, cfg.checkpoint.verify)
@@ -372,7 +456,7 @@ def load(engine: Engine, directory: str | Path, cfg: Config, weights_only: bool 
             f"{directory} has no RNG state for rank {dist.get_rank()} (another world size): "
             f"RNG streams restart from the seed"
         )
-    return {**json.loads((directory / STATE_FILE).read_text()), "directory": str(directory)}
+    return {**read_state(directory), "directory": str(directory)}
 
 
 def _load_weights_into_zero3(engine: Engine, directory: Path) -> None:

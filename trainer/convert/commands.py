@@ -35,7 +35,7 @@ from tessera.launch.local import inside_distributed_launch, launch_or_run
 from tessera.parallel.engine import Engine
 from tessera.parallel.topology import distributed
 from tessera.trainer import architecture, checkpoint
-from tessera.trainer.checkpoint import CheckpointError
+from tessera.trainer.checkpoint import CheckpointError, TrainState
 from tessera.trainer.config import (
     Config,
     ConfigError,
@@ -47,7 +47,7 @@ from tessera.trainer.config import (
 from tessera.trainer.convert import hf
 from tessera.trainer.convert.fill import fill_engine, restore_schedule
 from tessera.trainer.convert.reader import CheckpointReader, canonical_shapes
-from tessera.trainer.train import TrainState, build_training_engine
+from tessera.trainer.train import build_training_engine
 
 DEFAULT_MAX_SHARD = "5GB"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -33,9 +33,8 @@ XX is the model-parallel rank: the tensor-parallel rank at pp=1, stage * tp + tp
 from __future__ import annotations
 
 import dataclasses
-import glob
-import json
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -304,7 +303,7 @@ class CheckpointReader:
             raise CheckpointError(f"{self.directory} is not a valid checkpoint: {found[0]}")
         self.manifest = checkpoint.read_manifest(self.directory)
         self.cfg = checkpoint.saved_config(self.directory)
-        self.state = json.loads((self.directory / checkpoint.STATE_FILE).read_text())
+        self.state = checkpoint.read_state(self.directory)
         layout = self.manifest["layout"]
         self.tp, self.pp, self.dp = layout["tp"], layout["pp"], layout["dp"]
         self.zero_stage = layout["zero_stage"]
@@ -372,12 +371,18 @@ class CheckpointReader:
         return self.directory / f"mp_rank_{mp:02d}_model_states.pt"
 
     def _optim_files(self, stage: int, tp_rank: int) -> list[Path]:
+        """The ZeRO optimizer partitions of one model-parallel rank, in data-parallel order,
+        as the manifest lists them (none: the optimizer state is in the model states file)."""
         mp = self._mp_rank(stage, tp_rank)
-        pattern = "*zero_pp_rank_{}_mp_rank_{:02d}_optim_states.pt"
-        found = [
-            sorted(glob.glob(str(self.directory / pattern.format(d, mp)))) for d in range(self.dp)
-        ]
-        return [Path(f[0]) for f in found if f]
+        pattern = re.compile(rf"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_{mp:02d}_optim_states\.pt")
+        by_dp_rank = {int(m.group(1)): name for name in self.manifest["files"]
+                      if (m := pattern.fullmatch(name))}
+        if by_dp_rank and sorted(by_dp_rank) != list(range(self.dp)):
+            raise CheckpointError(
+                f"{self.directory}: optimizer partitions of model-parallel rank {mp} for "
+                f"data-parallel ranks {sorted(by_dp_rank)[:8]} where dp={self.dp}"
+            )
+        return [self.directory / by_dp_rank[d] for d in sorted(by_dp_rank)]
 
     def _slice(self, stage: int, tp_rank: int) -> _Slice:
         if (stage, tp_rank) not in self._slices:
@@ -389,11 +394,6 @@ class CheckpointReader:
         model_file = self._model_states_file(stage, tp_rank)
         states = self._file(model_file)
         if optim_files:
-            if len(optim_files) != self.dp:
-                raise CheckpointError(
-                    f"{self.directory}: optimizer partitions of model-parallel rank "
-                    f"{self._mp_rank(stage, tp_rank)} for {len(optim_files)} of dp={self.dp} ranks"
-                )
             if self.zero_stage == 3:
                 return _Zero3Slice(optim_files, states["param_shapes"])
             return _FlatSlice(optim_files)

@@ -483,18 +483,18 @@ def test_failed_background_write_reaches_every_rank(scenarios):
 
 def fake_checkpoint(root: Path, step: int) -> Path:
     directory = root / checkpoint.tag_for(step)
-    directory.mkdir(parents=True)
+    (directory / "rng").mkdir(parents=True)
     (directory / "weights.pt").write_bytes(b"x" * step)
+    (directory / "rng" / "rank-00000.pt").write_bytes(b"r")
     manifest = {
         "format": checkpoint.FORMAT,
         "format_version": checkpoint.FORMAT_VERSION,
         "step": step,
-        "layout": {"tp": 1, "pp": 1, "dp": 1, "zero_stage": 0},
+        "layout": {"world_size": 1, "tp": 1, "pp": 1, "dp": 1, "zero_stage": 0},
         "files": {
-            "weights.pt": {
-                "bytes": step,
-                "sha256": checkpoint.file_sha256(directory / "weights.pt"),
-            }
+            name: {"bytes": (directory / name).stat().st_size,
+                   "sha256": checkpoint.file_sha256(directory / name)}
+            for name in ("weights.pt", "rng/rank-00000.pt")
         },
     }
     (directory / checkpoint.MANIFEST_FILE).write_text(json.dumps(manifest))
@@ -526,6 +526,16 @@ def test_directories_without_a_valid_manifest_are_never_candidates(tmp_path):
     assert checkpoint.latest_tag(tmp_path) == "step-00000001"
     checkpoint.remove_uncommitted(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000001"]
+
+
+def test_a_step_directory_that_is_gone_is_named_with_the_steps_there_are(tmp_path):
+    for step in (300, 400):
+        fake_checkpoint(tmp_path, step)
+    gone = tmp_path / "step-00000200"  # deleted by retention
+    with pytest.raises(CheckpointError, match=f"{gone} does not exist; {tmp_path} holds steps "
+                       "300, 400"):
+        checkpoint.resolve_step_dir(gone)
+    assert checkpoint.resolve_step_dir(tmp_path / "step-00000300") == tmp_path / "step-00000300"
 
 
 def test_manifest_problems_name_the_file(tmp_path):
