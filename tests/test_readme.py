@@ -40,7 +40,7 @@ model: {vocab_size: null, hidden_size: 64, num_layers: 2, num_heads: 4, num_kv_h
 parallel: {tp: 2, pp: 1, zero_stage: 1}
 train: {steps: 4, global_batch_size: 8, micro_batch_size: 2, lr: 3.0e-3, warmup_steps: 1,
         precision: fp32}
-data: {shards: data/corpus, num_workers: 1}
+data: {shards: shards/corpus, num_workers: 1}
 checkpoint: {interval: 2, keep_last: 20}
 log: {interval: 1}
 launch: {nproc_per_node: 2}
@@ -50,6 +50,7 @@ launch: {nproc_per_node: 2}
 SUBSTITUTIONS = {
     "train.steps=1000": "train.steps=4",                       # sizes
     "train.decay_steps=100 train.steps=600": "train.decay_steps=2 train.steps=8",
+    "checkpoint.keep_every=100": "checkpoint.keep_every=2",
     "step-00000200 train.steps=250 train.decay_steps=50":
         "step-00000004 train.steps=6 train.decay_steps=2",
     "step-00000300": "step-00000004",
@@ -57,6 +58,7 @@ SUBSTITUTIONS = {
     "--workers 16": "--workers 2",
     "--workers 8": "--workers 2",
     "slurm.partition=gpu": "slurm.partition=gpu --dry-run",    # Slurm only through --dry-run
+    "run.dir=runs/corpus": "run.dir=runs/demo",  # the run `make demo` leaves, later commands use
     "runs/demo-lr1e-3": "runs/wsd",                             # runs the README imagines
     "runs/big/checkpoints/step-00020000": "runs/demo/checkpoints/step-00000004",
     "runs/big": "runs/demo",
@@ -166,10 +168,10 @@ def check_continued_pretraining(work: Path) -> None:
 
     hf_dir = work / "hf" / "Llama-3.2-1B"
     tokenizer = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
-    manifest = read_manifest(work / "data" / "llama")
+    manifest = read_manifest(work / "shards" / "llama")
     assert manifest.tokenizer.vocab_size == tokenizer.get_vocab_size(with_added_tokens=True)
     assert manifest.tokenizer.eos_id == tokenizer.token_to_id(EOS)
-    with tarfile.open(work / "data" / "llama" / manifest.shards[0].path) as tar:
+    with tarfile.open(work / "shards" / "llama" / manifest.shards[0].path) as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith(".tokens"))
         record = list(np.frombuffer(tar.extractfile(member).read(), dtype=manifest.dtype))
     framed = [[tokenizer.token_to_id(BOS), *tokenizer.encode(path.read_text(),
