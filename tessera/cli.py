@@ -163,8 +163,9 @@ def _train(argv: list[str]) -> int:
 def _ranks_line(cfg: Config) -> str:
     """'2 ranks (tp=2 pp=1 dp=1)' for this machine's launch."""
     ranks, p = cfg.launch.nproc_per_node, cfg.parallel
-    dp = max(ranks // (p.tp * p.pp), 1)
-    return f"{ranks} rank{'s' if ranks > 1 else ''} (tp={p.tp} pp={p.pp} dp={dp})"
+    # no dp where the ranks do not divide: the check right after says so
+    dp = f" dp={ranks // (p.tp * p.pp)}" if ranks % (p.tp * p.pp) == 0 else ""
+    return f"{ranks} rank{'s' if ranks > 1 else ''} (tp={p.tp} pp={p.pp}{dp})"
 
 
 def _train_here(cfg: Config) -> int:
@@ -202,8 +203,13 @@ def _submit(argv: list[str]) -> int:
 def _status(argv: list[str]) -> int:
     from tessera.trainer.status import StatusError, status_lines
 
+    usage = ("usage: tessera status RUN_DIR\n\na run's Slurm jobs, last step, last checkpoint, "
+             "restarts, hangs, stragglers and hosts left out")
+    if argv in (["-h"], ["--help"]):
+        print(usage)
+        return 0
     if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: tessera status RUN_DIR", file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     try:
         print("\n".join(status_lines(argv[0])))

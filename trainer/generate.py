@@ -51,7 +51,7 @@ def find_step_dir(path: str | Path) -> Path:
     try:
         return checkpoint.resolve_step_dir(path)
     except CheckpointError as e:
-        raise CheckpointError(f"{str(e).removeprefix('checkpoint.load_from: ')}; {hint}") from None
+        raise CheckpointError(f"{e}; {hint}") from None
 
 
 def build_generator(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:

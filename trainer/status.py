@@ -14,6 +14,9 @@ from tessera.launch import faults
 from tessera.launch.slurm import JOBS_FILE
 from tessera.trainer import checkpoint
 
+# what every run directory holds once its first rank has started
+RUN_MARKS = ("config.yaml", "metrics.jsonl", "checkpoints")
+
 
 class StatusError(ValueError):
     pass
@@ -81,6 +84,9 @@ def status_lines(run_dir: str | Path) -> list[str]:
     if not run_dir.is_dir():
         raise StatusError(f"run directory not found: {run_dir}")
     jobs = read_jobs(run_dir)
+    if not jobs and not any((run_dir / name).exists() for name in RUN_MARKS):
+        raise StatusError(f"{run_dir} is not a run directory: no jobs submitted from it and no "
+                          f"{', '.join(RUN_MARKS)}")
     ids = [job["job_id"] for job in jobs]
     live = job_states(ids)
     final = _sacct_states([i for i in ids if i not in live])
@@ -119,8 +125,9 @@ def fault_lines(run_dir: Path) -> list[str]:
     hosts with strikes."""
     events = faults.read_events(run_dir)
     counts = collections.Counter(event["event"] for event in events)
-    kinds = ("restart", "hang", "crash", "straggler", "requeue")
-    lines = ["faults: " + "  ".join(f"{kind}s {counts[kind]}" for kind in kinds)]
+    kinds = {"restart": "restarts", "hang": "hangs", "crash": "crashes",
+             "straggler": "stragglers", "requeue": "requeues"}
+    lines = ["faults: " + "  ".join(f"{plural} {counts[kind]}" for kind, plural in kinds.items())]
     last = {event["event"]: event for event in events}
     for kind in ("hang", "crash", "straggler"):
         if kind in last:

@@ -162,8 +162,16 @@ def test_status_without_slurm_reads_the_run_directory(tmp_path, monkeypatch, cap
     assert "41" in out and "UNKNOWN (no Slurm tools here)" in out
     assert "last step: 6 of 8  loss 2.5000" in out
     assert "last checkpoint: none" in out
+    assert "faults: restarts 0  hangs 0  crashes 0  stragglers 0  requeues 0" in out
     assert main(["status", str(tmp_path / "nowhere")]) == 2
     assert "run directory not found" in capsys.readouterr().err
+    (tmp_path / "shards").mkdir()  # a directory, but not a run's
+    assert main(["status", str(tmp_path / "shards")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"tessera status: error: {tmp_path / 'shards'} is not a run directory: no jobs submitted "
+        f"from it and no config.yaml, metrics.jsonl, checkpoints")
+    assert main(["status", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: tessera status RUN_DIR")
 
 
 @pytest.mark.parametrize("output, line", [

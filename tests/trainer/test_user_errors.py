@@ -94,11 +94,11 @@ def not_launched(monkeypatch):
 
 
 def test_6_ranks_do_not_fit_the_layout(capsys, tmp_path, byte_shards, not_launched):
-    line = run_cli(
-        capsys,
-        "train",
-        *overrides(tmp_path, byte_shards, **{"launch.nproc_per_node": 3, "parallel.tp": 2}),
-    )
+    argv = overrides(tmp_path, byte_shards, **{"launch.nproc_per_node": 3, "parallel.tp": 2})
+    assert main(["train", *argv]) == 2
+    out = capsys.readouterr().out
+    assert "tessera: starting 3 ranks (tp=2 pp=1) for" in out  # no dp=1 before the error
+    line = run_cli(capsys, "train", *argv)
     check(
         line,
         ["world size 3 is not divisible by tp*pp = 2*1 = 2"],
@@ -192,3 +192,14 @@ def test_6b_torchrun_rank_count_that_does_not_fit(capsys, tmp_path, byte_shards,
     monkeypatch.setenv("WORLD_SIZE", "1")
     line = run_cli(capsys, "train", *overrides(tmp_path, byte_shards, **{"parallel.tp": 2}))
     check(line, ["world size 1 is not divisible by tp*pp = 2*1 = 2"], ["run a multiple of 2 ranks"])
+
+
+@pytest.mark.parametrize("argv", [["status"], ["checkpoint", "list"], ["checkpoint", "inspect"],
+                                  ["convert", "to-hf"], ["convert", "reshard"]])
+def test_each_commands_help_shows_its_usage(capsys, argv):
+    try:
+        code = main([*argv, "--help"])
+    except SystemExit as e:  # argparse's --help
+        code = e.code
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("usage:") and "usage: usage:" not in out

@@ -18,7 +18,7 @@ from tessera.trainer.checkpoint.format import (
     read_latest,
     step_of,
 )
-from tessera.trainer.checkpoint.load import problems, read_manifest, saved_config
+from tessera.trainer.checkpoint.load import problems, read_manifest, resolve_step_dir, saved_config
 
 
 @dataclasses.dataclass
@@ -86,7 +86,8 @@ def checkpoint_command(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
-    parser = argparse.ArgumentParser(prog=f"tessera checkpoint {argv[0]}", usage=USAGE)
+    parser = argparse.ArgumentParser(prog=f"tessera checkpoint {argv[0]}",
+                                     usage=USAGE.removeprefix("usage: "))  # argparse adds it
     parser.add_argument("path")
     parser.add_argument("--verify", action="store_true")
     parser.add_argument("--no-verify", action="store_true")
@@ -95,8 +96,8 @@ def checkpoint_command(argv: list[str]) -> int:
         match argv[0]:
             case "list":
                 return list_command(Path(args.path), args.verify)
-            case "inspect":
-                return inspect_command(Path(args.path), not args.no_verify)
+            case "inspect":  # a run's newest checkpoint too, as the other commands take it
+                return inspect_command(resolve_step_dir(args.path), not args.no_verify)
     except CheckpointError as e:
         print(f"tessera checkpoint {argv[0]}: error: {e}", file=sys.stderr)
         return 2

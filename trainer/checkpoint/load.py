@@ -376,7 +376,8 @@ def _uncommitted_steps(root: Path) -> str:
 
 
 def resolve_step_dir(path: str | Path) -> Path:
-    """`checkpoint.load_from`: a step directory, a checkpoints directory or a run directory."""
+    """A step directory as given, or the newest committed one of a checkpoints directory or a
+    run directory (what checkpoint.load_from and the commands take)."""
     path = Path(path)
     if (path / MANIFEST_FILE).exists():
         return path
@@ -384,14 +385,14 @@ def resolve_step_dir(path: str | Path) -> Path:
         if not path.is_dir():
             steps = committed_steps(path.parent)
             held = f"; {path.parent} holds steps {', '.join(map(str, steps))}" if steps else ""
-            raise CheckpointError(f"checkpoint.load_from: {path} does not exist{held}")
+            raise CheckpointError(f"{path} does not exist{held}")
         return path
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     if not root.is_dir():
-        raise CheckpointError(f"checkpoint.load_from: {path} does not exist")
+        raise CheckpointError(f"{path} does not exist")
     candidates, _ = _candidates(root)
     if not candidates:
-        raise CheckpointError(f"checkpoint.load_from: {path} holds no committed checkpoint")
+        raise CheckpointError(f"{path} holds no committed checkpoint")
     return candidates[0]
 
 
@@ -415,7 +416,10 @@ def resume(engine: Engine, root: str | Path, cfg: Config) -> dict | None:
             f"deleted; restore them, or train in another run.dir"
         )
     if cfg.checkpoint.load_from:
-        directory = resolve_step_dir(cfg.checkpoint.load_from)
+        try:
+            directory = resolve_step_dir(cfg.checkpoint.load_from)
+        except CheckpointError as e:
+            raise CheckpointError(f"checkpoint.load_from: {e}") from None
         found = problems_collective(directory, cfg.checkpoint.verify)
         if found:
             raise CheckpointError(f"checkpoint.load_from: {directory} is not valid: {found[0]}")

@@ -298,7 +298,8 @@ def convert_command(argv: list[str]) -> int:
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"tessera convert {command}", usage=USAGE)
+    parser = argparse.ArgumentParser(prog=f"tessera convert {command}",
+                                     usage=USAGE.removeprefix("usage:"))  # argparse adds it
     parser.add_argument("source")
     parser.add_argument("out")
     return parser

@@ -215,6 +215,12 @@ class HFCheckpoint:
 # Writing: safetensors shards with an index above the threshold
 
 
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 class ShardedWriter:
     """Collects tensors into files of at most `max_shard_bytes` (a tensor larger than that gets a
     file of its own); one file is `model.safetensors`, more get Hugging Face's names and index.
@@ -237,7 +243,9 @@ class ShardedWriter:
         self.total_bytes += num_bytes
 
     def _flush(self) -> None:
-        save_file(self.pending, str(self._tmp_name(len(self.shards))), metadata={"format": "pt"})
+        path = self._tmp_name(len(self.shards))
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        path.chmod(0o666 & ~current_umask())  # safetensors makes it 0600: others could not read
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 

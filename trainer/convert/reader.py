@@ -294,10 +294,7 @@ class CheckpointReader:
     one at a time; also its config, Tessera state, schedule and counters."""
 
     def __init__(self, directory: str | Path, verify: bool = True) -> None:
-        try:
-            self.directory = checkpoint.resolve_step_dir(directory)
-        except CheckpointError as e:
-            raise CheckpointError(str(e).removeprefix("checkpoint.load_from: ")) from None
+        self.directory = checkpoint.resolve_step_dir(directory)
         found = checkpoint.problems(self.directory, checksum=verify)
         if found:
             raise CheckpointError(f"{self.directory} is not a valid checkpoint: {found[0]}")

@@ -571,4 +571,6 @@ def test_checkpoint_command_lists_and_inspects(layout_runs, capsys, tmp_path):
     assert cli_main(["checkpoint", "inspect", str(step_dir)]) == 1
     assert "INVALID" in capsys.readouterr().out
     assert cli_main(["checkpoint", "inspect", str(run_dir / "nope")]) == 2
-    assert "no such checkpoint directory" in capsys.readouterr().err
+    assert f"{run_dir / 'nope'} does not exist" in capsys.readouterr().err
+    assert cli_main(["checkpoint", "inspect", str(run_dir)]) == 1  # its newest: step 10
+    assert f"{step_dir}: step 10" in capsys.readouterr().out

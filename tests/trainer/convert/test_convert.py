@@ -16,6 +16,7 @@ Runs are grouped by world size (one spawned process group each): 4, then 2, then
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -323,6 +324,15 @@ def test_to_hf_with_a_trained_bpe_tokenizer(world1, tmp_path):
     bpe.save(tmp_path)
     to_hf(world1["exports"][0].run.dir, tmp_path / "hf", tokenizer=str(tmp_path / "tokenizer.json"))
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    umask = os.umask(0o022)  # readable by the others, as a shared cluster's exports are
+    try:
+        to_hf(world1["exports"][0].run.dir, tmp_path / "shared")
+    finally:
+        os.umask(umask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "shared").iterdir()
+            if p.suffix in (".safetensors", ".json")} == dict.fromkeys(
+        ["model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+         "tokenizer_config.json", "special_tokens_map.json"], 0o644)
     text = "the model reads"
     assert tokenizer.encode(text, add_special_tokens=False) == bpe.encode(text)
     assert tokenizer.eos_token_id == bpe.eos_id
