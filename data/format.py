@@ -16,7 +16,8 @@ Keys are "%09d" of the document's index within its shard.
 A manifest names its files (each shard's `path`, the tokenizer's `file`) by plain file names in
 its own directory: letters, digits and `._+-`, not starting with `.` or `-`. No folder part, so
 no `..` or absolute path; no character a shell reads specially, so that a name can take the
-place of the manifest's in a `pipe:` command.
+place of the manifest's in a `pipe:` command. On disk each must be a regular file in the
+directory: a symbolic link is followed only to a file beside it (`file_in`), never out of it.
 """
 
 from __future__ import annotations
@@ -149,6 +150,37 @@ def parse_manifest(text: str, where: str) -> Manifest:
     infos = tuple(_shard_info(s, where, f"shards[{i}]") for i, s in enumerate(shards))
     _check_unique_paths(infos, where)
     return Manifest(tokenizer=tokenizer, dtype=dtype, shards=infos, version=FORMAT_VERSION)
+
+
+def file_in(directory: str | os.PathLike, name: str, what: str) -> Path:
+    """DIRECTORY/NAME, a file a manifest names; `what` names the entry in errors (e.g.
+    "DIR/manifest.json: key 'tokenizer.file'"). DataError unless NAME is a plain file name (see
+    the module doc) and, symbolic links followed, a regular file in DIRECTORY; a file that does
+    not exist passes (its caller says "missing" in its own words)."""
+    if not is_file_name(name):
+        raise DataError(f"{what}: {_shown(name)} is not a plain file name in the manifest's "
+                        f"directory")
+    path = Path(directory) / name
+    problem = outside_problem(path)
+    if problem:
+        raise DataError(f"{what}: {problem}")
+    return path
+
+
+def outside_problem(path: Path) -> str | None:
+    """Why the file at `path` (a name in its directory) is not one of that directory's regular
+    files (symbolic links followed), or None; a path that does not exist has no problem."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        target = path.resolve()
+    except (OSError, RuntimeError) as e:  # a link loop
+        return f"{path} cannot be followed ({first_line(e)})"
+    if target.parent != path.parent.resolve():
+        return f"{path} leads outside its directory (a link to {target})"
+    if target.exists() and not target.is_file():
+        return f"{path} is not a regular file (a directory or device)"
+    return None
 
 
 def is_file_name(name: object) -> bool:

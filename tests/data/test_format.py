@@ -1,6 +1,7 @@
 """A prepared directory's manifest.json as a hostile or careless hand would write it: every field
 is checked for its type and range, and each mistake is one line naming manifest.json and the key,
-never a TypeError from deep in the loader."""
+never a TypeError from deep in the loader. The files it names stay inside its directory: plain
+names, and on disk no symbolic link out of it."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from pathlib import Path
 import pytest
 from shardutil import make_data
 
-from tessera.data.format import MANIFEST_NAME, DataError
-from tessera.data.sources import resolve_shards
+from tessera.data.format import MANIFEST_NAME, DataError, read_manifest
+from tessera.data.prepare import prepare_command
+from tessera.data.sources import ResolvedShard, prepared_tokenizer, resolve_shards
+from tessera.data.tokenizer import find_tokenizer, load_tokenizer, train_bpe
 
 Edit = Callable[[dict], None]
 
@@ -126,3 +129,59 @@ def test_an_unparsable_manifest_is_one_line_naming_it(tmp_path, text):
     else:
         path.write_text(text)
     assert one_line_error(tmp_path).startswith(f"{path}: ")
+
+
+def test_a_shard_linked_out_of_its_directory_is_refused_naming_the_entry(tmp_path):
+    """shard 0 is a link to a file beside it (allowed); shard 1 a link to a good copy of itself
+    outside the directory (refused). The directory itself may be reached through a link."""
+    make_data(tmp_path / "data", num_shards=2)
+    (tmp_path / "data" / "shard-000000.tar").rename(tmp_path / "data" / "first.tar")
+    (tmp_path / "data" / "shard-000000.tar").symlink_to("first.tar")
+    (tmp_path / "data" / "shard-000001.tar").rename(tmp_path / "second.tar")
+    (tmp_path / "data" / "shard-000001.tar").symlink_to(tmp_path / "second.tar")
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    message = one_line_error(tmp_path / "link")
+    assert message.startswith(f"{tmp_path}/link/manifest.json: key 'shards[1].path': "), message
+    assert f"leads outside its directory (a link to {tmp_path.resolve()}/second.tar)" in message
+
+
+def test_verify_names_a_shard_linked_out_of_its_directory(tmp_path, capsys):
+    make_data(tmp_path / "data", num_shards=2)
+    (tmp_path / "data" / "shard-000001.tar").rename(tmp_path / "second.tar")
+    (tmp_path / "data" / "shard-000001.tar").symlink_to(tmp_path / "second.tar")
+    assert prepare_command(["--verify", str(tmp_path / "data")]) == 1
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"{tmp_path}/data/shard-000001.tar: BAD: leads outside its directory (a link to "
+        f"{tmp_path.resolve()}/second.tar)"
+    )
+
+
+def _prepared_shard(directory: Path) -> ResolvedShard:
+    return ResolvedShard(str(directory / "shard-000000.tar"), 1, 1, "uint16")
+
+
+TOKENIZER_READERS = {
+    "resolve_shards": lambda directory: resolve_shards(str(directory)),
+    "prepared_tokenizer": lambda directory: prepared_tokenizer(_prepared_shard(directory)),
+    "load_tokenizer": lambda directory: load_tokenizer(read_manifest(directory).tokenizer,
+                                                       directory),
+    "find_tokenizer": find_tokenizer,
+}
+
+
+@pytest.mark.parametrize("read", TOKENIZER_READERS.values(), ids=TOKENIZER_READERS.keys())
+def test_a_tokenizer_linked_out_of_its_directory_is_never_read(tmp_path, read):
+    """What a checkpoint copies into its tokenizer/ folder: never a file from outside the data
+    directory, even a valid tokenizer."""
+    tokenizer = train_bpe(iter(["some text to learn from"] * 20), 300)
+    tokenizer.save(tmp_path)
+    make_data(tmp_path / "data", num_shards=1)
+    info = {"kind": "hf", "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
+            "file": "tokenizer.json"}
+    path = edited(tmp_path / "data", _set("tokenizer", info))
+    (tmp_path / "data" / "tokenizer.json").symlink_to(tmp_path / "tokenizer.json")
+    with pytest.raises(DataError) as caught:
+        read(tmp_path / "data")
+    message = str(caught.value)
+    assert message.startswith(f"{path}: key 'tokenizer.file': "), message
+    assert f"leads outside its directory (a link to {tmp_path.resolve()}/tokenizer.json)" in message
