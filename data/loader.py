@@ -119,11 +119,17 @@ class Lane:
         self, start_token: int, max_consecutive_errors: int
     ) -> Iterator[np.ndarray | BadSamples]:
         """The lane's token arrays from `start_token` on, with BadSamples events at their place
-        (none before `start_token`); EOS filler stands in for what a damaged shard lost."""
+        (none before `start_token`); EOS filler stands in for what a damaged shard lost.
+
+        A whole epoch of the lane without one readable sample (its only shard empty, say) is a
+        DataError, raised before that epoch's last filler: the streams reading the lane would
+        see EOS alone. An epoch entered partway (a resume) is not judged."""
         epoch, position, skip_tokens = self.locate(start_token)
         consecutive = 0
         while True:
-            for index in self.shard_indices(epoch)[position:]:
+            indices = self.shard_indices(epoch)
+            readable = position > 0  # whether this epoch gave a good sample (or is not judged)
+            for place, index in enumerate(indices[position:], position):
                 shard = self.source.shards[index]
                 seen = 0  # tokens of this shard passed so far
                 for item in read_shard(shard):
@@ -139,9 +145,12 @@ class Lane:
                             yield item
                         if not item.filler_tokens:
                             continue
+                        if not readable and place == len(indices) - 1:
+                            raise _unreadable_epoch(shard, len(indices))
                         item = np.full(item.filler_tokens, shard.eos_id, dtype=shard.dtype)
                     else:
                         consecutive = 0
+                        readable = True
                     end = seen + len(item)
                     if end > skip_tokens:
                         yield item[max(0, skip_tokens - seen) :]
@@ -149,6 +158,19 @@ class Lane:
                 skip_tokens = 0
             position = 0
             epoch += 1
+
+
+def _unreadable_epoch(last: ResolvedShard, num_shards: int) -> DataError:
+    """The error for an epoch of a lane (`num_shards` shards, `last` read last) in which not one
+    sample could be read."""
+    others = num_shards - 1
+    where = last.path if not others else \
+        f"{last.path} and the {others} other shard{'s' * (others > 1)} a data stream reads with it"
+    return DataError(
+        f"{where}: not one readable sample (empty or not a tar file, or every sample bad; "
+        f"`tessera prepare --verify` names the damage): training would see EOS filler only; "
+        f"stopping"
+    )
 
 
 class _LaneCutter:

@@ -19,7 +19,14 @@ from typing import Protocol, runtime_checkable
 from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from tessera.data.format import MANIFEST_NAME, DataError, TokenizerInfo, first_line, read_manifest
+from tessera.data.format import (
+    MANIFEST_NAME,
+    DataError,
+    TokenizerInfo,
+    file_in,
+    first_line,
+    read_manifest,
+)
 
 BYTE_VOCAB_SIZE = 257
 BYTE_EOS_ID = 256
@@ -160,12 +167,14 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) 
 
 
 def load_tokenizer(info: TokenizerInfo, directory: str | os.PathLike) -> Tokenizer:
-    """Reopen the tokenizer a manifest describes; DIRECTORY is the manifest's directory."""
+    """Reopen the tokenizer a manifest describes; DIRECTORY is the manifest's directory, and the
+    tokenizer's file one of its own (a plain name, no link out of it)."""
     tokenizer: Tokenizer
     if info.kind == "bytes":
         tokenizer = ByteTokenizer()
     elif info.kind == "hf":
-        path = Path(directory) / (info.file or HF_TOKENIZER_FILE)
+        entry = f"{Path(directory) / MANIFEST_NAME}: key 'tokenizer.file'"
+        path = file_in(directory, info.file or HF_TOKENIZER_FILE, entry)
         tokenizer = HFTokenizer.from_file(path, eos_id=info.eos_id)
     else:
         raise DataError(f"{directory}: unknown tokenizer kind {info.kind!r} in manifest")

@@ -11,7 +11,13 @@ import os
 import sys
 from pathlib import Path
 
-from tessera.data.format import DataError, ShardInfo, decode_tokens, read_manifest
+from tessera.data.format import (
+    DataError,
+    ShardInfo,
+    decode_tokens,
+    outside_problem,
+    read_manifest,
+)
 from tessera.data.reader import BadSamples, check_payload, hashing_reader, iter_members
 
 MAX_PROBLEMS_PER_SHARD = 5
@@ -30,8 +36,9 @@ class ShardReport:
 def verify_shard(directory: Path, info: ShardInfo, dtype: str, vocab_size: int) -> ShardReport:
     path = directory / info.path
     report = ShardReport(info.path, [])
-    if not path.is_file():
-        report.problems.append("missing")
+    outside = outside_problem(path)
+    if outside or not path.is_file():
+        report.problems.append(outside.removeprefix(f"{path} ") if outside else "missing")
         return report
     num_samples = num_tokens = 0
     with open(path, "rb") as f:

@@ -1,7 +1,8 @@
 """Bad data: corrupt tar members, truncated and empty shards, samples of the wrong dtype or shape
 are skipped with a warning naming shard and member, counted, and replaced by EOS so that every
-later position (and so exact resume) is unchanged. A missing shard, or too many bad samples in a
-row, stops the run with one clear error, on every rank."""
+later position (and so exact resume) is unchanged. A missing shard, too many bad samples in a
+row, or a whole epoch of a stream's shards without one readable sample, stops the run with one
+clear error, on every rank."""
 
 from __future__ import annotations
 
@@ -291,6 +292,36 @@ def test_a_gzip_bomb_does_not_raise_memory(tmp_path):
         peaks[name] = int(done.stdout.split()[-1])
     assert (tmp_path / "bomb" / "shard-000000.tar").stat().st_size < 2**20 * 4
     assert peaks["bomb"] < 2 * peaks["normal"], peaks
+
+
+NOTHING_READABLE = {
+    "empty file": lambda data: b"",
+    "not a tar file": lambda data: b"not a tar file " * 100,
+    "every sample bad": lambda data: tar_bytes([(f"{i:09d}.tokens", b"\x01") for i in range(6)]),
+    "replaced": lambda data: tar_bytes(doc_members(docs_for(9), "uint16")),
+}
+
+
+@pytest.mark.parametrize("damage", NOTHING_READABLE.values(), ids=NOTHING_READABLE.keys())
+def test_an_only_shard_without_one_readable_sample_stops_at_the_first_step(tmp_path, damage):
+    """Skipping it would train on EOS filler alone (with warnings, and rc 0)."""
+    write_damaged(tmp_path, [docs_for(1)], {0: damage})
+    with pytest.raises(DataError) as caught:
+        stream_tokens(tmp_path, 9)
+    assert str(caught.value).startswith(
+        f"{tmp_path}/shard-000000.tar: not one readable sample (empty or not a tar file, or every "
+        f"sample bad; `tessera prepare --verify` names the damage): training would see EOS filler "
+        f"only; stopping"
+    )
+
+
+def test_an_epoch_of_shards_without_one_readable_sample_stops_the_run(tmp_path):
+    empty = {i: NOTHING_READABLE["empty file"] for i in range(3)}
+    write_damaged(tmp_path, [docs_for(1), docs_for(2), docs_for(3)], empty)
+    loader = make_loader(tmp_path, num_streams=1, global_batch_size=1, micro_batch_size=1)
+    with pytest.raises(DataError, match=r"shard-00000\d.tar and the 2 other shards a data stream "
+                                        r"reads with it: not one readable sample"):
+        next(loader.steps())
 
 
 def test_a_shard_listed_empty_in_its_manifest_is_skipped(tmp_path, caplog):
