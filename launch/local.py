@@ -6,17 +6,26 @@ a local launch, `torchrun -m tessera train ...` and (later) srun all reach the s
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import signal
 import socket
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from tessera.launch.restarts import run_with_restarts
+from tessera.launch.signals import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE
+
+# what torch's elastic agent logs with while it runs the ranks
+AGENT_LOGGERS = ("torch.distributed.elastic.multiprocessing.api",
+                 "torch.distributed.elastic.agent.server.api",
+                 "torch.distributed.elastic.agent.server.local_elastic_agent")
 
 
 def inside_distributed_launch() -> bool:
@@ -45,6 +54,33 @@ def launch_or_run(nproc_per_node: int, argv: list[str], run: Callable[[], int],
     return run()
 
 
+def how_ranks_ended(rank: int, exit_code: int) -> str | None:
+    """The launcher's line after its first failed rank, which has said why itself where it
+    could; None where the rank's own lines say it all (stopped and saved: run again)."""
+    if exit_code == PREEMPTED_EXIT_CODE:
+        return None
+    if exit_code == USER_ERROR_EXIT_CODE:
+        return f"stopped by rank {rank}'s error above"
+    if exit_code < 0:
+        return f"rank {rank} was killed by {signal.Signals(-exit_code).name}; its output is above"
+    return f"rank {rank} failed with exit code {exit_code}; its output is above"
+
+
+@contextlib.contextmanager
+def _agent_quiet() -> Iterator[None]:
+    """Torch's agent logs each rank's failure and every signal it sends the others, a line
+    each in glog format; the ranks and the line above say it for a user."""
+    loggers = [logging.getLogger(name) for name in AGENT_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def launch_local(nproc_per_node: int, args: list[str], module: bool = True) -> int:
     """Start `nproc_per_node` ranks of `python -m tessera <args>` (or `python <args>` with
     module=False, for a script); returns the exit code."""
@@ -62,11 +98,13 @@ def launch_local(nproc_per_node: int, args: list[str], module: bool = True) -> i
     )
     try:
         argv = ["-m", "tessera", *args] if module else args
-        elastic_launch(config, entrypoint=sys.executable)(*argv)
+        with _agent_quiet():
+            elastic_launch(config, entrypoint=sys.executable)(*argv)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        print(f"tessera: rank {rank} failed with exit code {failure.exitcode}; its output is above",
-              file=sys.stderr)
+        ending = how_ranks_ended(rank, failure.exitcode)
+        if ending:
+            print(f"tessera: {ending}", file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 1
     except SignalException as e:  # Ctrl-C or a kill of this launcher: the ranks got SIGTERM
         print(f"tessera: {e.sigval.name} received; the ranks were asked to stop (they save at "

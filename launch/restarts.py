@@ -27,10 +27,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tessera.launch import faults
-from tessera.launch.signals import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
+from tessera.launch.signals import (
+    INTERRUPTED_EXIT_CODE,
+    PREEMPTED_EXIT_CODE,
+    USER_ERROR_EXIT_CODE,
+)
 
-# Ended in a way a restart cannot help: done, an input error (2), stopped on a signal and saved.
-NO_RESTART_CODES = (0, 2, PREEMPTED_EXIT_CODE, INTERRUPTED_EXIT_CODE)
+# Ended in a way a restart cannot help: done, an input error, stopped on a signal and saved.
+NO_RESTART_CODES = (0, USER_ERROR_EXIT_CODE, PREEMPTED_EXIT_CODE, INTERRUPTED_EXIT_CODE)
 REQUEUE_UPDATE_S = 20.0  # how long a requeued job may take to turn pending (to exclude hosts)
 
 

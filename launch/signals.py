@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     import torch
 
 
+# A mistake of the user's (a config key, data, a checkpoint), said in one line by the rank.
+USER_ERROR_EXIT_CODE = 2
 # EX_TEMPFAIL (sysexits.h): stopped early on a signal after saving; running again resumes.
 PREEMPTED_EXIT_CODE = 75
 # Ctrl-C: the shell's 128 + SIGINT. Not a preemption: a Slurm job does not requeue on it.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Callable
 from typing import Any
 
@@ -41,9 +43,14 @@ class _PipelineModule(PipelineModule):
 
 def build_pipeline(specs: list, loss_fn: Callable[..., torch.Tensor], topo: Topology,
                    partition: str | list[int]) -> PipelineModule:
-    """`partition`: "parameters" (balanced by parameter count), "uniform", or blocks per stage."""
-    if isinstance(partition, list):
+    """`partition`: "parameters" (balanced by parameter count), "uniform", or blocks per stage.
+
+    DeepSpeed prints its layer seeds, its topology and every stage's layers to rank 0's stdout
+    as it builds the module; Tessera's own start-up lines say the layout, so those go."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        if isinstance(partition, list):
+            return _PipelineModule(layers=specs, loss_fn=loss_fn,
+                                   topology=deepspeed_topology(topo),
+                                   boundaries=stage_boundaries(partition))
         return _PipelineModule(layers=specs, loss_fn=loss_fn, topology=deepspeed_topology(topo),
-                               boundaries=stage_boundaries(partition))
-    return _PipelineModule(layers=specs, loss_fn=loss_fn, topology=deepspeed_topology(topo),
-                           partition_method=partition)
+                               partition_method=partition)

@@ -4,6 +4,7 @@ import nothing of each other or of trainer/; nothing below the CLI imports the C
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,17 @@ def megatron_imports_outside_mcore() -> list[str]:
 
 def test_megatron_core_is_imported_in_one_place():
     assert megatron_imports_outside_mcore() == []
+
+
+def test_no_module_of_ours_calls_a_collective_torch_deprecates():
+    """launch.env.quiet_dependencies hides torch's deprecation warnings for these, which
+    DeepSpeed's collectives call: a call of ours would be hidden with them."""
+    deprecated = re.compile(r"\b(all_gather_into_tensor|reduce_scatter_tensor|_all_gather_base|"
+                            r"_reduce_scatter_base)\(")
+    calls = [f"{path.relative_to(ROOT)}: {match.group(1)}"
+             for folder in PACKAGES for path in sorted((ROOT / folder).rglob("*.py"))
+             for match in deprecated.finditer(path.read_text())]
+    assert calls == []
 
 
 def test_a_rank_starts_without_loading_the_compiler():

@@ -434,6 +434,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
            f"must be >= 1, got {cfg.checkpoint.keep_last}")
     _check(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every",
            f"must be >= 0 (0: none), got {cfg.checkpoint.keep_every}")
+    _check(not cfg.checkpoint.load_weights_only or cfg.checkpoint.load_from,
+           "checkpoint.load_weights_only", "true needs checkpoint.load_from (the checkpoint whose "
+           "weights the run starts from)")
+    _check(m.max_positions is None or m.max_positions >= m.seq_len, "model.max_positions",
+           f"{m.max_positions} is below model.seq_len={m.seq_len}: an export would declare a "
+           f"context shorter than the one trained; raise it, or set null (seq_len)")
     _check(cfg.data.num_workers >= 0, "data.num_workers",
            f"must be >= 0, got {cfg.data.num_workers}")
     _check(cfg.launch.backend in ("auto", "gloo",
@@ -583,6 +589,7 @@ def _check_numbers(cfg: Config) -> None:
            f"must be >= 0, got {t.weight_decay}")
     _check(d.shuffle_buffer >= 0, "data.shuffle_buffer",
            f"must be >= 0 (0: off), got {d.shuffle_buffer}")
+    _check(cfg.run.seed >= 0, "run.seed", f"must be >= 0, got {cfg.run.seed}")
 
 
 def _paths_or_none(value: Any) -> bool:

@@ -93,6 +93,10 @@ def test_malformed_override_and_missing_file():
         "tell a hang from a slow step: at least 5 s"),
     (["resilience.straggler_factor=0.9"], None, "resilience.straggler_factor", "must be above 1"),
     (["resilience.exclude_after=-2"], None, "resilience.exclude_after", "must be >= 0"),
+    (["run.seed=-1"], None, "run.seed", "must be >= 0, got -1"),
+    (["checkpoint.load_weights_only=true"], None, "checkpoint.load_weights_only", "true needs "
+        "checkpoint.load_from"),
+    (["model.max_positions=8"], None, "model.max_positions", "8 is below model.seq_len=64"),
     (["parallel.tp=2"], 3, "parallel.tp", "world size 3 is not divisible by tp\\*pp = 2\\*1 = 2"),
     (["train.global_batch_size=8", "train.micro_batch_size=4"], 4, "train.global_batch_size", "not "
         "divisible by train.micro_batch_size\\*dp = 4\\*4"),

@@ -203,3 +203,34 @@ def test_each_commands_help_shows_its_usage(capsys, argv):
         code = e.code
     out = capsys.readouterr().out
     assert code == 0 and out.startswith("usage:") and "usage: usage:" not in out
+
+
+def test_a_mistake_found_by_the_ranks_ends_in_their_lines_and_one_of_the_launchers(
+        tmp_path, byte_shards):
+    """`model.vocab_size` below the data's vocabulary is found by each rank once it reads the
+    data: each says so, and the launcher adds one line (not torch's agent's glog lines, nor
+    "failed" as if it had crashed)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    argv = overrides(tmp_path, byte_shards, **{"model.vocab_size": 100,
+                                               "launch.nproc_per_node": 2})
+    done = subprocess.run([sys.executable, "-m", "tessera", "train", *argv], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines[-1] in ("tessera: stopped by rank 0's error above",
+                         "tessera: stopped by rank 1's error above"), done.stderr
+    ranks_lines = [line for line in lines[:-1] if "'model.vocab_size': 100 is smaller" in line]
+    assert len(ranks_lines) >= 1 and len(lines) == len(ranks_lines) + 1, done.stderr
+
+
+def test_the_launchers_line_for_each_way_a_rank_ends():
+    from tessera.launch.local import how_ranks_ended
+
+    assert how_ranks_ended(1, 2) == "stopped by rank 1's error above"
+    assert how_ranks_ended(0, 75) is None  # stopped and saved: rank 0 said "run again"
+    assert how_ranks_ended(3, -9) == "rank 3 was killed by SIGKILL; its output is above"
+    assert how_ranks_ended(0, 1) == "rank 0 failed with exit code 1; its output is above"

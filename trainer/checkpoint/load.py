@@ -316,7 +316,9 @@ def check_compatible(directory: Path, manifest: dict, cfg: Config, module: torch
     diffs = _model_differences(manifest, cfg, module)
     if diffs:
         shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
-        raise CheckpointError(f"{directory} was saved for another model: {shown}")
+        raise CheckpointError(f"{directory} was saved for another model: {shown}; set the "
+                              f"model keys as its {CONFIG_FILE} has them, or train in a new "
+                              f"run.dir")
     diffs = _layout_differences(manifest, cfg, weights_only)
     if diffs:
         raise CheckpointError(

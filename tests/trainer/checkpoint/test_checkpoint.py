@@ -441,7 +441,8 @@ def test_corrupt_file_is_refused_and_the_previous_checkpoint_loaded(scenarios):
 def test_another_model_or_layout_says_what_differs(scenarios):
     r = result_of(scenarios, "scenario_other_model_and_layout")
     assert (
-        "was saved for another model: model.hidden_size: checkpoint 64, config 32"
+        "was saved for another model: model.hidden_size: checkpoint 64, config 32; set the model "
+        "keys as its config.yaml has them"
         in r["other_model"]
     )
     assert "parallel.tp: checkpoint 1, now 2" in r["other_layout"]
