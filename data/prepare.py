@@ -522,7 +522,9 @@ def _check_output(output_dir: Path) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise DataError(f"{output_dir}: --output exists and is not a directory")
     if (output_dir / MANIFEST_NAME).exists():
-        raise DataError(f"{output_dir}: already prepared; remove it or choose another --output")
+        raise DataError(f"{output_dir}: already prepared (its {MANIFEST_NAME} is written), so "
+                        f"nothing was done; to prepare it again, remove it or choose another "
+                        f"--output")
     if output_dir.is_dir() and not (output_dir / JOURNAL_NAME).exists():
         foreign = sorted(p.name for p in output_dir.iterdir() if not p.name.endswith(TMP_SUFFIX))
         if foreign:

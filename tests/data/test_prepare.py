@@ -345,7 +345,8 @@ def test_an_already_prepared_output_is_refused(tmp_path, capsys) -> None:
     capsys.readouterr()
     assert prepare_command(args) == 2
     err = capsys.readouterr().err
-    assert "out: already prepared; remove it or choose another --output" in err
+    assert ("out: already prepared (its manifest.json is written), so nothing was done; to "
+            "prepare it again, remove it or choose another --output") in err
     assert (tmp_path / "out" / MANIFEST_NAME).read_bytes() == before
 
 
