@@ -457,12 +457,19 @@ def load(engine: Engine, directory: str | Path, cfg: Config, weights_only: bool 
     rng_file = directory / "rng" / f"rank-{dist.get_rank():05d}.pt"
     if rng_file.is_file():
         restore_rng_at_first_forward(engine.module, safe_load(rng_file))
-    elif dist.get_rank() == 0:
-        warn(
-            f"{directory} has no RNG state for rank {dist.get_rank()} (another world size): "
-            f"RNG streams restart from the seed"
-        )
+    note = restarted_rng_note(directory, manifest["layout"]["world_size"], dist.get_world_size())
+    if note and dist.get_rank() == 0:
+        warn(note)
     return {**read_state(directory), "directory": str(directory)}
+
+
+def restarted_rng_note(directory: Path, saved_world: int, world: int) -> str | None:
+    """What a resume by more ranks than saved says: the new ranks have no RNG state to restore
+    (each rank restores its own file where there is one)."""
+    if saved_world >= world:
+        return None
+    return (f"{directory} was saved by {saved_world} ranks, this run has {world}: the RNG "
+            f"streams of ranks {saved_world} and up restart from the seed")
 
 
 def _load_weights_into_zero3(engine: Engine, directory: Path) -> None:

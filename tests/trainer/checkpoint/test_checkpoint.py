@@ -539,6 +539,16 @@ def test_a_step_directory_that_is_gone_is_named_with_the_steps_there_are(tmp_pat
     assert checkpoint.resolve_step_dir(tmp_path / "step-00000300") == tmp_path / "step-00000300"
 
 
+def test_a_resume_by_more_ranks_says_whose_rng_streams_restart(tmp_path):
+    from tessera.trainer.checkpoint.load import restarted_rng_note
+
+    assert restarted_rng_note(tmp_path, 1, 2) == (
+        f"{tmp_path} was saved by 1 ranks, this run has 2: the RNG streams of ranks 1 and up "
+        f"restart from the seed")
+    assert restarted_rng_note(tmp_path, 2, 2) is None
+    assert restarted_rng_note(tmp_path, 4, 2) is None  # each of the 2 restores its own
+
+
 def test_manifest_problems_name_the_file(tmp_path):
     directory = fake_checkpoint(tmp_path, 7)
     assert checkpoint.problems(directory) == []
