@@ -119,6 +119,21 @@ def safetensors_header(path: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The tensor name -> file name map of a weight index (safetensors' or pickle's)."""
+    try:
+        raw = json.loads(index.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise HFError(f"{index}: not a weight index ({first_line(e)})") from e
+    found = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(found, dict) or not found or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in found.items()
+    ):
+        raise HFError(f"{index}: not a weight index (its weight_map must map tensor names to "
+                      f"file names)")
+    return found
+
+
 class HFCheckpoint:
     """The weights of a Hugging Face Llama directory, as our canonical tensors, one at a time."""
 
@@ -153,18 +168,22 @@ class HFCheckpoint:
         return tensors
 
     def _weight_files(self, single: str, index: str) -> list[Path]:
-        if (self.directory / index).is_file():
-            path = self.directory / index
-            try:
-                weight_map = json.loads(path.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError) as e:
-                raise HFError(f"{path}: not a weight index ({e})") from e
-            files = sorted({self.directory / f for f in weight_map.values()})
+        path = self.directory / index
+        if path.is_file():
+            names = read_weight_map(path).values()
+            files = sorted({self._listed_file(path, name) for name in names})
             for f in files:
                 if not f.is_file():
                     raise HFError(f"{f}: missing (listed in {path})")
             return files
         return [self.directory / single] if (self.directory / single).is_file() else []
+
+    def _listed_file(self, index: Path, name: str) -> Path:
+        """A file an index names: a plain name inside the directory, never a path out of it."""
+        if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+            raise HFError(f"{index}: weight_map names {name!r}, not a file name inside "
+                          f"{self.directory} (weights are read from that directory only)")
+        return self.directory / name
 
     def _load_pickle(self, path: Path) -> dict:
         if path not in self._pickled:
