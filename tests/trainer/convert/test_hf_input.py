@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,66 @@ def test_a_weight_map_not_of_names_is_refused(source, tmp_path, capsys, index):
     err = from_hf_error(capsys, source, tmp_path / "out")
     assert err.endswith(f"{source / hf.SAFETENSORS_INDEX}: not a weight index (its weight_map "
                         f"must map tensor names to file names)"), err
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors headers: checked entry by entry, as the safetensors library will read them
+
+
+NORM = "model.norm.weight"  # 16 float32 values: 64 bytes
+NORMS = ("model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight")
+
+
+def rewrite_header(path: Path, change, extra: bytes = b"") -> None:
+    """The file with its header replaced by change(header), its tensors' bytes kept (and
+    `extra` bytes after them)."""
+    data = path.read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.dumps(change(json.loads(data[8 : 8 + length]))).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data[8 + length :] + extra)
+
+
+def norm_entry(**fields):
+    """A header with model.norm.weight's entry changed: a field None is dropped."""
+    def change(header: dict) -> dict:
+        entry = {k: v for k, v in {**header[NORM], **fields}.items() if v is not None}
+        return {**header, NORM: entry}
+    return change
+
+
+def same_offsets(header: dict) -> dict:
+    """Two tensors of one size on the same bytes."""
+    first, second = NORMS
+    return {**header, second: {**header[second], "data_offsets": header[first]["data_offsets"]}}
+
+
+HEADERS = {
+    "header-list": (lambda h: list(h), "not a safetensors file (its header is not a JSON object)"),
+    "entry-string": (lambda h: {**h, NORM: "F32"},
+                     f"tensor {NORM}: its header entry 'F32' is not a JSON object"),
+    "no-offsets": (norm_entry(data_offsets=None),
+                   f"tensor {NORM}: data_offsets None is not [begin, end]"),
+    "offsets-string": (norm_entry(data_offsets="0:64"),
+                       f"tensor {NORM}: data_offsets '0:64' is not [begin, end]"),
+    "shape-string": (norm_entry(shape="16"), f"tensor {NORM}: shape '16' is not a list of sizes"),
+    "shape-larger": (norm_entry(shape=[32]), "span 64 bytes, its dtype F32 and shape [32] 128"),
+    "dtype-smaller": (norm_entry(dtype="F16"), "span 64 bytes, its dtype F16 and shape [16] 32"),
+    "dtype-list": (norm_entry(dtype=["F32"]), f"tensor {NORM} has dtype ['F32'], not a float"),
+    "overlapping": (same_offsets, "not where the tensor before it ends"),
+    "metadata-int": (lambda h: {**h, "__metadata__": {"format": 1}},
+                     "__metadata__ is not a mapping of strings"),
+}
+
+
+@pytest.mark.parametrize("case", list(HEADERS))
+def test_a_bad_safetensors_header_is_named_by_file_and_tensor(source, tmp_path, capsys, case):
+    change, message = HEADERS[case]
+    rewrite_header(source / hf.SAFETENSORS_FILE, change)
+    err = from_hf_error(capsys, source, tmp_path / "out")
+    assert f"{source / hf.SAFETENSORS_FILE}: " in err and message in err, err
+
+
+def test_bytes_after_the_last_tensor_are_refused(source, tmp_path, capsys):
+    rewrite_header(source / hf.SAFETENSORS_FILE, lambda h: h, extra=bytes(8))
+    err = from_hf_error(capsys, source, tmp_path / "out")
+    assert f"{hf.SAFETENSORS_FILE}: 8 bytes after its last tensor" in err
