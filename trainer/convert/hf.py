@@ -243,14 +243,13 @@ class HFCheckpoint:
                           f"{self.directory} (weights are read from that directory only)")
         return self.directory / name
 
-    def _load_pickle(self, path: Path) -> dict:
+    def _load_pickle(self, path: Path) -> dict[str, torch.Tensor]:
         if path not in self._pickled:
             try:
-                self._pickled[path] = torch.load(
-                    path, map_location="cpu", weights_only=True, mmap=True
-                )
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:
                 raise HFError(f"{path}: cannot be loaded ({first_line(e)})") from e
+            self._pickled[path] = _state_dict(path, state)
         return self._pickled[path]
 
     def tokenizer(self) -> tuple[TokenizerInfo, str] | None:
@@ -286,6 +285,21 @@ class HFCheckpoint:
             return self._load_pickle(info.file)[hf].float().clone()
         with safe_open(str(info.file), framework="pt") as f:
             return f.get_tensor(hf).float()
+
+
+def _state_dict(path: Path, state: Any) -> dict[str, torch.Tensor]:
+    """A pickle file's contents, which must be a state dict: tensor names to tensors."""
+    if not isinstance(state, dict):
+        raise HFError(f"{path}: holds a {type(state).__name__}, not a state dict (tensor names to "
+                      f"tensors)")
+    for name, value in state.items():
+        if not isinstance(name, str):
+            raise HFError(f"{path}: a name {short_repr(name)} that is not a string: not a state "
+                          f"dict")
+        if not isinstance(value, torch.Tensor):
+            raise HFError(f"{path}: entry {short_repr(name)} is a {type(value).__name__}, not a "
+                          f"tensor: not a state dict")
+    return state
 
 
 # ---------------------------------------------------------------------------------------------

@@ -137,3 +137,21 @@ def test_bytes_after_the_last_tensor_are_refused(source, tmp_path, capsys):
     rewrite_header(source / hf.SAFETENSORS_FILE, lambda h: h, extra=bytes(8))
     err = from_hf_error(capsys, source, tmp_path / "out")
     assert f"{hf.SAFETENSORS_FILE}: 8 bytes after its last tensor" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Pickle weights (--allow-pickle): a state dict or nothing
+
+
+@pytest.mark.parametrize("contents, message", [
+    ([torch.zeros(2)], "holds a list, not a state dict"),
+    ({"a": 1}, "entry 'a' is a int, not a tensor"),
+    ({NORM: "weights"}, f"entry '{NORM}' is a str, not a tensor"),
+    ({1: torch.zeros(2)}, "a name 1 that is not a string: not a state dict"),
+], ids=["list", "int-value", "str-value", "int-name"])
+def test_a_pickle_that_is_not_a_state_dict_is_refused(source, tmp_path, capsys, contents,
+                                                      message):
+    as_pickle(source)
+    torch.save(contents, source / hf.PICKLE_FILE)
+    err = from_hf_error(capsys, source, tmp_path / "out", "--allow-pickle")
+    assert f"{source / hf.PICKLE_FILE}: {message}" in err, err
