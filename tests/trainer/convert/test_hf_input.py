@@ -155,3 +155,63 @@ def test_a_pickle_that_is_not_a_state_dict_is_refused(source, tmp_path, capsys, 
     torch.save(contents, source / hf.PICKLE_FILE)
     err = from_hf_error(capsys, source, tmp_path / "out", "--allow-pickle")
     assert f"{source / hf.PICKLE_FILE}: {message}" in err, err
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json: every value read with its type checked, refused under its own key
+
+
+MISTRAL = {"model_type": "mistral", "architectures": ["MistralForCausalLM"]}
+YARN = {"rope_type": "yarn", "rope_theta": 1e4}
+# name -> (keys changed, what follows "config.json: " in the error)
+CONFIGS = {
+    "heads-zero": ({"num_attention_heads": 0}, "num_attention_heads=0: must be an integer >= 1"),
+    "rope-scaling-string": ({"rope_scaling": "linear"},
+                            "rope_scaling='linear': must be an object (or null)"),
+    "rope-scaling-list": ({"rope_scaling": ["linear"]},
+                          "rope_scaling=['linear']: must be an object (or null)"),
+    "rope-parameters-string": ({"rope_parameters": "default"},
+                               "rope_parameters='default': must be an object (or null)"),
+    "rope-theta-string": ({"rope_parameters": None, "rope_theta": "big"},
+                          "rope_theta='big': must be a number > 0"),
+    "rope-theta-inside": ({"rope_parameters": {"rope_type": "default", "rope_theta": "big"}},
+                          "rope_parameters.rope_theta='big': must be a number > 0"),
+    "rope-type-list": ({"rope_parameters": {"rope_type": ["yarn"]}},
+                       "rope_parameters.rope_type=['yarn'] is not supported"),
+    "yarn-original-zero": ({"rope_parameters": {**YARN, "original_max_position_embeddings": 0}},
+                           "rope_parameters.original_max_position_embeddings=0: must be a number"),
+    "eps-string": ({"rms_norm_eps": "x"}, "rms_norm_eps='x': must be a number > 0"),
+    "eps-zero": ({"rms_norm_eps": 0}, "rms_norm_eps=0: must be a number > 0"),
+    "positions-string": ({"max_position_embeddings": "x"},
+                         "max_position_embeddings='x': must be an integer >= 1"),
+    "positions-negative": ({"max_position_embeddings": -5},
+                           "max_position_embeddings=-5: must be an integer >= 1"),
+    "model-type-list": ({"model_type": ["llama"]}, "model_type=['llama'] is not one Tessera"),
+    "architectures-string": ({"architectures": "LlamaForCausalLM"},
+                             "architectures='LlamaForCausalLM': must be a list of class names"),
+    "kv-heads-string": ({"num_key_value_heads": "2"},
+                        "num_key_value_heads='2': must be an integer >= 1"),
+    "kv-heads-not-dividing": ({"num_key_value_heads": 3},
+                              "num_key_value_heads=3 does not divide num_attention_heads=2"),
+    "head-dim-string": ({"head_dim": "16"}, "head_dim='16': must be an integer >= 1"),
+    "head-dim-odd": ({"head_dim": 7}, "a head size of 7 (head_dim, or hidden_size"),
+    "hidden-not-dividing": ({"head_dim": None, "num_attention_heads": 3},
+                            "hidden_size=16 is not divisible by num_attention_heads=3"),
+    "tie-string": ({"tie_word_embeddings": "false"},
+                   "tie_word_embeddings='false': must be true or false"),
+    "layers-absurd": ({"num_hidden_layers": 10**9},
+                      "num_hidden_layers=1000000000: more than 10000"),
+    "layers-float": ({"num_hidden_layers": 1e9}, "num_hidden_layers=1000000000.0: must be an"),
+    "vocab-missing": ({"vocab_size": None}, "vocab_size is missing"),
+    "sliding-window-string": ({**MISTRAL, "sliding_window": "x"},
+                              "sliding_window='x': must be an integer >= 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIGS))
+def test_a_bad_config_value_is_named_by_its_key(source, tmp_path, capsys, case):
+    changes, message = CONFIGS[case]
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, **changes}))
+    err = from_hf_error(capsys, source, tmp_path / "out")
+    assert f"{source / 'config.json'}: {message}" in err, err
