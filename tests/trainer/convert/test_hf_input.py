@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -215,3 +217,28 @@ def test_a_bad_config_value_is_named_by_its_key(source, tmp_path, capsys, case):
     (source / "config.json").write_text(json.dumps({**config, **changes}))
     err = from_hf_error(capsys, source, tmp_path / "out")
     assert f"{source / 'config.json'}: {message}" in err, err
+
+
+# ---------------------------------------------------------------------------------------------
+# A directory without tokenizer.json: imported, with a note; the import then says it has none
+
+
+def tessera(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tessera", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+def test_an_import_without_a_tokenizer_says_so_and_prepare_names_it(model_dir, tmp_path):
+    out = tmp_path / "imported"
+    done = tessera(tmp_path, "convert", "from-hf", str(model_dir), str(out), "model.seq_len=16")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"tessera: note: {model_dir} has no tokenizer.json, so the import carries no " \
+           f"tokenizer: give tessera prepare, generate and convert to-hf --tokenizer a " \
+           f"tokenizer.json" in done.stdout.splitlines()
+    (tmp_path / "docs.jsonl").write_text('{"text": "some text"}\n')
+    done = tessera(tmp_path, "prepare", str(tmp_path / "docs.jsonl"), "--output",
+                   str(tmp_path / "prepared"), "--tokenizer", str(out))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    step = out / "checkpoints" / "step-00000000"
+    assert f"{step} is a Tessera checkpoint that carries no tokenizer" in done.stderr
+    assert "pass --tokenizer a tokenizer.json" in done.stderr
