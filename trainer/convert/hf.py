@@ -73,8 +73,8 @@ def model_config_from_hf(directory: Path) -> ModelConfig:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise HFError(f"{path}: missing (not a Hugging Face model directory)") from None
-    except (OSError, ValueError) as e:
-        raise HFError(f"{path}: unreadable ({e})") from e
+    except (OSError, ValueError, RecursionError) as e:
+        raise HFError(f"{path}: unreadable ({first_line(e)})") from e
     if not isinstance(raw, dict):
         raise HFError(f"{path}: not a model config (a JSON object)")
     try:

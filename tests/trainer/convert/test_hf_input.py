@@ -242,3 +242,23 @@ def test_an_import_without_a_tokenizer_says_so_and_prepare_names_it(model_dir, t
     step = out / "checkpoints" / "step-00000000"
     assert f"{step} is a Tessera checkpoint that carries no tokenizer" in done.stderr
     assert "pass --tokenizer a tokenizer.json" in done.stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[" * 100_000, "unreadable (maximum recursion depth exceeded"),
+    ("[]", "not a model config (a JSON object)"),
+], ids=["nested-deep", "list"])
+def test_a_config_json_that_is_no_object_is_refused(source, tmp_path, capsys, text, message):
+    (source / "config.json").write_text(text)
+    err = from_hf_error(capsys, source, tmp_path / "out")
+    assert f"{source / 'config.json'}: {message}" in err, err
+
+
+@pytest.mark.parametrize("file", [hf.SAFETENSORS_INDEX, hf.SAFETENSORS_FILE])
+def test_deeply_nested_json_in_weight_files_is_refused(source, tmp_path, capsys, file):
+    text = ("[" * 100_000).encode()
+    if file == hf.SAFETENSORS_FILE:
+        text = struct.pack("<Q", len(text)) + text
+    (source / file).write_bytes(text)
+    err = from_hf_error(capsys, source, tmp_path / "out")
+    assert f"{source / file}: not a " in err and "maximum recursion depth" in err, err
