@@ -52,6 +52,13 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def short_repr(value: object, limit: int = 60) -> str:
+    """repr() of a value read from a user's file, cut at `limit` characters: what a one-line
+    report quotes of it, however long it is."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenizerInfo:
     kind: str  # "bytes" (built-in) or "hf" (tokenizer.json beside the manifest)

@@ -36,6 +36,8 @@ HF_TOKENIZER_CONFIG = "tokenizer_config.json"
 # What a folder of a checkpoint's carried tokenizer holds beside tokenizer.json: a TokenizerInfo
 CARRIED_INFO_FILE = "info.json"
 CARRIED_DIR = "tokenizer"
+# The format of a checkpoint's manifest.json (tessera.trainer.checkpoint names it from here)
+CHECKPOINT_FORMAT = "tessera-checkpoint"
 # Looked up in this order; the first one in the vocabulary is EOS.
 EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>")
 TRAINED_EOS = "<|endoftext|>"
@@ -200,6 +202,10 @@ def find_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if carried_info.is_file():
         return load_tokenizer(_carried_info(carried_info), path / CARRIED_DIR)
     if (path / MANIFEST_NAME).is_file():
+        if _is_checkpoint(path):
+            raise DataError(f"{path} is a Tessera checkpoint that carries no tokenizer (imported "
+                            f"from a Hugging Face directory without tokenizer.json, or saved by "
+                            f"an older Tessera); pass --tokenizer a tokenizer.json")
         return load_tokenizer(read_manifest(path).tokenizer, path)
     if (path / HF_TOKENIZER_FILE).is_file():
         return HFTokenizer.from_file(path / HF_TOKENIZER_FILE)
@@ -218,6 +224,15 @@ def _newest_checkpoint(path: Path) -> Path | None:
                 raise DataError(f"{latest}: names {name!r}, not a checkpoint step")
             return root / name
     return None
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """Whether the manifest.json in `path` is a checkpoint's (not a prepared directory's)."""
+    try:
+        manifest = json.loads((path / MANIFEST_NAME).read_text())
+    except (OSError, ValueError, RecursionError):
+        return False  # read_manifest says what is wrong with it
+    return isinstance(manifest, dict) and manifest.get("format") == CHECKPOINT_FORMAT
 
 
 def _carried_info(path: Path) -> TokenizerInfo:

@@ -19,6 +19,7 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
+from tessera.data.format import short_repr
 from tessera.parallel.parts import Part, padded_vocab_size
 from tessera.trainer.families import FAMILIES, Family
 
@@ -309,81 +310,169 @@ class HFConfigError(ValueError):
     """A config.json Tessera cannot train; the message names the key and value."""
 
 
+# More layers than this in a config.json is refused before anything is built per layer: the
+# deepest published models have about 130 (Llama 3.1 405B: 126).
+MAX_LAYERS_FROM_HF = 10_000
+_REQUIRED = object()
+
+
+class ConfigKeys:
+    """The values of a config.json object, each checked for its type as it is read: a wrong
+    one is an HFConfigError naming the key (after `prefix`: 'rope_parameters.' for the keys
+    inside that object). A null value is a missing one."""
+
+    def __init__(self, raw: dict, prefix: str = "") -> None:
+        self.raw, self.prefix = raw, prefix
+
+    def size(self, key: str, default: Any = _REQUIRED, most: int | None = None) -> Any:
+        """An integer >= 1 (and <= `most`)."""
+        value = self.raw.get(key)
+        if value is None:
+            return self._default(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            self._refuse(key, "must be an integer >= 1")
+        if most is not None and value > most:
+            self._refuse(key, f"more than {most} (Tessera's limit for an import)")
+        return value
+
+    def number(self, key: str, default: Any = _REQUIRED) -> Any:
+        """A finite number > 0, as a float."""
+        value = self.raw.get(key)
+        if value is None:
+            return self._default(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not math.isfinite(value) or value <= 0:
+            self._refuse(key, "must be a number > 0")
+        return float(value)
+
+    def flag(self, key: str, default: bool) -> bool:
+        """true or false (not a string such as "false", which bool() reads as True)."""
+        value = self.raw.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            self._refuse(key, "must be true or false")
+        return value
+
+    def mapping(self, key: str) -> dict | None:
+        """A JSON object, or None."""
+        value = self.raw.get(key)
+        if value is not None and not isinstance(value, dict):
+            self._refuse(key, "must be an object (or null)")
+        return value
+
+    def _default(self, key: str, default: Any) -> Any:
+        if default is _REQUIRED:
+            raise HFConfigError(f"{self.prefix}{key} is missing")
+        return default
+
+    def _refuse(self, key: str, problem: str) -> None:
+        raise HFConfigError(f"{self.prefix}{key}={short_repr(self.raw[key])}: {problem}")
+
+
 def model_fields_from_hf(raw: dict, max_seq_len: int) -> dict[str, Any]:
-    """The model section (ModelConfig's fields) of a Hugging Face config.json."""
-    for key in ("auto_map", "trust_remote_code"):
-        if key in raw:
-            raise HFConfigError(f"{key}={raw[key]!r}: a model that needs its own code is refused "
-                                f"(Tessera never runs code from a model directory)")
-    family = FAMILIES.get(raw.get("model_type"))
-    if family is None:
-        raise HFConfigError(f"model_type={raw.get('model_type')!r} is not one Tessera trains "
-                            f"({', '.join(FAMILIES)})")
-    architectures = raw.get("architectures") or []
-    if architectures and family.architecture not in architectures:
-        raise HFConfigError(f"architectures={architectures} with model_type={family.name!r}: "
-                            f"only {family.architecture} is trained")
-    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                "intermediate_size"):
-        if isinstance(raw.get(key), bool) or not isinstance(raw.get(key), int):
-            raise HFConfigError(f"{key} missing or not an integer")
+    """The model section (ModelConfig's fields) of a Hugging Face config.json, every value read
+    through ConfigKeys (its type checked, the key named when wrong)."""
+    family = _family_from_hf(raw)
+    keys = ConfigKeys(raw)
     _refuse_unless(raw, "hidden_act", "silu", "silu")
     _refuse_unless(raw, "mlp_bias", False, False)
     if family.attention_bias_key:
         _refuse_unless(raw, "attention_bias", False, False)
     if family.layered_sliding_window_key:
         _refuse_unless(raw, "use_sliding_window", False, False)
-    heads = raw["num_attention_heads"]
-    head_dim = raw.get("head_dim") or raw["hidden_size"] // heads
-    max_positions = raw.get("max_position_embeddings") or max_seq_len
+    hidden, heads = keys.size("hidden_size"), keys.size("num_attention_heads")
+    kv_heads, head_dim = keys.size("num_key_value_heads", heads), keys.size("head_dim", None)
+    _check_heads(hidden, heads, kv_heads, head_dim)
+    max_positions = keys.size("max_position_embeddings", max_seq_len)
+    rope = _rope_parameters(keys)
     return {
-        "vocab_size": raw["vocab_size"],
-        "hidden_size": raw["hidden_size"],
-        "num_layers": raw["num_hidden_layers"],
+        "vocab_size": keys.size("vocab_size"),
+        "hidden_size": hidden,
+        "num_layers": keys.size("num_hidden_layers", most=MAX_LAYERS_FROM_HF),
         "num_heads": heads,
-        "num_kv_heads": raw.get("num_key_value_heads") or heads,
-        "ffn_hidden_size": raw["intermediate_size"],
+        "num_kv_heads": kv_heads,
+        "ffn_hidden_size": keys.size("intermediate_size"),
         "seq_len": min(max_positions, max_seq_len),
-        "rope_theta": float(_rope_parameters(raw).get("rope_theta", raw.get("rope_theta", 1e4))),
-        "norm_eps": float(raw.get("rms_norm_eps", 1e-6)),
-        "tie_embeddings": bool(raw.get("tie_word_embeddings", False)),
-        "head_dim": head_dim if head_dim != raw["hidden_size"] // heads else None,
+        "rope_theta": rope.number("rope_theta", keys.number("rope_theta", 1e4)),
+        "norm_eps": keys.number("rms_norm_eps", 1e-6),
+        "tie_embeddings": keys.flag("tie_word_embeddings", False),
+        "head_dim": None if head_dim is None or head_dim * heads == hidden else head_dim,
         "qkv_bias": family.qkv_bias,
         "qk_norm": family.qk_norm,
-        "rope_scaling": _rope_scaling_from_hf(raw, max_positions),
-        "sliding_window": raw.get("sliding_window") if family.has_sliding_window else None,
+        "rope_scaling": _rope_scaling_from_hf(rope, max_positions),
+        "sliding_window": keys.size("sliding_window", None) if family.has_sliding_window
+        else None,
         "family": family.name,
         "max_positions": max_positions,
     }
 
 
+def _family_from_hf(raw: dict) -> Family:
+    """The family of model_type, refused for remote code or another architecture."""
+    for key in ("auto_map", "trust_remote_code"):
+        if key in raw:
+            raise HFConfigError(f"{key}={short_repr(raw[key])}: a model that needs its own code "
+                                f"is refused (Tessera never runs code from a model directory)")
+    model_type = raw.get("model_type")
+    family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
+    if family is None:
+        raise HFConfigError(f"model_type={short_repr(model_type)} is not one Tessera trains "
+                            f"({', '.join(FAMILIES)})")
+    architectures = raw.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise HFConfigError(f"architectures={short_repr(architectures)}: must be a list of "
+                            f"class names")
+    if architectures and family.architecture not in architectures:
+        raise HFConfigError(f"architectures={architectures} with model_type={family.name!r}: "
+                            f"only {family.architecture} is trained")
+    return family
+
+
+def _check_heads(hidden: int, heads: int, kv_heads: int, head_dim: int | None) -> None:
+    """The attention heads' counts and size, named by config.json's keys (the model section's
+    checks would name Tessera's, which the user never set)."""
+    if head_dim is None and hidden % heads:
+        raise HFConfigError(f"hidden_size={hidden} is not divisible by num_attention_heads="
+                            f"{heads}, and there is no head_dim")
+    if heads % kv_heads:
+        raise HFConfigError(f"num_key_value_heads={kv_heads} does not divide "
+                            f"num_attention_heads={heads}")
+    head_size = head_dim or hidden // heads
+    if head_size % 2:
+        raise HFConfigError(f"a head size of {head_size} (head_dim, or hidden_size / "
+                            f"num_attention_heads): rotary embeddings need an even one")
+
+
 def _refuse_unless(raw: dict, key: str, default: Any, supported: Any) -> None:
     value = raw.get(key, default)
     if value != supported:
-        raise HFConfigError(f"{key}={value!r} is not supported (Tessera's models need "
+        raise HFConfigError(f"{key}={short_repr(value)} is not supported (Tessera's models need "
                             f"{supported!r})")
 
 
-def _rope_parameters(raw: dict) -> dict:
+def _rope_parameters(keys: ConfigKeys) -> ConfigKeys:
     # As transformers reads it: a legacy `rope_scaling` replaces `rope_parameters` whole.
-    return raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+    scaling, parameters = keys.mapping("rope_scaling"), keys.mapping("rope_parameters")
+    if scaling:
+        return ConfigKeys(scaling, "rope_scaling.")
+    return ConfigKeys(parameters or {}, "rope_parameters.")
 
 
-def _rope_scaling_from_hf(raw: dict, max_positions: int) -> dict | None:
-    rope = _rope_parameters(raw)
-    kind = rope.get("rope_type", rope.get("type", "default"))
+def _rope_scaling_from_hf(rope: ConfigKeys, max_positions: int) -> dict | None:
+    kind = rope.raw.get("rope_type", rope.raw.get("type", "default"))
     if kind == "default":
         return None
-    if kind not in ROPE_SCALING_KEYS:
-        raise HFConfigError(f"rope_parameters.rope_type={kind!r} is not supported (Tessera "
-                            f"reads default, {', '.join(ROPE_SCALING_KEYS)})")
-    scaling = {"type": kind, **{key: rope[key] for key in ROPE_SCALING_KEYS[kind]
-                                if rope.get(key) is not None}}
+    if not isinstance(kind, str) or kind not in ROPE_SCALING_KEYS:
+        raise HFConfigError(f"{rope.prefix}rope_type={short_repr(kind)} is not supported "
+                            f"(Tessera reads default, {', '.join(ROPE_SCALING_KEYS)})")
+    scaling = {"type": kind, **{key: rope.raw[key] for key in ROPE_SCALING_KEYS[kind]
+                                if rope.raw.get(key) is not None}}
     if kind == "yarn" and "factor" not in scaling:  # transformers derives it
-        scaling["factor"] = max_positions / scaling["original_max_position_embeddings"]
+        scaling["factor"] = max_positions / rope.number("original_max_position_embeddings")
     problem = _rope_scaling_problem(scaling)
     if problem:
-        raise HFConfigError(f"rope_parameters: {problem}")
+        raise HFConfigError(f"{rope.prefix.rstrip('.')}: {problem}")
     return scaling
 
 

@@ -165,3 +165,19 @@ def test_find_tokenizer_reads_every_place_a_tokenizer_lives(tmp_path, trained) -
         find_tokenizer(tmp_path / "run")
     with pytest.raises(DataError, match="empty: no tokenizer here"):
         find_tokenizer(tmp_path / "empty")
+
+
+def test_find_tokenizer_says_a_checkpoint_carries_none(tmp_path) -> None:
+    """A checkpoint saved without a tokenizer (an import of a Hugging Face directory without
+    tokenizer.json) is named as such, not as a manifest of the wrong format."""
+    step = tmp_path / "run" / "checkpoints" / "step-00000000"
+    step.mkdir(parents=True)
+    (step / "manifest.json").write_text(json.dumps({"format": "tessera-checkpoint", "files": {}}))
+    (step.parent / "latest").write_text("step-00000000\n")
+    for path in (step, tmp_path / "run"):
+        with pytest.raises(DataError) as raised:
+            find_tokenizer(path)
+        assert str(raised.value) == (
+            f"{step} is a Tessera checkpoint that carries no tokenizer (imported from a Hugging "
+            f"Face directory without tokenizer.json, or saved by an older Tessera); pass "
+            f"--tokenizer a tokenizer.json")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from tessera.data.format import TokenizerInfo
-from tessera.data.tokenizer import CARRIED_DIR, CARRIED_INFO_FILE
+from tessera.data.tokenizer import CARRIED_DIR, CARRIED_INFO_FILE, CHECKPOINT_FORMAT
 from tessera.trainer.architecture import ARCHITECTURE_FIELDS  # noqa: F401  (named with the format)
 
 # A tokenizer as a checkpoint carries it: its description, and its tokenizer.json text (hf kind).
@@ -25,7 +25,7 @@ CONFIG_FILE = "config.yaml"
 TOKENIZER_DIR = CARRIED_DIR
 TOKENIZER_INFO = f"{TOKENIZER_DIR}/{CARRIED_INFO_FILE}"
 LATEST_FILE = "latest"
-FORMAT = "tessera-checkpoint"
+FORMAT = CHECKPOINT_FORMAT  # defined in data.tokenizer: find_tokenizer recognizes a checkpoint
 FORMAT_VERSION = 1
 TMP_SUFFIX = ".tmp"
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from tessera.data.format import DataError
 from tessera.data.progress import progress
 from tessera.data.sources import is_url
-from tessera.data.tokenizer import ByteTokenizer
+from tessera.data.tokenizer import HF_TOKENIZER_FILE, ByteTokenizer
 from tessera.launch.local import inside_distributed_launch, launch_or_run
 from tessera.parallel.engine import Engine
 from tessera.parallel.topology import distributed
@@ -331,7 +331,9 @@ def _to_hf_command(argv: list[str]) -> int:
     return 0
 
 
-def _launch_or_run(command: str, argv: list[str], cfg: Config, run: Callable[[], Path]) -> int:
+def _launch_or_run(command: str, argv: list[str], cfg: Config, run: Callable[[], Path],
+                   note: str | None = None) -> int:
+    """`run` on launch.nproc_per_node ranks; rank 0 says what it wrote (and `note`)."""
     if not inside_distributed_launch():  # fail here, before any process starts
         validate(cfg, world_size=cfg.launch.nproc_per_node)
 
@@ -339,6 +341,8 @@ def _launch_or_run(command: str, argv: list[str], cfg: Config, run: Callable[[],
         directory = run()
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"tessera: wrote {directory}")
+            if note:
+                print(f"tessera: note: {note}")
         return 0
 
     return launch_or_run(cfg.launch.nproc_per_node, ["convert", command, *argv], run_here)
@@ -352,12 +356,16 @@ def _from_hf_command(argv: list[str]) -> int:
     out = Path(args.out).absolute()
     cfg = from_hf_config(source, out, overrides)
     source.check(canonical_shapes(cfg.model))
-    source.tokenizer()  # refused here, before any process starts
+    carried = source.tokenizer()  # refused here, before any process starts
     if not inside_distributed_launch():
         _check_new_directory(out)
     argv = [args.source, args.out, *(["--allow-pickle"] if args.allow_pickle else []), *overrides]
+    note = None if carried else (
+        f"{source.directory} has no {HF_TOKENIZER_FILE}, so the import carries no tokenizer: "
+        f"give tessera prepare, generate and convert to-hf --tokenizer a tokenizer.json"
+    )
     return _launch_or_run(
-        "from-hf", argv, cfg, lambda: from_hf(args.source, cfg, args.allow_pickle)
+        "from-hf", argv, cfg, lambda: from_hf(args.source, cfg, args.allow_pickle), note
     )
 
 

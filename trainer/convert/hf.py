@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import struct
@@ -21,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from tessera.data.format import TokenizerInfo, first_line
+from tessera.data.format import TokenizerInfo, first_line, short_repr
 from tessera.data.tokenizer import BYTE_EOS_ID, HF_TOKENIZER_FILE, HFTokenizer
 from tessera.trainer import architecture
 from tessera.trainer.config import ModelConfig
@@ -37,7 +38,11 @@ PICKLE_INDEX = "pytorch_model.bin.index.json"
 BYTE_EOS_TOKEN = "<|endoftext|>"
 MAX_SEQ_LEN_FROM_HF = 4096  # model.seq_len of an import, unless set: a training window, not a limit
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
 class HFError(ValueError):
     """A Hugging Face directory we cannot convert; the message names the file or tensor."""
 
@@ -68,8 +73,8 @@ def model_config_from_hf(directory: Path) -> ModelConfig:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise HFError(f"{path}: missing (not a Hugging Face model directory)") from None
-    except (OSError, ValueError) as e:
-        raise HFError(f"{path}: unreadable ({e})") from e
+    except (OSError, ValueError, RecursionError) as e:
+        raise HFError(f"{path}: unreadable ({first_line(e)})") from e
     if not isinstance(raw, dict):
         raise HFError(f"{path}: not a model config (a JSON object)")
     try:
@@ -90,33 +95,101 @@ class TensorInfo:
 
 
 def safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """The tensors a safetensors file lists, after checking the file holds all their bytes (a
-    truncated file would otherwise fail deep inside a read, or crash a memory-mapped one)."""
+    """The tensors a safetensors file lists, after checking its header as the safetensors
+    library will read it (each entry's dtype, shape and data_offsets, the tensors back to back,
+    the file holding all their bytes and no more): a bad file fails here, naming the tensor, not
+    later inside a read, or as the crash of a memory-mapped read of a truncated file."""
     size = path.stat().st_size
+    header_bytes, header = _read_header(path, size)
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise HFError(f"{path}: __metadata__ is not a mapping of strings")
+    offsets = {name: _entry_offsets(path, name, entry) for name, entry in header.items()}
+    _check_layout(path, offsets, 8 + header_bytes, size)
+    return {name: TensorInfo(path, entry["dtype"], tuple(entry["shape"]))
+            for name, entry in header.items()}
+
+
+def _read_header(path: Path, size: int) -> tuple[int, dict]:
+    """(its length in bytes, the header): a JSON object after an 8-byte length."""
     with open(path, "rb") as f:
         head = f.read(8)
         header_bytes = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
         if header_bytes < 2 or 8 + header_bytes > size:
             raise HFError(f"{path}: not a safetensors file (or truncated in its header)")
+        if header_bytes > MAX_HEADER_BYTES:
+            raise HFError(f"{path}: not a safetensors file (a header of {header_bytes} bytes; "
+                          f"safetensors reads at most {MAX_HEADER_BYTES})")
         try:
             header = json.loads(f.read(header_bytes))
-        except ValueError as e:
-            raise HFError(f"{path}: not a safetensors file (header is not JSON: {e})") from e
-    tensors, end = {}, 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        if entry.get("dtype") not in _DTYPES:
-            raise HFError(
-                f"{path}: tensor {name} has dtype {entry.get('dtype')!r}, not a float type"
-            )
-        end = max(end, entry["data_offsets"][1])
-        tensors[name] = TensorInfo(path, entry["dtype"], tuple(entry["shape"]))
-    if 8 + header_bytes + end > size:
-        raise HFError(
-            f"{path}: truncated ({size} bytes; its header lists {8 + header_bytes + end})"
-        )
-    return tensors
+        except (ValueError, RecursionError) as e:
+            raise HFError(f"{path}: not a safetensors file (header is not JSON: "
+                          f"{first_line(e)})") from e
+    if not isinstance(header, dict):
+        raise HFError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    return header_bytes, header
+
+
+def _entry_offsets(path: Path, name: str, entry: Any) -> tuple[int, int]:
+    """(begin, end) of a tensor's bytes in the data, after checking that its header entry has a
+    float dtype, a shape and as many bytes as they make."""
+    where = f"{path}: tensor {name}"
+    if not isinstance(entry, dict):
+        raise HFError(f"{where}: its header entry {short_repr(entry)} is not a JSON object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise HFError(f"{where} has dtype {short_repr(dtype)}, not a float type")
+    if not _sizes(shape):
+        raise HFError(f"{where}: shape {short_repr(shape)} is not a list of sizes")
+    if not _sizes(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+        raise HFError(f"{where}: data_offsets {short_repr(offsets)} is not [begin, end]")
+    expected = math.prod(shape) * _DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != expected:
+        raise HFError(f"{where}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes, "
+                      f"its dtype {dtype} and shape {short_repr(shape)} {expected}")
+    return offsets[0], offsets[1]
+
+
+def _sizes(value: Any) -> bool:
+    """A list of integers >= 0."""
+    return isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    )
+
+
+def _check_layout(path: Path, offsets: dict[str, tuple[int, int]], data_start: int,
+                  size: int) -> None:
+    """The tensors' bytes back to back from `data_start` (after the header) to the file's end."""
+    data_bytes = size - data_start
+    end = max((end for _, end in offsets.values()), default=0)
+    if end > data_bytes:
+        raise HFError(f"{path}: truncated ({size} bytes; its header lists {data_start + end})")
+    position = 0
+    for name, (begin, end) in sorted(offsets.items(), key=lambda item: item[1]):
+        if begin != position:
+            raise HFError(f"{path}: tensor {name} starts at byte {begin} of the data, not where "
+                          f"the tensor before it ends ({position})")
+        position = end
+    if position != data_bytes:
+        raise HFError(f"{path}: {data_bytes - position} bytes after its last tensor (not a "
+                      f"safetensors file)")
+
+
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The tensor name -> file name map of a weight index (safetensors' or pickle's)."""
+    try:
+        raw = json.loads(index.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise HFError(f"{index}: not a weight index ({first_line(e)})") from e
+    found = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(found, dict) or not found or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in found.items()
+    ):
+        raise HFError(f"{index}: not a weight index (its weight_map must map tensor names to "
+                      f"file names)")
+    return found
 
 
 class HFCheckpoint:
@@ -153,27 +226,30 @@ class HFCheckpoint:
         return tensors
 
     def _weight_files(self, single: str, index: str) -> list[Path]:
-        if (self.directory / index).is_file():
-            path = self.directory / index
-            try:
-                weight_map = json.loads(path.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError) as e:
-                raise HFError(f"{path}: not a weight index ({e})") from e
-            files = sorted({self.directory / f for f in weight_map.values()})
+        path = self.directory / index
+        if path.is_file():
+            names = read_weight_map(path).values()
+            files = sorted({self._listed_file(path, name) for name in names})
             for f in files:
                 if not f.is_file():
                     raise HFError(f"{f}: missing (listed in {path})")
             return files
         return [self.directory / single] if (self.directory / single).is_file() else []
 
-    def _load_pickle(self, path: Path) -> dict:
+    def _listed_file(self, index: Path, name: str) -> Path:
+        """A file an index names: a plain name inside the directory, never a path out of it."""
+        if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+            raise HFError(f"{index}: weight_map names {short_repr(name)}, not a file name inside "
+                          f"{self.directory} (weights are read from that directory only)")
+        return self.directory / name
+
+    def _load_pickle(self, path: Path) -> dict[str, torch.Tensor]:
         if path not in self._pickled:
             try:
-                self._pickled[path] = torch.load(
-                    path, map_location="cpu", weights_only=True, mmap=True
-                )
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:
                 raise HFError(f"{path}: cannot be loaded ({first_line(e)})") from e
+            self._pickled[path] = _state_dict(path, state)
         return self._pickled[path]
 
     def tokenizer(self) -> tuple[TokenizerInfo, str] | None:
@@ -209,6 +285,21 @@ class HFCheckpoint:
             return self._load_pickle(info.file)[hf].float().clone()
         with safe_open(str(info.file), framework="pt") as f:
             return f.get_tensor(hf).float()
+
+
+def _state_dict(path: Path, state: Any) -> dict[str, torch.Tensor]:
+    """A pickle file's contents, which must be a state dict: tensor names to tensors."""
+    if not isinstance(state, dict):
+        raise HFError(f"{path}: holds a {type(state).__name__}, not a state dict (tensor names to "
+                      f"tensors)")
+    for name, value in state.items():
+        if not isinstance(name, str):
+            raise HFError(f"{path}: a name {short_repr(name)} that is not a string: not a state "
+                          f"dict")
+        if not isinstance(value, torch.Tensor):
+            raise HFError(f"{path}: entry {short_repr(name)} is a {type(value).__name__}, not a "
+                          f"tensor: not a state dict")
+    return state
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from hfcheck import (
     layout_predictions,
 )
 from multiproc import run_ranks
+from tiny_hf import from_hf_error, small_hf
 from training import losses, tiny_config, train_each
 
 from tessera.trainer.checkpoint import CheckpointError
@@ -429,30 +430,6 @@ def test_training_at_another_layout_names_the_reshard_command(world2):
 
 # ---------------------------------------------------------------------------------------------
 # Bad input: one-line errors naming the file or tensor, before any process starts
-
-
-def small_hf(directory: Path, **changes) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        **changes,
-    )
-    LlamaForCausalLM(config).save_pretrained(directory)
-    return directory
-
-
-def from_hf_error(capsys, source: Path, out: Path, *extra: str) -> str:
-    capsys.readouterr()  # drop what saving the fixture printed
-    assert convert_command(["from-hf", str(source), str(out), *extra]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    return err
 
 
 def test_bad_hf_directories(tmp_path, capsys):
