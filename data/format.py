@@ -141,7 +141,7 @@ def parse_manifest(text: str, where: str) -> Manifest:
         raise DataError(f"{where}: malformed manifest ({first_line(e)})") from e
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
         found = raw.get("format") if isinstance(raw, dict) else None
-        raise DataError(f"{where}: not a Tessera manifest (format={_shown(found)})")
+        raise DataError(f"{where}: not a Tessera manifest (format={short_repr(found)})")
     _check_keys(raw, where, "", ("format", "version", "tokenizer", "dtype", "shards"), None)
     if _count(raw, where, "version", 1) != FORMAT_VERSION:
         raise _key_error(where, "version", f"is {raw['version']}; this Tessera reads version "
@@ -153,7 +153,7 @@ def parse_manifest(text: str, where: str) -> Manifest:
     tokenizer = _tokenizer_info(raw["tokenizer"], where, dtype)
     shards = raw["shards"]
     if not isinstance(shards, list):
-        raise _key_error(where, "shards", f"must be a list, got {_shown(shards)}")
+        raise _key_error(where, "shards", f"must be a list, got {short_repr(shards)}")
     infos = tuple(_shard_info(s, where, f"shards[{i}]") for i, s in enumerate(shards))
     _check_unique_paths(infos, where)
     return Manifest(tokenizer=tokenizer, dtype=dtype, shards=infos, version=FORMAT_VERSION)
@@ -165,7 +165,7 @@ def file_in(directory: str | os.PathLike, name: str, what: str) -> Path:
     the module doc) and, symbolic links followed, a regular file in DIRECTORY; a file that does
     not exist passes (its caller says "missing" in its own words)."""
     if not is_file_name(name):
-        raise DataError(f"{what}: {_shown(name)} is not a plain file name in the manifest's "
+        raise DataError(f"{what}: {short_repr(name)} is not a plain file name in the manifest's "
                         f"directory")
     path = Path(directory) / name
     problem = outside_problem(path)
@@ -195,12 +195,6 @@ def is_file_name(name: object) -> bool:
     return isinstance(name, str) and _FILE_NAME.fullmatch(name) is not None
 
 
-def _shown(value: object) -> str:
-    """A value for an error line: its repr, cut short (a hostile manifest's may be huge)."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _key_error(where: str, key: str, problem: str) -> DataError:
     return DataError(f"{where}: key '{key}' {problem}")
 
@@ -224,7 +218,7 @@ def _count(raw: dict, where: str, key: str, minimum: int = 0, name: str | None =
     value = raw[name or key]
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         kind = "a non-negative integer" if minimum == 0 else f"an integer >= {minimum}"
-        raise _key_error(where, key, f"must be {kind}, got {_shown(value)}")
+        raise _key_error(where, key, f"must be {kind}, got {short_repr(value)}")
     return value
 
 
@@ -232,13 +226,14 @@ def _choice(raw: dict, where: str, key: str, choices: tuple[str, ...],
             name: str | None = None) -> str:
     value = raw[name or key]
     if not isinstance(value, str) or value not in choices:
-        raise _key_error(where, key, f"must be one of {', '.join(choices)}, got {_shown(value)}")
+        raise _key_error(where, key,
+                         f"must be one of {', '.join(choices)}, got {short_repr(value)}")
     return value
 
 
 def _tokenizer_info(raw: object, where: str, dtype: str) -> TokenizerInfo:
     if not isinstance(raw, dict):
-        raise _key_error(where, "tokenizer", f"must be an object, got {_shown(raw)}")
+        raise _key_error(where, "tokenizer", f"must be an object, got {short_repr(raw)}")
     _check_keys(raw, where, "tokenizer.", ("kind", "vocab_size", "eos_id"), ("file",))
     kind = _choice(raw, where, "tokenizer.kind", TOKENIZER_KINDS, "kind")
     vocab_size = _count(raw, where, "tokenizer.vocab_size", 1, "vocab_size")
@@ -251,22 +246,22 @@ def _tokenizer_info(raw: object, where: str, dtype: str) -> TokenizerInfo:
     file = raw.get("file")
     if file is not None and not is_file_name(file):
         raise _key_error(where, "tokenizer.file", f"must be a plain file name in the manifest's "
-                                                  f"directory, got {_shown(file)}")
+                                                  f"directory, got {short_repr(file)}")
     return TokenizerInfo(kind=kind, vocab_size=vocab_size, eos_id=eos_id, file=file)
 
 
 def _shard_info(raw: object, where: str, key: str) -> ShardInfo:
     if not isinstance(raw, dict):
-        raise _key_error(where, key, f"must be an object, got {_shown(raw)}")
+        raise _key_error(where, key, f"must be an object, got {short_repr(raw)}")
     _check_keys(raw, where, f"{key}.", ("path", "num_tokens", "num_samples", "sha256"))
     path = raw["path"]
     if not is_file_name(path) or path == MANIFEST_NAME:
         raise _key_error(where, f"{key}.path", f"must be a plain file name in the manifest's "
-                                               f"directory, got {_shown(path)}")
+                                               f"directory, got {short_repr(path)}")
     sha256 = raw["sha256"]
     if not isinstance(sha256, str) or _SHA256.fullmatch(sha256) is None:
         raise _key_error(where, f"{key}.sha256", f"must be 64 lowercase hex digits, got "
-                                                 f"{_shown(sha256)}")
+                                                 f"{short_repr(sha256)}")
     return ShardInfo(
         path=path,
         num_tokens=_count(raw, where, f"{key}.num_tokens", 0, "num_tokens"),
