@@ -16,8 +16,10 @@ Keys are "%09d" of the document's index within its shard.
 A manifest names its files (each shard's `path`, the tokenizer's `file`) by plain file names in
 its own directory: letters, digits and `._+-`, not starting with `.` or `-`. No folder part, so
 no `..` or absolute path; no character a shell reads specially, so that a name can take the
-place of the manifest's in a `pipe:` command. On disk each must be a regular file in the
-directory: a symbolic link is followed only to a file beside it (`file_in`), never out of it.
+place of the manifest's in a `pipe:` command. The tokenizer file, which every checkpoint copies,
+must be a regular file in the directory: a symbolic link is followed only to a file beside it
+(`file_in`). A shard may be a link to anywhere (a Hugging Face cache links its files to blobs/):
+it is only read, as tokens, and a shard resolves without a file-system call per shard.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import dataclasses
 import json
 import os
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -160,32 +163,43 @@ def parse_manifest(text: str, where: str) -> Manifest:
 
 
 def file_in(directory: str | os.PathLike, name: str, what: str) -> Path:
-    """DIRECTORY/NAME, a file a manifest names; `what` names the entry in errors (e.g.
-    "DIR/manifest.json: key 'tokenizer.file'"). DataError unless NAME is a plain file name (see
-    the module doc) and, symbolic links followed, a regular file in DIRECTORY; a file that does
-    not exist passes (its caller says "missing" in its own words)."""
+    """DIRECTORY/NAME, the tokenizer file a manifest names (what a checkpoint copies); `what`
+    names the entry in errors (e.g. "DIR/manifest.json: key 'tokenizer.file'"). DataError unless
+    NAME is a plain file name (see the module doc) and, symbolic links followed, a regular file
+    in DIRECTORY; a file that does not exist passes (its caller says "missing" in its words)."""
     if not is_file_name(name):
         raise DataError(f"{what}: {short_repr(name)} is not a plain file name in the manifest's "
                         f"directory")
     path = Path(directory) / name
-    problem = outside_problem(path)
+    problem = link_out_problem(path)
     if problem:
         raise DataError(f"{what}: {problem}")
     return path
 
 
-def outside_problem(path: Path) -> str | None:
+def link_out_problem(path: Path) -> str | None:
     """Why the file at `path` (a name in its directory) is not one of that directory's regular
-    files (symbolic links followed), or None; a path that does not exist has no problem."""
-    if not os.path.lexists(path):
-        return None
+    files, or None; a path that does not exist has no problem. One lstat for a plain file: only
+    a link is resolved, and it must lead to a file beside it."""
     try:
-        target = path.resolve()
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"{path} cannot be read ({first_line(e)})"
+    if stat.S_ISREG(mode):
+        return None
+    if not stat.S_ISLNK(mode):
+        return f"{path} is not a regular file (a directory or device)"
+    try:
+        target = path.resolve(strict=True)
+    except FileNotFoundError:
+        return None
     except (OSError, RuntimeError) as e:  # a link loop
         return f"{path} cannot be followed ({first_line(e)})"
     if target.parent != path.parent.resolve():
         return f"{path} leads outside its directory (a link to {target})"
-    if target.exists() and not target.is_file():
+    if not target.is_file():
         return f"{path} is not a regular file (a directory or device)"
     return None
 

@@ -156,6 +156,8 @@ class Lane:
                         yield item[max(0, skip_tokens - seen) :]
                     seen = end
                 skip_tokens = 0
+            if not readable:  # (its last shard left no filler to stop before: it held nothing)
+                raise _unreadable_epoch(self.source.shards[indices[-1]], len(indices))
             position = 0
             epoch += 1
 

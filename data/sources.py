@@ -153,8 +153,7 @@ class _ManifestCache:
         if directory not in self._by_location:
             manifest = read_manifest(directory)
             shards = [
-                _resolved(str(_listed_file(directory, f"shards[{i}].path", s.path)), s, manifest)
-                for i, s in enumerate(manifest.shards)
+                _resolved(os.path.join(directory, s.path), s, manifest) for s in manifest.shards
             ]
             self._by_location[directory] = (manifest, {s.path: s for s in shards})
         return self._by_location[directory]
@@ -172,9 +171,10 @@ class _ManifestCache:
         return [(where, m) for where, (m, _) in self._by_location.items()]
 
 
-def _listed_file(directory: str, key: str, name: str) -> Path:
-    """DIRECTORY/NAME, the file key `key` of the directory's manifest names, kept inside it."""
-    return file_in(directory, name, f"{os.path.join(directory, MANIFEST_NAME)}: key '{key}'")
+def _tokenizer_file(directory: str, name: str) -> Path:
+    """DIRECTORY/NAME, the tokenizer file the directory's manifest names, kept inside it."""
+    return file_in(directory, name, f"{os.path.join(directory, MANIFEST_NAME)}: key "
+                                    f"'tokenizer.file'")
 
 
 def _resolved(location: str, info, manifest: Manifest) -> ResolvedShard:
@@ -279,7 +279,7 @@ def _tokenizer_identity(location: str, info: TokenizerInfo) -> tuple:
     """What must agree across manifests: ids mean the same tokens (hf: same tokenizer file)."""
     file_sha256 = None
     if info.kind == "hf" and info.file is not None and not is_url(location):
-        path = _listed_file(location, "tokenizer.file", info.file)
+        path = _tokenizer_file(location, info.file)
         if path.is_file():
             file_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
     return (info.kind, info.vocab_size, info.eos_id, file_sha256)
@@ -480,7 +480,7 @@ def prepared_tokenizer(shard: ResolvedShard) -> tuple[TokenizerInfo, str | None]
     else:
         directory = os.path.dirname(shard.path)
         info = read_manifest(directory).tokenizer
-        read = lambda name: _listed_file(directory, "tokenizer.file", name).read_text()  # noqa: E731
+        read = lambda name: _tokenizer_file(directory, name).read_text()  # noqa: E731
     if info.kind != "hf":
         return info, None
     name = info.file or HF_TOKENIZER_FILE

@@ -175,7 +175,9 @@ def load_tokenizer(info: TokenizerInfo, directory: str | os.PathLike) -> Tokeniz
     if info.kind == "bytes":
         tokenizer = ByteTokenizer()
     elif info.kind == "hf":
-        entry = f"{Path(directory) / MANIFEST_NAME}: key 'tokenizer.file'"
+        manifest = Path(directory) / MANIFEST_NAME  # (a checkpoint's tokenizer/ has info.json)
+        entry = f"{manifest}: key 'tokenizer.file'" if manifest.exists() else \
+            f"{directory}: its tokenizer file"
         path = file_in(directory, info.file or HF_TOKENIZER_FILE, entry)
         tokenizer = HFTokenizer.from_file(path, eos_id=info.eos_id)
     else:

@@ -68,15 +68,22 @@ def srun_step_tasks() -> int:
     return int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
 
 
+# torch.distributed functions torch 2.13 deprecates that DeepSpeed's collectives call; none of
+# ours calls them (tests/test_layering.py), as their warnings are hidden
+DEPRECATED_COLLECTIVES = ("all_gather_into_tensor", "reduce_scatter_tensor")
+
+
 def quiet_dependencies() -> None:
-    """Silence start-up notices of our dependencies that say nothing to a user of Tessera."""
+    """Silence start-up notices of our dependencies that say nothing to a user of Tessera.
+    (Two more are quieted where they arise: torch's agent's log lines in launch.local, and
+    DeepSpeed's pipeline-module printout in parallel.pipeline.)"""
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module="megatron")
-    # DeepSpeed's collectives call torch.distributed functions torch 2.13 deprecates (ours call
-    # none of them: tests/test_layering.py); the warning names torch's module, not the caller
+    # the warning names torch's module, not DeepSpeed's, the caller
+    names = "|".join(DEPRECATED_COLLECTIVES)
     warnings.filterwarnings("ignore", category=FutureWarning,
-                            message=r"`torch\.distributed\.\w+` is deprecated")
+                            message=rf"`torch\.distributed\.({names})` is deprecated")
     if "DS_ACCELERATOR" not in os.environ:
         import torch  # lazy: the CLI calls this first: `tessera --help` stays quick without torch
 

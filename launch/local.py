@@ -62,8 +62,16 @@ def how_ranks_ended(rank: int, exit_code: int) -> str | None:
     if exit_code == USER_ERROR_EXIT_CODE:
         return f"stopped by rank {rank}'s error above"
     if exit_code < 0:
-        return f"rank {rank} was killed by {signal.Signals(-exit_code).name}; its output is above"
+        return f"rank {rank} was killed by {signal_name(-exit_code)}; its output is above"
     return f"rank {rank} failed with exit code {exit_code}; its output is above"
+
+
+def signal_name(number: int) -> str:
+    """SIGKILL for 9; 'signal 40' for a real-time signal, which has no name of its own."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 @contextlib.contextmanager

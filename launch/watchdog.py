@@ -39,6 +39,10 @@ SLOW_PHASE_FACTOR = 10  # the first step and saves may take this many times hang
 PHASES = ("start-up", "data", "forward/backward", "optimizer", "metrics", "save")
 CLAIM_FILE = "hang"  # in the launch's heartbeat directory: names the hang's directory
 FAILED_FILE = "failed"  # in the launch's heartbeat directory: the first rank that failed
+# After a peer's failure, how long a rank waits for its own failure before it leaves: an error
+# every rank meets at once (a non-finite loss, a data error) is then said by each, exit code 2,
+# rather than cut short by the first one's file
+OWN_FAILURE_GRACE_S = 2.0
 FLIGHT_RECORDER_DIR = "flight-recorder"  # in a hang's directory: one trace per rank
 FILE_OPS_PER_S = 2000  # on run.dir, by the watchdogs of all ranks together
 _made = 0  # watchdogs made in this process (a test may train several times in one launch)
@@ -137,7 +141,7 @@ class Watchdog:
                     faults.write_heartbeat(self.directory, self._stamped())
             claim = self.directory / CLAIM_FILE
             failed = self.directory / FAILED_FILE
-            if failed.exists() and not self._stop.is_set():
+            if failed.exists() and not self._stop.wait(OWN_FAILURE_GRACE_S):
                 self._leave_after_peer(failed.read_text().strip())
             elif claim.exists():  # another rank declared a hang
                 self._leave(Path(claim.read_text().strip() or self._hang_dir_name()), False)
@@ -209,11 +213,12 @@ class Watchdog:
 
 def watch_intervals(timeout_s: float, world_size: int) -> tuple[float, float]:
     """(beat_s, poll_s): how often a rank writes its heartbeat, and how often it looks for a
-    peer's failure or hang claim (a peer's failure is seen within poll_s). Quick enough to name a
-    hang well within the timeout (heartbeats only, when it is off); slow enough that a large job's
-    watchdogs stay within FILE_OPS_PER_S on the shared file system, where each beat is two
-    operations (write, rename) and each look two (two files): from 500 ranks on, both intervals
-    grow with the world size (16 s at 8192 ranks)."""
+    peer's failure or hang claim (a peer's failure is seen within poll_s, and left
+    OWN_FAILURE_GRACE_S later). Quick enough to name a hang well within the timeout (heartbeats
+    only, when it is off); slow enough that a large job's watchdogs stay within FILE_OPS_PER_S
+    on the shared file system, where each beat is two operations (write, rename) and each look
+    two (two files): from 500 ranks on, both intervals grow with the world size (16 s at 8192
+    ranks)."""
     floor_s = 2 * 2 * world_size / FILE_OPS_PER_S  # half the budget each
     beat_s = min(max(timeout_s / 10, 0.5), 10.0) if timeout_s else 30.0
     return max(beat_s, floor_s), max(min(beat_s, 1.0), floor_s)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -47,10 +48,13 @@ def build_pipeline(specs: list, loss_fn: Callable[..., torch.Tensor], topo: Topo
 
     DeepSpeed prints its layer seeds, its topology and every stage's layers to rank 0's stdout
     as it builds the module; Tessera's own start-up lines say the layout, so those go."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        if isinstance(partition, list):
+    how = {"boundaries": stage_boundaries(partition)} if isinstance(partition, list) else \
+        {"partition_method": partition}
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
             return _PipelineModule(layers=specs, loss_fn=loss_fn,
-                                   topology=deepspeed_topology(topo),
-                                   boundaries=stage_boundaries(partition))
-        return _PipelineModule(layers=specs, loss_fn=loss_fn, topology=deepspeed_topology(topo),
-                               partition_method=partition)
+                                   topology=deepspeed_topology(topo), **how)
+    except Exception:
+        sys.stderr.write(printed.getvalue())  # what DeepSpeed said before it failed
+        raise

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue
+import time
 import traceback
 from typing import Any, Callable
 
 from tessera.launch.local import free_port
+
+RESULT_IN_FLIGHT_S = 5.0  # a result put right before a rank's exit may still be in the pipe
 
 
 def _entry(rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple,
@@ -38,6 +42,23 @@ def _entry(rank: int, world_size: int, port: int, backend: str, fn: Callable, ar
             dist.destroy_process_group()
 
 
+def _silent_exits(procs: list, outcomes: dict, ended_at: dict[int, float],
+                  timed_out: bool) -> list[str]:
+    """Ranks that ended without a result (an os._exit, a signal): failed at once rather than
+    waited for until the timeout. A result put just before the exit is given time to arrive;
+    `ended_at` keeps when each rank was first seen ended."""
+    now = time.monotonic()
+    for rank, p in enumerate(procs):
+        if p.exitcode is not None:
+            ended_at.setdefault(rank, now)
+    silent = [f"rank {rank} exited with code {procs[rank].exitcode} and no result"
+              for rank, at in ended_at.items()
+              if rank not in outcomes and now - at > RESULT_IN_FLIGHT_S]
+    if timed_out:
+        silent.append(f"no result from ranks {sorted(set(range(len(procs))) - set(outcomes))}")
+    return silent
+
+
 def run_ranks(world_size: int, fn: Callable, *args: Any, timeout_s: float = 600,
               backend: str = "gloo") -> list[Any]:
     ctx = mp.get_context("spawn")
@@ -50,8 +71,15 @@ def run_ranks(world_size: int, fn: Callable, *args: Any, timeout_s: float = 600,
     outcomes: dict[int, Any] = {}
     failures = []
     try:
-        for _ in range(world_size):
-            rank, ok, value = results.get(timeout=timeout_s)
+        deadline, ended_at = time.monotonic() + timeout_s, {}
+        while len(outcomes) < world_size:
+            try:
+                rank, ok, value = results.get(timeout=1.0)
+            except queue.Empty:
+                failures += _silent_exits(procs, outcomes, ended_at, time.monotonic() > deadline)
+                if failures:
+                    break
+                continue
             if ok:
                 outcomes[rank] = value
             else:

@@ -460,11 +460,12 @@ def _rope_parameters(keys: ConfigKeys) -> ConfigKeys:
 
 
 def _rope_scaling_from_hf(rope: ConfigKeys, max_positions: int) -> dict | None:
-    kind = rope.raw.get("rope_type", rope.raw.get("type", "default"))
+    kind_key = "rope_type" if "rope_type" in rope.raw else "type"  # "type": before 4.45
+    kind = rope.raw.get(kind_key, "default")
     if kind == "default":
         return None
     if not isinstance(kind, str) or kind not in ROPE_SCALING_KEYS:
-        raise HFConfigError(f"{rope.prefix}rope_type={short_repr(kind)} is not supported "
+        raise HFConfigError(f"{rope.prefix}{kind_key}={short_repr(kind)} is not supported "
                             f"(Tessera reads default, {', '.join(ROPE_SCALING_KEYS)})")
     scaling = {"type": kind, **{key: rope.raw[key] for key in ROPE_SCALING_KEYS[kind]
                                 if rope.raw.get(key) is not None}}

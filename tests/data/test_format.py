@@ -131,29 +131,18 @@ def test_an_unparsable_manifest_is_one_line_naming_it(tmp_path, text):
     assert one_line_error(tmp_path).startswith(f"{path}: ")
 
 
-def test_a_shard_linked_out_of_its_directory_is_refused_naming_the_entry(tmp_path):
-    """shard 0 is a link to a file beside it (allowed); shard 1 a link to a good copy of itself
-    outside the directory (refused). The directory itself may be reached through a link."""
-    make_data(tmp_path / "data", num_shards=2)
-    (tmp_path / "data" / "shard-000000.tar").rename(tmp_path / "data" / "first.tar")
-    (tmp_path / "data" / "shard-000000.tar").symlink_to("first.tar")
-    (tmp_path / "data" / "shard-000001.tar").rename(tmp_path / "second.tar")
-    (tmp_path / "data" / "shard-000001.tar").symlink_to(tmp_path / "second.tar")
-    (tmp_path / "link").symlink_to(tmp_path / "data")
-    message = one_line_error(tmp_path / "link")
-    assert message.startswith(f"{tmp_path}/link/manifest.json: key 'shards[1].path': "), message
-    assert f"leads outside its directory (a link to {tmp_path.resolve()}/second.tar)" in message
-
-
-def test_verify_names_a_shard_linked_out_of_its_directory(tmp_path, capsys):
-    make_data(tmp_path / "data", num_shards=2)
-    (tmp_path / "data" / "shard-000001.tar").rename(tmp_path / "second.tar")
-    (tmp_path / "data" / "shard-000001.tar").symlink_to(tmp_path / "second.tar")
-    assert prepare_command(["--verify", str(tmp_path / "data")]) == 1
-    assert capsys.readouterr().out.splitlines()[0] == (
-        f"{tmp_path}/data/shard-000001.tar: BAD: leads outside its directory (a link to "
-        f"{tmp_path.resolve()}/second.tar)"
-    )
+def test_shards_linked_anywhere_are_read_as_a_hugging_face_cache_lays_them_out(tmp_path, capsys):
+    """snapshots/REV/shard-*.tar -> ../../blobs/SHA (what huggingface_hub downloads): resolved
+    and verified as shards; only the tokenizer file (which checkpoints copy) must stay inside."""
+    snapshot, blobs = tmp_path / "snapshots" / "rev", tmp_path / "blobs"
+    make_data(snapshot, num_shards=2)
+    blobs.mkdir()
+    for index, shard in enumerate(sorted(snapshot.glob("shard-*.tar"))):
+        shard.rename(blobs / f"blob{index}")
+        shard.symlink_to(Path("..", "..", "blobs", f"blob{index}"))
+    shards = resolve_shards(str(snapshot))
+    assert [Path(s.path).name for s in shards] == ["shard-000000.tar", "shard-000001.tar"]
+    assert prepare_command(["--verify", str(snapshot)]) == 0, capsys.readouterr().out
 
 
 def _prepared_shard(directory: Path) -> ResolvedShard:

@@ -341,7 +341,8 @@ def test_checkpoints_none_of_which_is_committed_stop_the_resume_and_stay(
     assert main(["train", *train_args(run_copy, byte_shards, **{"train.steps": 3})]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"tessera train: error: {root} holds checkpoints but none committed ({words}): "
-                   f"nothing was loaded or deleted; restore them, or train in another run.dir")
+                   f"nothing was loaded or deleted; restore them, train in another run.dir, or "
+                   f"remove them to start afresh")
     assert sorted(p.name for p in step_dir.iterdir()) == files_before
 
 
@@ -364,9 +365,9 @@ def test_a_manifest_of_the_wrong_shape_is_one_line_for_every_command(run_copy, t
     step_dir = run_copy / "checkpoints" / "step-00000002"
     path = step_dir / checkpoint.MANIFEST_FILE
     path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
-    for command in (["convert", "to-hf", str(step_dir), str(tmp_path / "hf")],
-                    ["checkpoint", "inspect", str(step_dir)]):
-        main(command)
+    for command, code in ((["convert", "to-hf", str(step_dir), str(tmp_path / "hf")], 2),
+                          (["checkpoint", "inspect", str(step_dir)], 1)):  # 1: invalid
+        assert main(command) == code, command
         out = capsys.readouterr()
         assert f"{path}: {words}" in out.out + out.err, command
         assert "Traceback" not in out.err

@@ -1,24 +1,28 @@
 """What a run's checkpoints are: `tessera checkpoint list RUN_DIR` and
-`tessera checkpoint inspect STEP_DIR`."""
+`tessera checkpoint inspect CKPT`."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
 from tessera.data.progress import human_bytes, human_count
 from tessera.trainer.checkpoint.format import (
     ARCHITECTURE_FIELDS,
-    STATE_FILE,
     TMP_SUFFIX,
     CheckpointError,
     read_latest,
     step_of,
 )
-from tessera.trainer.checkpoint.load import problems, read_manifest, resolve_step_dir, saved_config
+from tessera.trainer.checkpoint.load import (
+    problems,
+    read_manifest,
+    read_state,
+    resolve_step_dir,
+    saved_config,
+)
 
 
 @dataclasses.dataclass
@@ -75,11 +79,13 @@ def list_checkpoints(root: str | Path, checksum: bool = False) -> list[Checkpoin
 # The command
 
 USAGE = """usage: tessera checkpoint list RUN_DIR [--verify]
-       tessera checkpoint inspect STEP_DIR [--no-verify]
+       tessera checkpoint inspect CKPT [--no-verify]
 
 list:    every checkpoint of a run (RUN_DIR or RUN_DIR/checkpoints): step, size, layout, status;
          --verify also checks every file's sha256 (otherwise sizes only)
-inspect: one checkpoint's manifest and files, checksums verified; exit code 1 when invalid"""
+inspect: one checkpoint's manifest and files, checksums verified; exit code 1 when invalid.
+         CKPT: a step directory (an uncommitted step-N.tmp too), or a run or checkpoints
+         directory (its newest committed checkpoint)"""
 
 
 def checkpoint_command(argv: list[str]) -> int:
@@ -96,8 +102,8 @@ def checkpoint_command(argv: list[str]) -> int:
         match argv[0]:
             case "list":
                 return list_command(Path(args.path), args.verify)
-            case "inspect":  # a run's newest checkpoint too, as the other commands take it
-                return inspect_command(resolve_step_dir(args.path), not args.no_verify)
+            case "inspect":
+                return inspect_command(inspected_dir(Path(args.path)), not args.no_verify)
     except CheckpointError as e:
         print(f"tessera checkpoint {argv[0]}: error: {e}", file=sys.stderr)
         return 2
@@ -108,9 +114,9 @@ def checkpoint_command(argv: list[str]) -> int:
 def training_text(directory: Path) -> str | None:
     """Step, loss and tokens seen, from the checkpoint's train state (None: none readable)."""
     try:
-        train = json.loads((directory / STATE_FILE).read_text())["train"]
+        train = read_state(directory)["train"]
         seq_len = saved_config(directory).model.seq_len
-    except (OSError, ValueError, KeyError, TypeError, CheckpointError):
+    except CheckpointError:
         return None
     loss = train.get("loss")
     loss_text = f"loss {loss:.4f}" if isinstance(loss, float) else "loss not recorded"
@@ -150,6 +156,14 @@ def list_command(path: Path, verify: bool) -> int:
             f"{status_text(info)}{mark}"
         )
     return 0
+
+
+def inspected_dir(path: Path) -> Path:
+    """A step directory as given, committed or not (`list` shows step-N.tmp), else the newest
+    committed one of a run or checkpoints directory, as the other commands take it."""
+    if step_of(path.name.removesuffix(TMP_SUFFIX)) is not None and path.is_dir():
+        return path
+    return resolve_step_dir(path)
 
 
 def inspect_command(directory: Path, verify: bool) -> int:

@@ -244,6 +244,10 @@ def problems(
             for path in sorted(directory.rglob("*.pt"))
             if path.relative_to(directory).as_posix() not in listed
         ]
+        try:  # a state that is no training state reads as a fresh start: fall back instead
+            read_state(directory)
+        except CheckpointError as e:
+            found.append(str(e))
     for relative, entry in sorted(manifest["files"].items())[index::count]:
         problem = check_file(directory, relative, entry, checksum)
         if problem:
@@ -415,7 +419,7 @@ def resume(engine: Engine, root: str | Path, cfg: Config) -> dict | None:
     if orphans:
         raise CheckpointError(
             f"{root} holds checkpoints but none committed ({orphans}): nothing was loaded or "
-            f"deleted; restore them, or train in another run.dir"
+            f"deleted; restore them, train in another run.dir, or remove them to start afresh"
         )
     if cfg.checkpoint.load_from:
         try:
@@ -435,6 +439,7 @@ def load(engine: Engine, directory: str | Path, cfg: Config, weights_only: bool 
     directory = Path(directory)
     manifest = read_manifest(directory)
     check_compatible(directory, manifest, cfg, engine.module, weights_only)
+    state = None if weights_only else read_state(directory)  # before DeepSpeed loads anything
     if weights_only and engine.zero_optimization_partition_weights():
         _load_weights_into_zero3(engine, directory)
         return {"directory": str(directory)}
@@ -460,7 +465,7 @@ def load(engine: Engine, directory: str | Path, cfg: Config, weights_only: bool 
     note = restarted_rng_note(directory, manifest["layout"]["world_size"], dist.get_world_size())
     if note and dist.get_rank() == 0:
         warn(note)
-    return {**read_state(directory), "directory": str(directory)}
+    return {**state, "directory": str(directory)}
 
 
 def restarted_rng_note(directory: Path, saved_world: int, world: int) -> str | None:

@@ -307,9 +307,13 @@ def _state_dict(path: Path, state: Any) -> dict[str, torch.Tensor]:
 
 
 def current_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
+    """The process's umask, read without setting it (os.umask would, for a moment in which
+    another thread's new file would be world-writable); Linux says it in /proc."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        return 0o022
 
 
 class ShardedWriter:

@@ -335,10 +335,10 @@ def scenario_async_order(base: Path, shards: Path) -> dict:
     os.environ[checkpoint.DELAY_ENV] = "0.15"  # each file and commit phase takes 0.15 s longer
     try:
         started = time.perf_counter()
-        checkpoint.save(engine, root, 1, {"step": 1}, cfg)
+        checkpoint.save(engine, root, 1, {"train": {"step": 1}}, cfg)
         first_return_s = time.perf_counter() - started
         committed_after_first = checkpoint.committed_steps(root)
-        checkpoint.save(engine, root, 2, {"step": 2}, cfg)
+        checkpoint.save(engine, root, 2, {"train": {"step": 2}}, cfg)
         committed_after_second = checkpoint.committed_steps(root)
         latest_after_second = checkpoint.read_latest(root)
         started = time.perf_counter()
@@ -380,7 +380,7 @@ def scenario_async_write_failure(base: Path, shards: Path) -> dict:
     if dist.get_rank() == 1:
         checkpoint_engine.write_torch_file = disk_full
     try:
-        checkpoint.save(engine, root, 1, {"step": 1}, cfg)
+        checkpoint.save(engine, root, 1, {"train": {"step": 1}}, cfg)
         error, _ = _quietly(lambda: checkpoint.wait(engine))
     finally:
         checkpoint_engine.write_torch_file = original
@@ -487,6 +487,7 @@ def fake_checkpoint(root: Path, step: int) -> Path:
     (directory / "rng").mkdir(parents=True)
     (directory / "weights.pt").write_bytes(b"x" * step)
     (directory / "rng" / "rank-00000.pt").write_bytes(b"r")
+    (directory / checkpoint.STATE_FILE).write_text(json.dumps({"train": {"step": step}}))
     manifest = {
         "format": checkpoint.FORMAT,
         "format_version": checkpoint.FORMAT_VERSION,
@@ -495,7 +496,7 @@ def fake_checkpoint(root: Path, step: int) -> Path:
         "files": {
             name: {"bytes": (directory / name).stat().st_size,
                    "sha256": checkpoint.file_sha256(directory / name)}
-            for name in ("weights.pt", "rng/rank-00000.pt")
+            for name in ("weights.pt", "rng/rank-00000.pt", checkpoint.STATE_FILE)
         },
     }
     (directory / checkpoint.MANIFEST_FILE).write_text(json.dumps(manifest))

@@ -180,6 +180,8 @@ CONFIGS = {
                           "rope_parameters.rope_theta='big': must be a number > 0"),
     "rope-type-list": ({"rope_parameters": {"rope_type": ["yarn"]}},
                        "rope_parameters.rope_type=['yarn'] is not supported"),
+    "rope-legacy-type": ({"rope_scaling": {"type": "dynamic", "factor": 2.0}},
+                         "rope_scaling.type='dynamic' is not supported"),
     "yarn-original-zero": ({"rope_parameters": {**YARN, "original_max_position_embeddings": 0}},
                            "rope_parameters.original_max_position_embeddings=0: must be a number"),
     "eps-string": ({"rms_norm_eps": "x"}, "rms_norm_eps='x': must be a number > 0"),
