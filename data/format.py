@@ -55,6 +55,12 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def is_count(value: object, least: int = 0) -> bool:
+    """An int (not a bool, which Python counts as one) of at least `least`: what every count
+    read from a user's JSON must be."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
 def short_repr(value: object, limit: int = 60) -> str:
     """repr() of a value read from a user's file, cut at `limit` characters: what a one-line
     report quotes of it, however long it is."""
@@ -230,7 +236,7 @@ def _check_keys(raw: dict, where: str, prefix: str, required: tuple[str, ...],
 def _count(raw: dict, where: str, key: str, minimum: int = 0, name: str | None = None) -> int:
     """raw[name or key], an integer >= minimum; errors name `key`."""
     value = raw[name or key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_count(value, minimum):
         kind = "a non-negative integer" if minimum == 0 else f"an integer >= {minimum}"
         raise _key_error(where, key, f"must be {kind}, got {short_repr(value)}")
     return value

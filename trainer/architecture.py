@@ -19,7 +19,7 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
-from tessera.data.format import short_repr
+from tessera.data.format import is_count, short_repr
 from tessera.parallel.parts import Part, padded_vocab_size
 from tessera.trainer.families import FAMILIES, Family
 
@@ -329,7 +329,7 @@ class ConfigKeys:
         value = self.raw.get(key)
         if value is None:
             return self._default(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_count(value, least=1):
             self._refuse(key, "must be an integer >= 1")
         if most is not None and value > most:
             self._refuse(key, f"more than {most} (Tessera's limit for an import)")

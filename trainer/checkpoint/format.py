@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from tessera.data.format import TokenizerInfo
+from tessera.data.format import TokenizerInfo, is_count
 from tessera.data.tokenizer import CARRIED_DIR, CARRIED_INFO_FILE, CHECKPOINT_FORMAT
 from tessera.trainer.architecture import ARCHITECTURE_FIELDS  # noqa: F401  (named with the format)
 
@@ -72,9 +72,6 @@ def train_state_problem(saved: object) -> str | None:
     return None
 
 
-def is_count(value: object, least: int = 0) -> bool:
-    """An int (not a bool) of at least `least`."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def tag_for(step: int) -> str:

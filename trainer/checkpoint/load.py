@@ -143,8 +143,7 @@ def _entry_problem(name: str, entry: Any) -> str | None:
     parts = name.split("/")
     if name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts):
         return "is not a plain relative path inside the checkpoint"
-    if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) \
-            or isinstance(entry.get("bytes"), bool) or entry["bytes"] < 0:
+    if not isinstance(entry, dict) or not is_count(entry.get("bytes")):
         return "has no byte count"
     if not isinstance(entry.get("sha256"), str) or not SHA256_RE.fullmatch(entry["sha256"]):
         return "has no sha256"

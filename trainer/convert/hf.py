@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from tessera.data.format import TokenizerInfo, first_line, short_repr
+from tessera.data.format import TokenizerInfo, first_line, is_count, is_file_name, short_repr
 from tessera.data.tokenizer import BYTE_EOS_ID, HF_TOKENIZER_FILE, HFTokenizer
 from tessera.trainer import architecture
 from tessera.trainer.config import ModelConfig
@@ -154,9 +154,7 @@ def _entry_offsets(path: Path, name: str, entry: Any) -> tuple[int, int]:
 
 def _sizes(value: Any) -> bool:
     """A list of integers >= 0."""
-    return isinstance(value, list) and all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
-    )
+    return isinstance(value, list) and all(is_count(v) for v in value)
 
 
 def _check_layout(path: Path, offsets: dict[str, tuple[int, int]], data_start: int,
@@ -238,7 +236,7 @@ class HFCheckpoint:
 
     def _listed_file(self, index: Path, name: str) -> Path:
         """A file an index names: a plain name inside the directory, never a path out of it."""
-        if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        if not is_file_name(name):  # the rule a prepared data directory's manifest follows
             raise HFError(f"{index}: weight_map names {short_repr(name)}, not a file name inside "
                           f"{self.directory} (weights are read from that directory only)")
         return self.directory / name
