@@ -36,7 +36,7 @@ def verify_shard(directory: Path, info: ShardInfo, dtype: str, vocab_size: int) 
     path = directory / info.path
     report = ShardReport(info.path, [])
     if not path.is_file():  # (a fifo or device would never end)
-        report.problems.append("missing, or not a regular file")
+        report.problems.append("not a regular file" if path.exists() else "missing")
         return report
     num_samples = num_tokens = 0
     with open(path, "rb") as f:
