@@ -115,7 +115,7 @@ def launch_local(nproc_per_node: int, args: list[str], module: bool = True) -> i
             print(f"tessera: {ending}", file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 1
     except SignalException as e:  # Ctrl-C or a kill of this launcher: the ranks got SIGTERM
-        print(f"tessera: {e.sigval.name} received; the ranks were asked to stop (they save at "
-              f"a step boundary if they reach one in time)", file=sys.stderr)
+        print(f"tessera: stopped on {e.sigval.name}; the ranks' lines above say where they "
+              f"saved (at a step boundary, if they reached one in time)", file=sys.stderr)
         return 128 + int(e.sigval)
     return 0
