@@ -233,17 +233,17 @@ def _resolve_file(path: str, cache: _ManifestCache) -> ResolvedShard:
     return by_path[path]
 
 
-def _resolve_local(pattern: str, cache: _ManifestCache) -> list[ResolvedShard]:
+def _resolve_local(pattern: str, cache: _ManifestCache, key: str) -> list[ResolvedShard]:
     shards: list[ResolvedShard] = []
     for expanded in braceexpand.braceexpand(pattern):
         if _has_glob_magic(expanded):
             matches = sorted(glob.glob(expanded))
             if not matches:
-                raise DataError(f"data.shards: {expanded!r} matched nothing")
+                raise DataError(f"{key}: {expanded!r} matched nothing")
         elif os.path.exists(expanded):
             matches = [expanded]
         else:
-            raise DataError(f"{expanded}: no such shard or directory (data.shards)")
+            raise DataError(f"{expanded}: no such shard or directory ({key})")
         for match in matches:
             if os.path.isdir(match):
                 shards.extend(_resolve_directory(match, cache))
@@ -254,9 +254,9 @@ def _resolve_local(pattern: str, cache: _ManifestCache) -> list[ResolvedShard]:
     return shards
 
 
-def _resolve_url(pattern: str, cache: _ManifestCache) -> list[ResolvedShard]:
+def _resolve_url(pattern: str, cache: _ManifestCache, key: str) -> list[ResolvedShard]:
     if pattern.startswith("file:"):
-        return _resolve_local(re.sub(r"^file://?", "/", pattern), cache)
+        return _resolve_local(re.sub(r"^file://?", "/", pattern), cache, key)
     shards: list[ResolvedShard] = []
     for url in braceexpand.braceexpand(pattern):
         name = shard_file_name(url)
@@ -307,7 +307,8 @@ def _resolve(spec: ShardsSpec, cache: _ManifestCache, key: str) -> list[Resolved
     shards: list[ResolvedShard] = []
     for item in items:
         text = os.fspath(item)
-        shards.extend(_resolve_url(text, cache) if is_url(text) else _resolve_local(text, cache))
+        shards.extend(_resolve_url(text, cache, key) if is_url(text)
+                      else _resolve_local(text, cache, key))
     if not shards:
         raise DataError(f"{key}: {spec!r} matched nothing")
     seen: set[str] = set()

@@ -88,11 +88,14 @@ def _print_usage() -> None:
 
 def _config_args(prog: str, argv: list[str]) -> tuple[str | None, list[str]]:
     parser = argparse.ArgumentParser(prog=prog)
-    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--config", action="append", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     # parse_known_args lets `--train.steps=5` style overrides through
     args, unknown = parser.parse_known_args(argv)
-    return args.config, [*args.overrides, *unknown]
+    if args.config and len(args.config) > 1:  # argparse would keep the last one without a word
+        parser.error(f"--config given {len(args.config)} times ({', '.join(args.config)}); give "
+                     f"one file, and other keys as dotted.key=value overrides")
+    return (args.config or [None])[0], [*args.overrides, *unknown]
 
 
 def _load(prog: str, argv: list[str]) -> Config:

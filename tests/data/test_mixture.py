@@ -182,6 +182,10 @@ BAD_SOURCES = [
         "belongs to two of data.sources",
     ),
     ([{"name": "a", "shards": "ROOT/nothing"}], "nothing: no such shard"),
+    ([{"name": "a", "shards": "ROOT/web"}, {"name": "b", "shards": "ROOT/nothing"}],
+     r"nothing: no such shard or directory \(data.sources\[1\].shards\)"),
+    ([{"name": "a", "shards": "ROOT/none-*.tar"}], r"data.sources\[0\].shards: '.*' matched "
+                                                   r"nothing"),
 ]
 
 

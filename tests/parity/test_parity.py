@@ -51,6 +51,9 @@ OPTION_MODELS = {
                                               "model.rope_scaling": LLAMA3_ROPE},
     # Mistral's window, shorter than the 32-token sequence
     "sliding_window": {"model.sliding_window": 12},
+    # Llama 3.2's tied input and output embeddings: at pp=2 on two stages, which DeepSpeed keeps
+    # equal by a broadcast and an all-reduce of their gradients
+    "tied": {"model.tie_embeddings": "true"},
 }
 OPTION_LAYOUTS = {
     "tp2": {"parallel.tp": 2},

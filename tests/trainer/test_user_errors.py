@@ -235,3 +235,11 @@ def test_the_launchers_line_for_each_way_a_rank_ends():
     assert how_ranks_ended(3, -9) == "rank 3 was killed by SIGKILL; its output is above"
     assert how_ranks_ended(3, -40) == "rank 3 was killed by signal 40; its output is above"
     assert how_ranks_ended(0, 1) == "rank 0 failed with exit code 1; its output is above"
+
+
+def test_a_second_config_file_is_refused_not_dropped(capsys):
+    with pytest.raises(SystemExit) as leaving:
+        main(["print-config", "--config", "configs/demo.yaml", "--config", "configs/llama-1b.yaml"])
+    assert leaving.value.code == 2
+    assert "--config given 2 times (configs/demo.yaml, configs/llama-1b.yaml)" in \
+        capsys.readouterr().err
