@@ -218,7 +218,9 @@ def test_a_killed_rank_is_restarted_in_the_allocation_without_a_requeue(
 
 def test_a_slow_rank_is_named_within_three_log_steps(slurm_cluster, byte_shards, tmp_path,
                                                      monkeypatch):
-    monkeypatch.setenv(stragglers.TEST_HOOK_VARIABLE, "1:0.4")  # rank 1: 0.4 s more per step
+    # rank 1: 1.5 s more per step, well above the first steps' own times on a loaded 2-core
+    # machine (with 0.4 s, a slow first step of rank 0 once kept the ratio below 1.5 until step 5)
+    monkeypatch.setenv(stragglers.TEST_HOOK_VARIABLE, "1:1.5")
     cfg = job_config(tmp_path / "straggler", byte_shards, **{"train.steps": 6})
     job = submit.submit(cfg)
     wait_until_ended(job)
