@@ -90,6 +90,7 @@ class Heartbeat:
     beat_at: float  # Unix seconds of this write
     ended: str | None = None  # how it ended (the names above); None while running
     terminated: bool = False  # SIGTERM reached it: a launcher (or Slurm) was stopping it
+    error: str | None = None  # the first line of the error it stopped on, if any
 
     @staticmethod
     def start(rank: int, step: int) -> Heartbeat:
@@ -111,11 +112,15 @@ def write_heartbeat(directory: Path, beat: Heartbeat) -> None:
 
 
 def read_heartbeats(directory: Path) -> list[Heartbeat]:
-    beats = []
-    for path in sorted(directory.glob("rank-*.json")):
-        with contextlib.suppress(OSError, ValueError, TypeError):
-            beats.append(Heartbeat(**json.loads(path.read_text())))
-    return beats
+    beats = [read_heartbeat(path) for path in sorted(directory.glob("rank-*.json"))]
+    return [beat for beat in beats if beat is not None]
+
+
+def read_heartbeat(path: Path) -> Heartbeat | None:
+    """None for a file that is missing or not a heartbeat."""
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        return Heartbeat(**json.loads(path.read_text()))
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

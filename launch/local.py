@@ -54,6 +54,14 @@ def launch_or_run(nproc_per_node: int, argv: list[str], run: Callable[[], int],
     return run()
 
 
+def failure_to_name(exit_codes: dict[int, int], first_reaped: int) -> int:
+    """The failed rank the launcher's line names: the lowest that stopped on an error of the
+    user's, which it printed (a rank that met rank 0's error leaves it to rank 0 to say), else
+    the first whose failure torch's agent saw (a crash, before its peers left after it)."""
+    said = [rank for rank, code in exit_codes.items() if code == USER_ERROR_EXIT_CODE]
+    return min(said) if said else first_reaped
+
+
 def how_ranks_ended(rank: int, exit_code: int) -> str | None:
     """The launcher's line after its first failed rank, which has said why itself where it
     could; None where the rank's own lines say it all (stopped and saved: run again)."""
@@ -109,11 +117,13 @@ def launch_local(nproc_per_node: int, args: list[str], module: bool = True) -> i
         with _agent_quiet():
             elastic_launch(config, entrypoint=sys.executable)(*argv)
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        ending = how_ranks_ended(rank, failure.exitcode)
+        exit_codes = {r: failure.exitcode for r, failure in e.failures.items()}
+        rank = failure_to_name(exit_codes, first_reaped=e.get_first_failure()[0])
+        exit_code = exit_codes[rank]
+        ending = how_ranks_ended(rank, exit_code)
         if ending:
             print(f"tessera: {ending}", file=sys.stderr)
-        return failure.exitcode if failure.exitcode > 0 else 1
+        return exit_code if exit_code > 0 else 1
     except SignalException as e:  # Ctrl-C or a kill of this launcher: the ranks got SIGTERM
         print(f"tessera: stopped on {e.sigval.name}; the ranks' lines above say where they "
               f"saved (at a step boundary, if they reached one in time)", file=sys.stderr)

@@ -43,6 +43,8 @@ FAILED_FILE = "failed"  # in the launch's heartbeat directory: the first rank th
 # every rank meets at once (a non-finite loss, a data error) is then said by each, exit code 2,
 # rather than cut short by the first one's file
 OWN_FAILURE_GRACE_S = 2.0
+# How long a rank's error waits for rank 0's: an error every rank meets is printed once, by rank 0
+SAME_ERROR_WAIT_S = 1.0
 FLIGHT_RECORDER_DIR = "flight-recorder"  # in a hang's directory: one trace per rank
 FILE_OPS_PER_S = 2000  # on run.dir, by the watchdogs of all ranks together
 _made = 0  # watchdogs made in this process (a test may train several times in one launch)
@@ -100,16 +102,31 @@ class Watchdog:
                   f"{step_s:.1f} s, more than half of {self.timeout_s:g} s; a slower step would "
                   f"be taken for a hang: raise it", file=sys.stderr, flush=True)
 
-    def fail(self, error: BaseException, fatal: bool) -> None:
+    def fail(self, error: BaseException, fatal: bool) -> bool:
         """This rank stops on `error`: its peers stop too, in seconds, rather than wait for it in
-        a collective (or at start-up) until a timeout. `fatal`: a restart would fail alike."""
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        a collective (or at start-up) until a timeout. `fatal`: a restart would fail alike.
+        Returns whether rank 0 stopped on the same error, and so says it for the job: a data
+        error met by 512 ranks is then one line on the console, not 512."""
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        self.beat.error = first_line
         with contextlib.suppress(OSError):
             self.directory.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.directory / FAILED_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             with os.fdopen(fd, "w") as f:
-                f.write(f"rank {self.rank} on {self.beat.host}: {first_line[:300]}")
+                f.write(f"rank {self.rank} on {self.beat.host}: {first_line}")
         self.close(FATAL if fatal else faults.ERROR)
+        return self.rank != 0 and self._rank_0_error(SAME_ERROR_WAIT_S) == first_line
+
+    def _rank_0_error(self, wait_s: float) -> str | None:
+        """The error rank 0 stopped on, once its heartbeat says (None if not within wait_s)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            beat = faults.read_heartbeat(faults.heartbeat_path(self.directory, 0))
+            if beat is not None and beat.error is not None:
+                return beat.error
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.1)
 
     def close(self, ended: str) -> None:
         """Stop the thread; the last heartbeat says how the rank ended."""
@@ -156,7 +173,7 @@ class Watchdog:
         return self.beat.terminated
 
     def _leave_after_peer(self, failure: str) -> None:
-        if self.rank == 0 or failure.startswith("rank 0 "):  # one line for the job
+        if self.rank == rank_to_say_peer_failure(failure):
             print(f"tessera: {failure}; stopping the other ranks", file=sys.stderr, flush=True)
         self.beat.ended = PEER_FAILED
         with contextlib.suppress(OSError):
@@ -209,6 +226,12 @@ class Watchdog:
             else:
                 time.sleep(self.beat_s)  # leave after the declaring rank read our heartbeat
         os._exit(faults.HANG_EXIT_CODE)
+
+
+def rank_to_say_peer_failure(failure: str) -> int:
+    """The one rank that prints the line of a peer's failure (FAILED_FILE's text): rank 0, or
+    rank 1 where rank 0 is the one that failed. Not every rank: 511 lines of one error."""
+    return 1 if failure.startswith("rank 0 ") else 0
 
 
 def watch_intervals(timeout_s: float, world_size: int) -> tuple[float, float]:

@@ -222,5 +222,6 @@ def _status(argv: list[str]) -> int:
 
 
 def _fail(command: str, error: Exception) -> int:
-    sys.stderr.write(f"tessera {command}: error: {error}\n")  # one write: ranks share a pipe
+    if not getattr(error, "said_by_rank_0", False):  # (train's ranks: rank 0 prints it)
+        sys.stderr.write(f"tessera {command}: error: {error}\n")  # one write: ranks share a pipe
     return 2

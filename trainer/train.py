@@ -91,7 +91,9 @@ def train(cfg: Config) -> TrainState:
         watchdog.close(faults.STOPPED)
         raise
     except (ConfigError, DataError, checkpoint.CheckpointError, NonFiniteError) as e:
-        watchdog.fail(e, fatal=True)  # a restart would meet it again
+        # fatal: a restart would meet it again. said_by_rank_0: rank 0 met the same and prints
+        # it; the command line leaves it to rank 0, so that 512 ranks say it once
+        e.said_by_rank_0 = watchdog.fail(e, fatal=True)
         raise
     except BaseException as e:
         watchdog.fail(e, fatal=False)

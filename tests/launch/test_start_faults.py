@@ -160,3 +160,38 @@ def test_the_watchdog_records_a_sigterm_in_the_heartbeat(tmp_path):
         rank.wait()
     [after] = faults.read_heartbeats(directory)
     assert after.ended is None and after.terminated
+
+
+@pytest.mark.parametrize("rank_0_error, left_to_rank_0", [
+    ("nowhere: no such shard or directory (data.shards)", True),  # every rank met it
+    ("rank 0's own data is missing", False),  # rank 1's differs: it says its own
+    (None, False),  # rank 0 is still training (waiting in a collective): rank 1 says it
+])
+def test_a_rank_leaves_its_error_to_rank_0_only_when_rank_0_stopped_on_the_same(
+        tmp_path, rank_0_error, left_to_rank_0):
+    from tessera.data.format import DataError
+    from tessera.launch.watchdog import Watchdog
+
+    watchdog = Watchdog(tmp_path, rank=1, world_size=2, timeout_s=0)
+    rank_0 = faults.Heartbeat.start(0, 3)
+    rank_0.error = rank_0_error
+    faults.write_heartbeat(watchdog.directory, rank_0)
+    error = DataError("nowhere: no such shard or directory (data.shards)\nsecond line")
+    assert watchdog.fail(error, fatal=True) == left_to_rank_0
+    [_, rank_1] = faults.read_heartbeats(watchdog.directory)
+    assert rank_1.ended == faults.FATAL
+    assert rank_1.error == "nowhere: no such shard or directory (data.shards)"
+
+
+def test_rank_0_says_its_error_whatever_the_others_met(tmp_path):
+    from tessera.launch.watchdog import Watchdog
+
+    watchdog = Watchdog(tmp_path, rank=0, world_size=2, timeout_s=0)
+    assert watchdog.fail(ConfigError("config key 'x': bad"), fatal=True) is False
+
+
+def test_one_rank_says_a_peers_failure_for_the_job():
+    from tessera.launch.watchdog import rank_to_say_peer_failure
+
+    assert rank_to_say_peer_failure("rank 5 on n2: CUDA error: out of memory") == 0
+    assert rank_to_say_peer_failure("rank 0 on n1: CUDA error: out of memory") == 1

@@ -205,11 +205,11 @@ def test_each_commands_help_shows_its_usage(capsys, argv):
     assert code == 0 and out.startswith("usage:") and "usage: usage:" not in out
 
 
-def test_a_mistake_found_by_the_ranks_ends_in_their_lines_and_one_of_the_launchers(
+def test_a_mistake_found_by_the_ranks_is_said_once_and_named_by_the_launcher(
         tmp_path, byte_shards):
     """`model.vocab_size` below the data's vocabulary is found by each rank once it reads the
-    data: each says so, and the launcher adds one line (not torch's agent's glog lines, nor
-    "failed" as if it had crashed)."""
+    data: rank 0 says so, rank 1, which met the same, leaves it to rank 0, and the launcher adds
+    one line naming rank 0 (not torch's agent's glog lines, nor "failed" as if it had crashed)."""
     import os
     import subprocess
     import sys
@@ -221,10 +221,10 @@ def test_a_mistake_found_by_the_ranks_ends_in_their_lines_and_one_of_the_launche
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert lines[-1] in ("tessera: stopped by rank 0's error above",
-                         "tessera: stopped by rank 1's error above"), done.stderr
-    ranks_lines = [line for line in lines[:-1] if "'model.vocab_size': 100 is smaller" in line]
-    assert len(ranks_lines) >= 1 and len(lines) == len(ranks_lines) + 1, done.stderr
+    assert len(lines) == 2, done.stderr
+    assert lines[0].startswith("tessera train: error: config key 'model.vocab_size': 100 is "
+                               "smaller"), done.stderr
+    assert lines[1] == "tessera: stopped by rank 0's error above", done.stderr
 
 
 def test_the_launchers_line_for_each_way_a_rank_ends():
@@ -235,6 +235,17 @@ def test_the_launchers_line_for_each_way_a_rank_ends():
     assert how_ranks_ended(3, -9) == "rank 3 was killed by SIGKILL; its output is above"
     assert how_ranks_ended(3, -40) == "rank 3 was killed by signal 40; its output is above"
     assert how_ranks_ended(0, 1) == "rank 0 failed with exit code 1; its output is above"
+
+
+def test_the_launcher_names_the_rank_that_said_the_error():
+    from tessera.launch.local import failure_to_name
+
+    # rank 1 met rank 0's error and said nothing; torch's agent reaped it first
+    assert failure_to_name({0: 2, 1: 2}, first_reaped=1) == 0
+    # rank 2 alone failed on its own data; the others left after it (exit 1)
+    assert failure_to_name({0: 1, 1: 1, 2: 2}, first_reaped=0) == 2
+    # a crash: the first failure torch saw, not the peers that left after it
+    assert failure_to_name({0: 1, 3: -11}, first_reaped=3) == 3
 
 
 def test_a_second_config_file_is_refused_not_dropped(capsys):
