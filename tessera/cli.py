@@ -86,22 +86,32 @@ def _print_usage() -> None:
         print(f"  {name:<14}{text}")
 
 
-def _config_args(prog: str, argv: list[str]) -> tuple[str | None, list[str]]:
+def _config_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--config", action="append", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    return parser
+
+
+def _config_args(parser: argparse.ArgumentParser, argv: list[str]
+                 ) -> tuple[argparse.Namespace, str | None, list[str]]:
+    """The parsed arguments, the one --config file and the overrides."""
     # parse_known_args lets `--train.steps=5` style overrides through
     args, unknown = parser.parse_known_args(argv)
     if args.config and len(args.config) > 1:  # argparse would keep the last one without a word
         parser.error(f"--config given {len(args.config)} times ({', '.join(args.config)}); give "
                      f"one file, and other keys as dotted.key=value overrides")
-    return (args.config or [None])[0], [*args.overrides, *unknown]
+    return args, (args.config or [None])[0], [*args.overrides, *unknown]
 
 
 def _load(prog: str, argv: list[str]) -> Config:
+    _, config_path, overrides = _config_args(_config_parser(prog), argv)
+    return _resolved(config_path, overrides)
+
+
+def _resolved(config_path: str | None, overrides: list[str]) -> Config:
     from tessera.trainer.config import load_config, validate
 
-    config_path, overrides = _config_args(prog, argv)
     cfg = load_config(config_path, overrides)
     validate(cfg)
     return cfg
@@ -110,12 +120,23 @@ def _load(prog: str, argv: list[str]) -> Config:
 def _print_config(argv: list[str]) -> int:
     from tessera.trainer.config import ConfigError, to_yaml
 
-    if argv[:1] == ["--doc"]:
+    parser = _config_parser("tessera print-config")
+    parser.add_argument("--doc", action="store_true",
+                        help="print the reference of every key (Markdown), not a config")
+    parser.add_argument("--readme", metavar="FILE",
+                        help="with --doc: refresh the reference between the markers of FILE")
+    args, config_path, overrides = _config_args(parser, argv)
+    if args.doc and (config_path or overrides):
+        parser.error("--doc prints the reference of every key; it takes no --config or "
+                     "overrides")
+    if args.readme and not args.doc:
+        parser.error("--readme FILE goes with --doc")
+    if args.doc:
         from tessera.trainer.config_doc import doc_command
 
-        return doc_command(argv[1:])
+        return doc_command(args.readme)
     try:
-        cfg = _load("tessera print-config", argv)
+        cfg = _resolved(config_path, overrides)
     except ConfigError as e:
         return _fail("print-config", e)
     print(to_yaml(cfg), end="")

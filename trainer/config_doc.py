@@ -174,21 +174,16 @@ def update_readme(path: str | Path) -> bool:
     return new != text
 
 
-def doc_command(argv: list[str]) -> int:
+def doc_command(readme: str | None) -> int:
     """`tessera print-config --doc [--readme README.md]`: print the reference, or refresh the
     copy between the markers of a README."""
-    if not argv:
+    if readme is None:
         print(reference_markdown(), end="")
         return 0
-    if len(argv) == 2 and argv[0] == "--readme":
-        try:
-            changed = update_readme(argv[1])
-        except (DocError, OSError) as e:
-            print(f"tessera print-config: error: {e}", file=sys.stderr)
-            return 2
-        print(
-            f"tessera: {argv[1]}: configuration reference {'updated' if changed else 'unchanged'}"
-        )
-        return 0
-    print("usage: tessera print-config --doc [--readme README.md]", file=sys.stderr)
-    return 2
+    try:
+        changed = update_readme(readme)
+    except (DocError, OSError) as e:
+        print(f"tessera print-config: error: {e}", file=sys.stderr)
+        return 2
+    print(f"tessera: {readme}: configuration reference {'updated' if changed else 'unchanged'}")
+    return 0

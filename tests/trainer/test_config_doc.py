@@ -60,9 +60,21 @@ def test_print_config_doc(capsys, tmp_path):
     assert capsys.readouterr().out == reference_markdown()
     copy = tmp_path / "README.md"
     copy.write_text(README.read_text().replace("| `train.lr` |", "| `train.old_lr` |"))
-    assert main(["print-config", "--doc", "--readme", str(copy)]) == 0
+    assert main(["print-config", "--readme", str(copy), "--doc"]) == 0  # in either order
     assert copy.read_text() == README.read_text()
     assert update_readme(copy) is False
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--doc", "--config", "configs/demo.yaml"], "it takes no --config or overrides"),
+    (["train.steps=5", "--doc"], "it takes no --config or overrides"),
+    (["--readme", "README.md"], "--readme FILE goes with --doc"),
+])
+def test_print_config_doc_with_what_it_does_not_take_is_one_line(capsys, argv, said):
+    with pytest.raises(SystemExit) as exit_:
+        main(["print-config", *argv])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(said)
 
 
 @dataclasses.dataclass
