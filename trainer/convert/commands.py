@@ -20,6 +20,7 @@ import dataclasses
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -111,34 +112,51 @@ def to_hf(
 
     One canonical tensor is assembled at a time and goes into the current shard: peak memory is
     about one shard (`max_shard_bytes`) plus twice the largest tensor in fp32."""
-    from transformers import (
-        GenerationConfig,  # lazy: transformers takes seconds to import: only an export pays it
-    )
-
     reader = CheckpointReader(ckpt, verify=verify)
     tokenizer_json, eos_id = export_tokenizer(
         reader.directory, tokenizer, reader.cfg.model.vocab_size
     )
     out = Path(out)
     _check_new_directory(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    writer = hf.ShardedWriter(tmp, max_shard_bytes)
+    partial = _partial_directory(out)
+    try:
+        files = _write_hf(reader, partial, DTYPES[dtype], max_shard_bytes, tokenizer_json, eos_id)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rmdir()
+    os.replace(partial, out)
+    return files
+
+
+def _partial_directory(out: Path) -> Path:
+    """A new directory beside `out`, renamed to `out` once the export is whole: a reader never
+    sees half an export, and no directory of the user's (say an OUT.tmp) is reused or removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    partial.chmod(0o777 & ~hf.current_umask())  # mkdtemp makes it 0700: others could not read
+    return partial
+
+
+def _write_hf(reader: CheckpointReader, directory: Path, dtype: torch.dtype,
+              max_shard_bytes: int, tokenizer_json: str, eos_id: int) -> list[str]:
+    from transformers import (
+        GenerationConfig,  # lazy: transformers takes seconds to import: only an export pays it
+    )
+
+    writer = hf.ShardedWriter(directory, max_shard_bytes)
     with progress("to-hf", total=len(reader.names()), unit="tensors") as bar:
         for name in reader.names():
-            writer.add(architecture.hf_name(name), reader.tensor(name).to(DTYPES[dtype]))
+            writer.add(architecture.hf_name(name), reader.tensor(name).to(dtype))
             bar.advance(1, note=name)
         files = writer.close()
     bos_id = hf.bos_id(tokenizer_json)
-    config = hf.hf_config(reader.cfg.model, eos_id, DTYPES[dtype])
+    config = hf.hf_config(reader.cfg.model, eos_id, dtype)
     config.bos_token_id = bos_id
-    config.save_pretrained(tmp)
-    GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id).save_pretrained(tmp)
-    hf.write_tokenizer(tmp, tokenizer_json, eos_id, bos_id, reader.cfg.model.seq_len)
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
+    config.save_pretrained(directory)
+    GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id).save_pretrained(directory)
+    hf.write_tokenizer(directory, tokenizer_json, eos_id, bos_id, reader.cfg.model.seq_len)
     return files
 
 

@@ -316,6 +316,31 @@ def test_export_files_shards_dtype_and_tokenizer(world2, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_a_failed_export_leaves_nothing_and_touches_no_other_directory(world1, tmp_path,
+                                                                        monkeypatch):
+    """An export is written beside OUT and renamed when whole: one that fails halfway leaves no
+    OUT and no partial directory, and a directory of the user's named OUT.tmp is not its own."""
+    from tessera.trainer.convert.reader import CheckpointReader
+
+    users = tmp_path / "hf.tmp"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    read, calls = CheckpointReader.tensor, []
+
+    def fail_at_the_second(self, name):
+        calls.append(name)
+        if len(calls) == 2:
+            raise OSError(f"disk full while writing {name}")
+        return read(self, name)
+
+    monkeypatch.setattr(CheckpointReader, "tensor", fail_at_the_second)
+    with pytest.raises(OSError, match="disk full"):
+        to_hf(world1["exports"][0].run.dir, tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf.tmp"]
+    assert (users / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
 def test_to_hf_with_a_trained_bpe_tokenizer(world1, tmp_path):
     from transformers import AutoTokenizer
 
@@ -334,6 +359,7 @@ def test_to_hf_with_a_trained_bpe_tokenizer(world1, tmp_path):
             if p.suffix in (".safetensors", ".json")} == dict.fromkeys(
         ["model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
          "tokenizer_config.json", "special_tokens_map.json"], 0o644)
+    assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o755
     text = "the model reads"
     assert tokenizer.encode(text, add_special_tokens=False) == bpe.encode(text)
     assert tokenizer.eos_token_id == bpe.eos_id
