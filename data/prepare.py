@@ -44,7 +44,7 @@ from tessera.data.inputs import (
     iter_documents,
     total_bytes,
 )
-from tessera.data.progress import Progress
+from tessera.data.progress import Progress, clock_text, human_count
 from tessera.data.tokenizer import (
     HF_TOKENIZER_FILE,
     ByteTokenizer,
@@ -277,7 +277,7 @@ class ShardWriter:
         if self.on_close is not None:
             self.on_close(self.shards, self._next_position)
         self.log(
-            f"wrote {final_path.name}: {self._num_samples} documents, {self._num_tokens} tokens"
+            f"wrote {final_path.name}: {self._num_samples:,} documents, {self._num_tokens:,} tokens"
         )
 
 
@@ -544,12 +544,16 @@ def _remove_stale(output_dir: Path, keep: set[str]) -> None:
 
 
 def _log_summary(log: Log, manifest: Manifest, output_dir: Path, seconds: float) -> None:
+    """prepared 1,204 documents, 3,410,220 tokens in 2 shards to OUT in 0:41 (29.4
+    documents/s, 83.2k tokens/s): the counts exact, the rates as the progress line gives them."""
     seconds = max(seconds, 1e-9)
+    shards = len(manifest.shards)
+    took = f"{seconds:.1f} s" if seconds < 60 else clock_text(seconds)
     log(
-        f"prepared {manifest.num_samples} documents, {manifest.num_tokens} tokens in "
-        f"{len(manifest.shards)} shards to {output_dir} in {seconds:.1f} s "
-        f"({manifest.num_samples / seconds:.0f} documents/s, "
-        f"{manifest.num_tokens / seconds:.0f} tokens/s)"
+        f"prepared {manifest.num_samples:,} documents, {manifest.num_tokens:,} tokens in "
+        f"{shards} shard{'' if shards == 1 else 's'} to {output_dir} in {took} "
+        f"({human_count(manifest.num_samples / seconds, fraction_below_1000=True)} documents/s, "
+        f"{human_count(manifest.num_tokens / seconds, fraction_below_1000=True)} tokens/s)"
     )
 
 

@@ -107,6 +107,23 @@ def test_byte_tokenizer_shards_hold_every_document_in_order(tmp_path) -> None:
     assert "documents/s" in logged[-1] and "tokens/s" in logged[-1]
 
 
+@pytest.mark.parametrize("shards, seconds, said", [
+    (2, 41.0, "prepared 1,204 documents, 3,410,220 tokens in 2 shards to out in 41.0 s (29.4 "
+              "documents/s, 83.2k tokens/s)"),
+    (1, 3725.0, "prepared 1,204 documents, 3,410,220 tokens in 1 shard to out in 1:02:05 (0.3 "
+                "documents/s, 915.5 tokens/s)"),
+])
+def test_the_summary_line_reads_like_the_progress_line(shards, seconds, said) -> None:
+    from types import SimpleNamespace
+
+    from tessera.data.prepare import _log_summary
+
+    logged: list[str] = []
+    manifest = SimpleNamespace(num_samples=1204, num_tokens=3_410_220, shards=[None] * shards)
+    _log_summary(logged.append, manifest, Path("out"), seconds)
+    assert logged == [said]
+
+
 def test_shards_close_once_their_payload_reaches_shard_bytes(tmp_path) -> None:
     (tmp_path / "in").mkdir()
     for i in range(10):
