@@ -44,7 +44,7 @@ from tessera.data.inputs import (
     iter_documents,
     total_bytes,
 )
-from tessera.data.progress import Progress, clock_text, human_count
+from tessera.data.progress import Progress, clock_text, counted, human_count
 from tessera.data.tokenizer import (
     HF_TOKENIZER_FILE,
     ByteTokenizer,
@@ -277,7 +277,8 @@ class ShardWriter:
         if self.on_close is not None:
             self.on_close(self.shards, self._next_position)
         self.log(
-            f"wrote {final_path.name}: {self._num_samples:,} documents, {self._num_tokens:,} tokens"
+            f"wrote {final_path.name}: {counted(self._num_samples, 'document')}, "
+            f"{counted(self._num_tokens, 'token')}"
         )
 
 
@@ -419,7 +420,7 @@ def prepare(
     next_position = resumed["next"] if resumed else (0, 0)
     _remove_stale(output_dir, keep={s.path for s in finished})
     if resumed:
-        log(f"resuming an interrupted run: {len(finished)} shards already finished")
+        log(f"resuming an interrupted run: {counted(len(finished), 'shard')} already finished")
 
     def record(shards: list[ShardInfo], position: tuple[int, int]) -> None:
         _write_journal(output_dir, fingerprint, shards, position)
@@ -547,11 +548,11 @@ def _log_summary(log: Log, manifest: Manifest, output_dir: Path, seconds: float)
     """prepared 1,204 documents, 3,410,220 tokens in 2 shards to OUT in 0:41 (29.4
     documents/s, 83.2k tokens/s): the counts exact, the rates as the progress line gives them."""
     seconds = max(seconds, 1e-9)
-    shards = len(manifest.shards)
     took = f"{seconds:.1f} s" if seconds < 60 else clock_text(seconds)
     log(
-        f"prepared {manifest.num_samples:,} documents, {manifest.num_tokens:,} tokens in "
-        f"{shards} shard{'' if shards == 1 else 's'} to {output_dir} in {took} "
+        f"prepared {counted(manifest.num_samples, 'document')}, "
+        f"{counted(manifest.num_tokens, 'token')} in {counted(len(manifest.shards), 'shard')} to "
+        f"{output_dir} in {took} "
         f"({human_count(manifest.num_samples / seconds, fraction_below_1000=True)} documents/s, "
         f"{human_count(manifest.num_tokens / seconds, fraction_below_1000=True)} tokens/s)"
     )

@@ -38,6 +38,11 @@ def human_count(value: float, *, fraction_below_1000: bool = False) -> str:
     return f"{value:.0f}"
 
 
+def counted(count: int, noun: str) -> str:
+    """1 -> '1 shard', 1204 -> '1,204 shards' (nouns whose plural adds an s)."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
 def human_bytes(num_bytes: float) -> str:
     """1536 -> '1.5 KB' (powers of 1024)."""
     for unit in ("B", "KB", "MB", "GB"):

@@ -17,6 +17,7 @@ from tessera.data.format import (
     decode_tokens,
     read_manifest,
 )
+from tessera.data.progress import counted
 from tessera.data.reader import BadSamples, check_payload, hashing_reader, iter_members
 
 MAX_PROBLEMS_PER_SHARD = 5
@@ -86,7 +87,8 @@ def verify_command(directory: str) -> int:
         suffix = f"; and {more} more" if more else ""
         print(f"{Path(directory) / report.path}: BAD: {'; '.join(shown)}{suffix}")
     if bad:
-        print(f"{len(bad)} of {len(reports)} shards do not match the manifest in {directory}")
+        print(f"{len(bad)} of {counted(len(reports), 'shard')} do not match the manifest in "
+              f"{directory}")
         return 1
-    print(f"all {len(reports)} shards match the manifest in {directory}")
+    print(f"{counted(len(reports), 'shard')} checked: all match the manifest in {directory}")
     return 0

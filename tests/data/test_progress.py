@@ -7,7 +7,14 @@ import io
 
 import pytest
 
-from tessera.data.progress import Progress, clock_text, human_bytes, human_count, progress
+from tessera.data.progress import (
+    Progress,
+    clock_text,
+    counted,
+    human_bytes,
+    human_count,
+    progress,
+)
 
 
 class Clock:
@@ -73,3 +80,8 @@ def test_counts_and_durations_read_as_people_write_them():
     assert (human_bytes(512), human_bytes(1536), human_bytes(3 * 2**30)) == \
         ("512 B", "1.5 KB", "3.0 GB")
     assert (clock_text(65), clock_text(3725)) == ("1:05", "1:02:05")
+
+
+def test_counted_says_one_in_the_singular():
+    assert [counted(n, "shard") for n in (0, 1, 2, 1204)] == [
+        "0 shards", "1 shard", "2 shards", "1,204 shards"]
