@@ -20,6 +20,7 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from tessera.data.format import DataError
 from tessera.data.loader import TrainLoader
+from tessera.data.progress import counted
 from tessera.data.sources import DEFAULT_SOURCE, Source, resolve_shards
 from tessera.parallel.engine import Engine
 from tessera.parallel.mcore import parallel_state
@@ -49,9 +50,10 @@ def resolve_valid(spec: str | list[str], train_sources: Sequence[Source]) -> lis
     shared = sorted(s.path for s in shards if s.path in training)
     if shared:
         raise DataError(
-            f"data.valid_shards: {shared[0]} is also training data ({len(shared)} shard(s) in "
-            f"both), so eval/loss would not be held out; prepare held-out text into its own "
-            f"directory, or split one prepared directory with two patterns, e.g. "
+            f"data.valid_shards: {shared[0]} is also training data "
+            f"({counted(len(shared), 'shard')} in both), so eval/loss would not be held out; "
+            f"prepare held-out text into its own directory, or split one prepared directory "
+            f"with two patterns, e.g. "
             f"data.shards='DIR/shard-00000[1-9].tar' data.valid_shards=DIR/shard-000000.tar"
         )
     return [Source(name=DEFAULT_SOURCE, weight=1.0, shards=tuple(shards))]

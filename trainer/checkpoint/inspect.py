@@ -8,7 +8,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from tessera.data.progress import human_bytes, human_count
+from tessera.data.progress import counted, human_bytes, human_count
 from tessera.trainer.checkpoint.format import (
     ARCHITECTURE_FIELDS,
     TMP_SUFFIX,
@@ -145,7 +145,7 @@ def list_command(path: Path, verify: bool) -> int:
     infos = list_checkpoints(root, checksum=verify)
     latest = read_latest(root)
     checked = "checksums verified" if verify else "sizes checked; --verify checks sha256 too"
-    print(f"{root}: {len(infos)} checkpoint(s), latest -> {latest or 'none'} ({checked})")
+    print(f"{root}: {counted(len(infos), 'checkpoint')}, latest -> {latest or 'none'} ({checked})")
     if infos:
         print(f"  {'TAG':<20} {'STEP':>8} {'SIZE':>10}  {'LAYOUT':<24} STATUS")
     for info in infos:

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from tessera.data.format import DataError
-from tessera.data.progress import progress
+from tessera.data.progress import counted, progress
 from tessera.data.sources import is_url
 from tessera.data.tokenizer import HF_TOKENIZER_FILE, ByteTokenizer
 from tessera.launch.local import inside_distributed_launch, launch_or_run
@@ -345,7 +345,7 @@ def _to_hf_command(argv: list[str]) -> int:
         verify=not args.no_verify,
     )
     shards = sum(f.endswith(".safetensors") for f in files)
-    print(f"tessera: wrote {args.out} ({shards} safetensors file(s), {args.dtype})")
+    print(f"tessera: wrote {args.out} ({counted(shards, 'safetensors file')}, {args.dtype})")
     return 0
 
 
