@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -106,6 +107,7 @@ def install(wheels: Path, log) -> dict:
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
            "--no-compile", "--upgrade", "--target", str(SITE)]
     subprocess.run([*pip, *map(str, found)], check=True)
+    shutil.rmtree(ROOT / "build", ignore_errors=True)  # setuptools would reuse its stale copies
     subprocess.run([*pip, "--no-build-isolation", str(ROOT)], check=True)
     # The checkout's tessera/ folder must not shadow the installed package, whose subpackages
     # map to trainer/, parallel/, ... (PYTHONSAFEPATH: neither the current directory nor a

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,9 @@ def build_deepspeed(output: Path) -> None:
 def build_project(output: Path) -> None:
     for old in output.glob("tessera-*.whl"):
         old.unlink()
+    # setuptools copies the sources into build/lib and reuses that copy: a module deleted since
+    # the last build would still be packed
+    shutil.rmtree(ROOT / "build", ignore_errors=True)
     pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(output), str(ROOT))
 
 

@@ -128,3 +128,17 @@ def test_a_rank_starts_without_loading_the_compiler():
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           check=True)
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_wheel_lists_every_package():
+    """setuptools packages only what pyproject.toml names: a subpackage left out works in the
+    editable install of `make test` and fails to import from a wheel (the GPU machine's)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    found = {".".join([package, *init.parent.relative_to(ROOT / folder).parts])
+             for folder, package in PACKAGES.items()
+             for init in (ROOT / folder).rglob("__init__.py")}
+    assert found == listed, f"pyproject.toml's packages: add {sorted(found - listed)}, " \
+                            f"remove {sorted(listed - found)}"
