@@ -24,9 +24,11 @@ counts locate the epoch, shard and offset of that window in its lane without rea
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import math
+import multiprocessing
 import signal
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -814,6 +816,17 @@ def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     before its agreed save. The worker still ends with the trainer (torch's watch on it)."""
     for stop in STOP_SIGNALS:
         signal.signal(stop, signal.SIG_IGN)
+
+
+@atexit.register  # (after multiprocessing's own exit handler, so it runs before it)
+def _end_workers_at_exit() -> None:
+    """Multiprocessing ends a process's daemonic children at exit with SIGTERM, then waits for
+    them. Loader workers ignore SIGTERM (above): a trainer that exits with its loader still open
+    (an error nobody caught keeps the loader's frames alive) would wait forever. SIGKILL them
+    first; they hold nothing to save."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 def _keep_chunk(chunk: Chunk) -> Chunk:

@@ -251,3 +251,26 @@ def test_one_shard_resumes_exactly_at_another_data_parallel_size(tmp_path, start
     resumed = global_steps(tmp_path, dp_size=resume_dp, num_steps=5, start_step=start_step,
                            **overrides)
     assert_steps_equal(resumed, uninterrupted[start_step:])
+
+
+UNCAUGHT_ERROR_WITH_WORKERS = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from shardutil import make_loader
+batches = iter(make_loader(sys.argv[1], num_workers=1))
+next(batches)
+raise RuntimeError("an error nobody catches, the loader open")
+"""
+
+
+def test_an_uncaught_error_with_loader_workers_ends_the_process(tmp_path):
+    """Workers ignore SIGTERM (a preemption's signal is the trainer's): the exit of a trainer
+    whose loader is still open must not wait on them forever."""
+    import subprocess
+    import sys
+
+    make_data(tmp_path, num_shards=4)
+    tests = Path(__file__).parent
+    done = subprocess.run([sys.executable, "-c", UNCAUGHT_ERROR_WITH_WORKERS, str(tmp_path),
+                           str(tests)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "an error nobody catches" in done.stderr, done.stderr
