@@ -823,10 +823,13 @@ def _end_workers_at_exit() -> None:
     """Multiprocessing ends a process's daemonic children at exit with SIGTERM, then waits for
     them. Loader workers ignore SIGTERM (above): a trainer that exits with its loader still open
     (an error nobody caught keeps the loader's frames alive) would wait forever. SIGKILL them
-    first; they hold nothing to save."""
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
+    first; they hold nothing to save (and leave torch's SIGCHLD handler out: it would raise
+    "worker killed" over the error being reported)."""
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for worker in workers:
+            worker.kill()
 
 
 def _keep_chunk(chunk: Chunk) -> Chunk:
