@@ -583,6 +583,8 @@ def _check_numbers(cfg: Config) -> None:
                 "model.init_std": m.init_std, "train.lr": t.lr, "train.adam_eps": t.adam_eps}
     for key, value in positive.items():
         _check(math.isfinite(value) and value > 0, key, f"must be a positive number, got {value}")
+        _check(value <= FLOAT32_MAX, key, f"{value} is above float32's largest number "
+                                          f"({FLOAT32_MAX:.4g}), in which it is computed")
     for key, value in (("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)):
         _check(0 <= value < 1, key, f"must lie in [0, 1), got {value}")
     _check(math.isfinite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay",
@@ -596,6 +598,9 @@ def _paths_or_none(value: Any) -> bool:
     """A path or pattern, a list of them, or null."""
     return value is None or isinstance(value, str) or (
         isinstance(value, list) and all(isinstance(item, str) for item in value))
+
+
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _check(ok: bool, key: str, message: str) -> None:

@@ -148,6 +148,10 @@ def generate_command(argv: list[str]) -> int:
         if value < 0:
             print(f"tessera generate: error: {name} must be >= 0, got {value}", file=sys.stderr)
             return 2
+    if not 0 <= args.seed < 2**64:  # torch.Generator's range
+        print(f"tessera generate: error: --seed must lie in [0, 2**64), got {args.seed}",
+              file=sys.stderr)
+        return 2
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         print(
             f"tessera generate: error: --temperature must be a number >= 0, got "

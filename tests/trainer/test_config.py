@@ -114,6 +114,7 @@ def test_cross_field_errors_name_the_key(overrides, world_size, key, text):
     ("model.norm_eps=0", "must be a positive number"),
     ("model.rope_theta=-5", "must be a positive number"),
     ("train.lr=-1", "must be a positive number, got -1.0"),  # train.lr, not train.min_lr
+    ("train.lr=1e308", "1e\\+308 is above float32's largest number \\(3.403e\\+38\\)"),
     ("train.adam_beta1=1.5", "must lie in \\[0, 1\\), got 1.5"),
     ("train.adam_beta2=1.0", "must lie in \\[0, 1\\)"),
     ("train.adam_eps=0", "must be a positive number"),

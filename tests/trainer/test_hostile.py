@@ -280,6 +280,14 @@ def test_generate_refuses_a_temperature_that_is_not_a_number(run_copy, capsys):
     assert err == "tessera generate: error: --temperature must be a number >= 0, got nan"
 
 
+def test_generate_refuses_a_seed_torch_cannot_take(run_copy, capsys):
+    from tessera.cli import main
+
+    assert main(["generate", str(run_copy), "--prompt", "x", "--seed", str(2**70)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"tessera generate: error: --seed must lie in [0, 2**64), got {2**70}"
+
+
 def train_args(run_dir: Path, shards: Path, **overrides) -> list[str]:
     """`tessera train` arguments of the `trained` fixture's config, with overrides."""
     keys = {"run.dir": run_dir, "run.seed": 3, "data.shards": shards, "data.streams": 2,
