@@ -133,8 +133,11 @@ def to_hf(
 def _partial_directory(out: Path) -> Path:
     """A new directory beside `out`, renamed to `out` once the export is whole: a reader never
     sees half an export, and no directory of the user's (say an OUT.tmp) is reused or removed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise ConfigError(f"output {out}: cannot be written ({e.strerror}: {e.filename})") from e
     partial.chmod(0o777 & ~hf.current_umask())  # mkdtemp makes it 0700: others could not read
     return partial
 

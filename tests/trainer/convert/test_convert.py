@@ -33,7 +33,7 @@ from tiny_hf import from_hf_error, small_hf
 from training import losses, tiny_config, train_each
 
 from tessera.trainer.checkpoint import CheckpointError
-from tessera.trainer.config import load_config
+from tessera.trainer.config import ConfigError, load_config
 from tessera.trainer.convert import (
     convert_command,
     from_hf,
@@ -338,6 +338,9 @@ def test_a_failed_export_leaves_nothing_and_touches_no_other_directory(world1, t
         to_hf(world1["exports"][0].run.dir, tmp_path / "hf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf.tmp"]
     assert (users / "notes.txt").read_text() == "mine"
+    with pytest.raises(ConfigError, match=f"output {tmp_path}/hf.tmp/notes.txt/hf: cannot be "
+                                          f"written \\(.*: {tmp_path}/hf.tmp/notes.txt\\)"):
+        to_hf(world1["exports"][0].run.dir, users / "notes.txt" / "hf")
 
 
 @pytest.mark.slow
