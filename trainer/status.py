@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import collections
 import datetime
+import io
 import json
 import pickle
 import shutil
 import subprocess
 from pathlib import Path
+from typing import NoReturn
 
 from tessera.launch import faults
 from tessera.launch.slurm import JOBS_FILE
@@ -16,6 +18,8 @@ from tessera.trainer import checkpoint
 
 # what every run directory holds once its first rank has started
 RUN_MARKS = ("config.yaml", "metrics.jsonl", "checkpoints")
+# submitit's result of a finished job is a short tuple; a larger file is not one of its results
+RESULT_MAX_BYTES = 1 << 20
 
 
 class StatusError(ValueError):
@@ -51,17 +55,37 @@ def _sacct_states(job_ids: list[str]) -> dict[str, str]:
     return dict(line.split("|", 1) for line in done.stdout.splitlines() if "|" in line)
 
 
+class _NoGlobals(pickle.Unpickler):
+    """Loads builtin containers, strings and numbers only. A result file lies in a directory that
+    jobs.jsonl names, so anyone who wrote the run directory chose it: refusing every global (a
+    class, or a function such as os.system for REDUCE to call) means loading it runs no code."""
+
+    def find_class(self, module: str, name: str) -> NoReturn:
+        raise pickle.UnpicklingError(f"global {module}.{name} refused")
+
+
 def _result_state(log_dir: Path, job_id: str) -> str | None:
-    """submitit's result file of task 0: written when the job ended, not when it requeued."""
+    """submitit's result file of task 0: written when the job ended, not when it requeued. It
+    holds ("success", what TrainJob returned: a dict of str and int) or ("error", traceback
+    text): builtins only, so it is read without globals, and anything else is unreadable."""
     path = log_dir / f"{job_id}_0_result.pkl"
-    if not path.is_file():
-        return None
     try:
+        if not path.is_file():  # (inside the try: a path too long or not searchable raises)
+            return None
         with open(path, "rb") as f:
-            outcome, _ = pickle.load(f)
-    except Exception:  # noqa: BLE001 - unreadable: say so rather than fail the status
-        return "ENDED (unreadable result file)"
-    return "COMPLETED" if outcome == "success" else "FAILED (see the log)"
+            data = f.read(RESULT_MAX_BYTES + 1)
+        outcome = None
+        if len(data) <= RESULT_MAX_BYTES:
+            result = _NoGlobals(io.BytesIO(data)).load()
+            if isinstance(result, tuple) and len(result) == 2:
+                outcome = result[0]
+    except Exception:  # noqa: BLE001 - any damage or refused global: unreadable, not a failure
+        outcome = None
+    if outcome == "success":
+        return "COMPLETED"
+    if outcome == "error":
+        return "FAILED (see the log)"
+    return "ENDED (unreadable result file)"
 
 
 def read_jobs(run_dir: Path) -> list[dict]:
