@@ -15,6 +15,7 @@ from typing import NoReturn
 from tessera.launch import faults
 from tessera.launch.slurm import JOBS_FILE
 from tessera.trainer import checkpoint
+from tessera.trainer.report import metrics_rows
 
 # what every run directory holds once its first rank has started
 RUN_MARKS = ("config.yaml", "metrics.jsonl", "checkpoints")
@@ -96,11 +97,15 @@ def read_jobs(run_dir: Path) -> list[dict]:
 
 
 def last_metrics(run_dir: Path) -> dict | None:
+    """The last readable row of metrics.jsonl (report's reader: damaged lines are skipped)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return None
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    return json.loads(lines[-1]) if lines else None
+    try:
+        rows = metrics_rows(path)
+    except OSError as e:
+        raise StatusError(f"{path}: cannot read it ({e.strerror or e})") from None
+    return rows[-1] if rows else None
 
 
 def status_lines(run_dir: str | Path) -> list[str]:
@@ -132,16 +137,19 @@ def status_lines(run_dir: str | Path) -> list[str]:
             detail = f"nodes {job['nodes']}"
         lines.append(f"  {job_id:<10} {state:<22} {detail}  submitted {job['submitted_at']}  "
                      f"logs {job['log_dir']}")
-    row = last_metrics(run_dir)
-    if row is None:
-        lines.append("last step: none logged")
-    else:
-        total = row.get("total_steps", "?")
-        lines.append(f"last step: {row['step']} of {total}  loss {row['loss']:.4f}")
+    lines.append(_step_line(last_metrics(run_dir)))
     root = run_dir / "checkpoints"
     tag = checkpoint.latest_tag(root)
     lines.append(f"last checkpoint: {root / tag}" if tag else "last checkpoint: none")
     return lines + fault_lines(run_dir)
+
+
+def _step_line(row: dict | None) -> str:
+    if row is None:
+        return "last step: none logged"
+    total = row.get("total_steps")
+    line = f"last step: {row['step']} of {total if isinstance(total, int) else '?'}"
+    return line + (f"  loss {row['loss']:.4f}" if "loss" in row else "")
 
 
 def fault_lines(run_dir: Path) -> list[str]:

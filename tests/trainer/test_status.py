@@ -86,3 +86,18 @@ def test_submitits_own_result_files_still_read(tmp_path, capsys):
     assert "ENDED (unreadable result file)" in job_line(lines, "43")
 
 
+@pytest.mark.parametrize("last_line, expected", [
+    (b'{"step": 6, "lo', "last step: 5 of 8  loss 2.5000"),  # cut short by a kill
+    (b"[1, 2]\n", "last step: 5 of 8  loss 2.5000"),
+    (b'{"step": "x", "loss": 1.0}\n', "last step: 5 of 8  loss 2.5000"),
+    (b'{"step": 6, "total_steps": 8, "loss": [1]}\n', "last step: 6 of 8"),
+    (b'{"step": 6, "total_steps": "8", "loss": 2.0}\n', "last step: 6 of ?  loss 2.0000"),
+    (b"\xff\xfe not UTF-8\n", "last step: 5 of 8  loss 2.5000"),
+])
+def test_damaged_metrics_lines_are_skipped(tmp_path, capsys, last_line, expected):
+    run = make_run(tmp_path)
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(last_line)
+    assert expected in status(capsys, run)
+
+
