@@ -101,3 +101,34 @@ def test_damaged_metrics_lines_are_skipped(tmp_path, capsys, last_line, expected
     assert expected in status(capsys, run)
 
 
+def test_damaged_job_records_are_named_in_one_line(tmp_path, capsys):
+    damaged = ('{"job_id": "42"}\n'  # no log_dir
+               '{"job_id": 1, "log_dir": "x"}\n'  # not a Slurm job id (a string)
+               '["41"]\n'
+               '{"job_id": "43", "log_')  # cut short by a kill
+    lines = status(capsys, make_run(tmp_path, extra_job_lines=damaged))
+    assert "UNKNOWN (no Slurm tools here)" in job_line(lines, "41")
+    assert ("  slurm/jobs.jsonl lines 2, 3, 4, 5: not a job record (cut short or damaged), "
+            "skipped") in lines
+    assert "last step: 5 of 8  loss 2.5000" in lines
+
+
+def test_damaged_fault_records_are_left_out(tmp_path, capsys):
+    run = make_run(tmp_path)
+    (run / "resilience").mkdir()
+    (run / "resilience" / "events.jsonl").write_text(
+        '[1]\n{"time": 1}\n{"event": "hang", "time": "noon", "line": "rank 3 stuck"}\n')
+    (run / "resilience" / "hosts.json").write_text('{"n1": 3, "n2": {"strikes": 2}}')
+    lines = status(capsys, run)
+    assert "faults: restarts 0  hangs 1  crashes 0  stragglers 0  requeues 0" in lines
+    assert "  last hang ?: rank 3 stuck" in lines
+    assert "  host n2: 2 strikes (?)" in lines
+
+
+def test_a_file_is_not_a_run_directory(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("{}\n")
+    assert main(["status", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"tessera status: error: {path} is a file, not a run directory; give the run.dir that "
+        f"`tessera train` or `tessera submit` wrote")
