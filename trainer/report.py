@@ -209,27 +209,36 @@ def write_report(run_dirs: list[str], output: str | Path) -> Path:
         if names.count(run.name) > 1:
             run.name = f"{Path(run_dirs[index]).resolve().parent.name}/{run.name}"
     fig = draw(runs)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".png":
-        fig.savefig(output, dpi=110)
-    else:
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=110)
-        image = base64.b64encode(buffer.getvalue()).decode()
-        style = (
-            "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
-        )
-        output.write_text(
-            f"<!doctype html><html><head><meta charset='utf-8'><title>Tessera report</title>"
-            f"<style>{style}</style></head><body><h1>Tessera report</h1>{summary_html(runs)}"
-            f"<p><img alt='loss and throughput curves' src='data:image/png;base64,{image}'></p>"
-            f"</body></html>\n"
-        )
     from matplotlib import pyplot as plt  # lazy: matplotlib, only for `tessera report`
 
-    plt.close(fig)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if suffix == ".png":
+            fig.savefig(output, dpi=110)
+        else:
+            output.write_text(report_html(runs, fig))
+    except OSError as e:  # matplotlib's open() fails inside the library: name the path here
+        raise ReportError(f"--output {output}: cannot write it ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
     return output
+
+
+def report_html(runs: list[Run], fig) -> str:
+    """The summary table and the figure as one HTML page (the figure embedded as a PNG)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    image = base64.b64encode(buffer.getvalue()).decode()
+    style = (
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>Tessera report</title>"
+        f"<style>{style}</style></head><body><h1>Tessera report</h1>{summary_html(runs)}"
+        f"<p><img alt='loss and throughput curves' src='data:image/png;base64,{image}'></p>"
+        f"</body></html>\n"
+    )
 
 
 def report_command(argv: list[str]) -> int:

@@ -96,3 +96,16 @@ def test_damaged_rows_and_values_are_skipped(tmp_path, capsys):
     summary = read_run(run).summary()
     assert summary["steps"] == "7" and summary["final loss"] == f"{6.0 * math.exp(-1.2) + 2.0:.4f}"
 
+
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    run = fake_run(tmp_path / "a", 3, 0.1)
+    for output in (tmp_path / "taken.png", tmp_path / "taken.html"):  # directories, not files
+        output.mkdir()
+        assert main(["report", str(run), "--output", str(output)]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"tessera report: error: --output {output}: cannot write it")
+        assert len(error.splitlines()) == 1
+    if Path("/proc/self").is_dir():  # Linux: nothing can be created in /proc
+        assert main(["report", str(run), "--output", "/proc/r.png"]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("tessera report: error: --output /proc/r.png: cannot write it")
