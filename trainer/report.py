@@ -1,9 +1,10 @@
 """`tessera report RUN_DIR [RUN_DIR ...] --output FILE.png|FILE.html`: curves and a summary.
 
 Reads each run's metrics.jsonl (a step logged twice, by a start that crashed after its last
-checkpoint and by the start that resumed, counts once: the later row wins), draws training and
-held-out loss, throughput, learning rate and gradient norm with the runs overlaid, and a table of
-final loss, tokens, tokens/s, MFU and wall time. HTML embeds the same figure and the table as text.
+checkpoint and by the start that resumed, counts once: the later row wins; a line that a kill cut
+short, or a damaged one, is skipped), draws training and held-out loss, throughput, learning rate
+and gradient norm with the runs overlaid, and a table of final loss, tokens, tokens/s, MFU and
+wall time. HTML embeds the same figure and the table as text.
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ class Run:
         train_s = sum(
             r.get("step_s", 0.0) * _interval(self.rows, i) for i, r in enumerate(self.rows)
         )
+        train_s = train_s if math.isfinite(train_s) else 0.0  # (a damaged row's inf or NaN)
         tokens = sum(v for k, v in self.rows[-1].items() if k.startswith("data/tokens/"))
-        tokens_per_s = [r["tokens_per_s"] for r in self.rows if "tokens_per_s" in r]
+        tokens = tokens if math.isfinite(tokens) else 0
+        _, tokens_per_s = self.series("tokens_per_s")
         mfu = self.last("throughput/mfu")
         return {
             "run": self.name,
@@ -76,6 +79,32 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def metrics_rows(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl, in file order, as far as they can be read: a line that is
+    not a JSON object with an integer step (the half-written last line of a killed run, or a
+    damaged one) is skipped, and so is a value that is not a number. `tessera report` and
+    `tessera status` read metrics through this one function: a damaged file never fails them.
+    Raises OSError where the file cannot be read at all."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return [row for row in map(_metrics_row, f) if row is not None]
+
+
+def _metrics_row(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):  # cut short, not JSON, or nested past the parser
+        return None
+    if not isinstance(row, dict) or not _is_number(row.get("step")):
+        return None
+    if not isinstance(row["step"], int):
+        return None
+    return {key: value for key, value in row.items() if _is_number(value)}
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def read_run(run_dir: str | Path) -> Run:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
@@ -83,17 +112,11 @@ def read_run(run_dir: str | Path) -> Run:
             f"{path}: not found; give run directories that `tessera train` wrote "
             f"(each holds a metrics.jsonl)"
         )
-    by_step: dict[int, dict] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(path.read_text().splitlines()):
-                continue  # a line cut short by a kill
-            raise ReportError(f"{path}:{number}: not a JSON object") from None
-        by_step[row["step"]] = row
+    try:
+        rows = metrics_rows(path)
+    except OSError as e:
+        raise ReportError(f"{path}: cannot read it ({e.strerror or e})") from None
+    by_step = {row["step"]: row for row in rows}  # a step logged twice: the later row wins
     if not by_step:
         raise ReportError(f"{path}: no logged step yet")
     return Run(Path(run_dir).resolve().name, [by_step[s] for s in sorted(by_step)])
@@ -186,27 +209,36 @@ def write_report(run_dirs: list[str], output: str | Path) -> Path:
         if names.count(run.name) > 1:
             run.name = f"{Path(run_dirs[index]).resolve().parent.name}/{run.name}"
     fig = draw(runs)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".png":
-        fig.savefig(output, dpi=110)
-    else:
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=110)
-        image = base64.b64encode(buffer.getvalue()).decode()
-        style = (
-            "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
-        )
-        output.write_text(
-            f"<!doctype html><html><head><meta charset='utf-8'><title>Tessera report</title>"
-            f"<style>{style}</style></head><body><h1>Tessera report</h1>{summary_html(runs)}"
-            f"<p><img alt='loss and throughput curves' src='data:image/png;base64,{image}'></p>"
-            f"</body></html>\n"
-        )
     from matplotlib import pyplot as plt  # lazy: matplotlib, only for `tessera report`
 
-    plt.close(fig)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if suffix == ".png":
+            fig.savefig(output, dpi=110)
+        else:
+            output.write_text(report_html(runs, fig))
+    except OSError as e:  # matplotlib's open() fails inside the library: name the path here
+        raise ReportError(f"--output {output}: cannot write it ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
     return output
+
+
+def report_html(runs: list[Run], fig) -> str:
+    """The summary table and the figure as one HTML page (the figure embedded as a PNG)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    image = base64.b64encode(buffer.getvalue()).decode()
+    style = (
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>Tessera report</title>"
+        f"<style>{style}</style></head><body><h1>Tessera report</h1>{summary_html(runs)}"
+        f"<p><img alt='loss and throughput curves' src='data:image/png;base64,{image}'></p>"
+        f"</body></html>\n"
+    )
 
 
 def report_command(argv: list[str]) -> int:

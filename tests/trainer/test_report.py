@@ -76,3 +76,36 @@ def test_errors_name_the_cause_and_the_fix(tmp_path, capsys):
     a = fake_run(tmp_path / "a", 3, 0.1)
     assert main(["report", str(a), "--output", str(tmp_path / "r.pdf")]) == 2
     assert "give a .png or .html file name" in capsys.readouterr().err
+
+
+def test_damaged_rows_and_values_are_skipped(tmp_path, capsys):
+    """Lines that are not a JSON object with an integer step, anywhere in the file, and values
+    that are not numbers, are left out: the rest still makes a report."""
+    run = fake_run(tmp_path / "r", 6, 0.2)
+    lines = (run / "metrics.jsonl").read_text().splitlines()[:6]
+    damaged = ["[1, 2]", '{"step": "x", "loss": 5}', "not json", '{"step": true, "loss": 1}',
+               '{"step": 7, "loss": "5", "step_s": "x", "tokens_per_s": [1], "lr": null, '
+               '"data/tokens/default": "many"}']
+    (run / "metrics.jsonl").write_text("\n".join(lines[:3] + damaged + lines[3:]) + "\n")
+    out = tmp_path / "report.png"
+    assert main(["report", str(run), "--output", str(out)]) == 0
+    assert capsys.readouterr().err == ""
+    rows = read_run(run).rows
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7]
+    assert set(rows[-1]) == {"step"}
+    summary = read_run(run).summary()
+    assert summary["steps"] == "7" and summary["final loss"] == f"{6.0 * math.exp(-1.2) + 2.0:.4f}"
+
+
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    run = fake_run(tmp_path / "a", 3, 0.1)
+    for output in (tmp_path / "taken.png", tmp_path / "taken.html"):  # directories, not files
+        output.mkdir()
+        assert main(["report", str(run), "--output", str(output)]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"tessera report: error: --output {output}: cannot write it")
+        assert len(error.splitlines()) == 1
+    if Path("/proc/self").is_dir():  # Linux: nothing can be created in /proc
+        assert main(["report", str(run), "--output", "/proc/r.png"]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("tessera report: error: --output /proc/r.png: cannot write it")
