@@ -64,6 +64,7 @@ from tessera.trainer.checkpoint.inspect import CheckpointInfo, inspect, list_che
 from tessera.trainer.checkpoint.load import (
     carried_tokenizer,
     check_compatible,
+    check_same_tokenizer,
     latest_tag,
     load,
     problems,
@@ -87,7 +88,8 @@ __all__ = [
     "ARCHITECTURE_FIELDS", "CONFIG_FILE", "DELAY_ENV", "FORMAT", "FORMAT_VERSION", "LATEST_FILE",
     "MANIFEST_FILE", "STATE_FILE", "TMP_SUFFIX", "TOKENIZER_DIR", "CarriedTokenizer",
     "CheckpointError", "CheckpointInfo", "TesseraCheckpointEngine", "TrainState", "apply_retention",
-    "canonical_shapes", "carried_tokenizer", "check_compatible", "committed_steps",
+    "canonical_shapes", "carried_tokenizer", "check_compatible", "check_same_tokenizer",
+    "committed_steps",
     "delete_checkpoint", "file_sha256", "inspect", "install", "latest_tag", "list_checkpoints",
     "load", "problems", "read_latest", "read_manifest", "read_state", "remove_uncommitted",
     "replace_text_atomically", "resolve_step_dir", "resume", "safe_globals", "saved_config",

@@ -16,7 +16,14 @@ import torch.distributed as dist
 
 from tessera import __version__
 from tessera.data.format import TokenizerInfo
-from tessera.data.tokenizer import HF_TOKENIZER_FILE, Tokenizer, find_tokenizer, load_tokenizer
+from tessera.data.tokenizer import (
+    HF_TOKENIZER_FILE,
+    ByteTokenizer,
+    HFTokenizer,
+    Tokenizer,
+    find_tokenizer,
+    load_tokenizer,
+)
 from tessera.parallel.engine import Engine
 from tessera.parallel.mcore import parallel_state
 from tessera.trainer.checkpoint.engine import checkpoint_engine
@@ -74,6 +81,53 @@ def carried_tokenizer(directory: str | Path) -> CarriedTokenizer | None:
             raise CheckpointError(problem if entry else f"{directory / relative}: {problem}")
     text = (directory / files[1]).read_text() if len(files) > 1 else None
     return info, text
+
+
+def check_same_tokenizer(directory: str | Path, data: CarriedTokenizer | None) -> None:
+    """Collective: checkpoint.load_from's weights were trained on the token ids of the tokenizer
+    the checkpoint carries; data prepared with another one would feed them other text for the
+    same ids, and train without a word. Rank 0 compares (`data` is the data's tokenizer there)
+    and every rank raises its verdict, rather than leave the others in their next collective.
+    A checkpoint that carries none (an import without one) is taken on trust."""
+    verdict = [_tokenizer_mismatch(directory, data) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise CheckpointError(verdict[0])
+
+
+def _tokenizer_mismatch(directory: str | Path, data: CarriedTokenizer) -> str | None:
+    carried = carried_tokenizer(directory)
+    if carried is None or _token_ids_of(carried) == _token_ids_of(data):
+        return None
+    return (
+        f"checkpoint.load_from: {directory} was trained with another tokenizer than the one "
+        f"data.shards was prepared with ({_described(carried)} vs {_described(data)}): the same "
+        f"token ids would mean other text; prepare the data with `tessera prepare ... "
+        f"--tokenizer {directory}`"
+    )
+
+
+# Text in several scripts, code and numbers: two tokenizers that give it the same ids are taken
+# for the same (what a JSON layout, or a byte tokenizer written as tokenizer.json, cannot tell)
+PROBE_TEXT = ("The quick brown fox, 1234567 jumps; def f(x): return x ** 2  # ok\n"
+              "Größe, naïve café — 東京の天気は晴れ。Привет, мир! مرحبا 🙂\t</s><|endoftext|>")
+
+
+def _token_ids_of(tokenizer: CarriedTokenizer) -> tuple:
+    """What tells tokenizers apart: vocabulary size, EOS, and the ids of PROBE_TEXT."""
+    info, text = tokenizer
+    try:
+        encoder = (ByteTokenizer() if text is None
+                   else HFTokenizer.from_str(text, eos_id=info.eos_id))
+        probe = tuple(encoder.encode(PROBE_TEXT))
+    except Exception:  # noqa: BLE001 - a tokenizer.json tokenizers cannot read: unlike any other
+        probe = None
+    return info.vocab_size, info.eos_id, probe
+
+
+def _described(tokenizer: CarriedTokenizer) -> str:
+    info, _ = tokenizer
+    return f"{info.kind}, vocabulary {info.vocab_size}, EOS {info.eos_id}"
 
 
 def tokenizer_of(step_dir: Path, override: str | None = None) -> Tokenizer:
