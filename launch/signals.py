@@ -9,7 +9,9 @@ unfinished; `tessera train` exits with PREEMPTED_EXIT_CODE and the Slurm job req
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 from collections.abc import Iterable
 from types import FrameType
@@ -61,6 +63,11 @@ class StopSignal:
         self._previous.clear()
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT == self.received:  # a second Ctrl-C: the user will not wait
+            raise KeyboardInterrupt  # for the step boundary (a step that never ends)
+        if signum == signal.SIGINT and os.environ.get("RANK", "0") == "0":
+            print("tessera: Ctrl-C: saving at the end of this step; press it again to stop now "
+                  "without saving", file=sys.stderr, flush=True)
         self.received = signal.Signals(signum)
 
     def agreed(self, device: torch.device | str = "cpu") -> signal.Signals | None:

@@ -177,9 +177,10 @@ def _train(argv: list[str]) -> int:
         if isinstance(e, CheckpointError):
             return _fail("train", e)
         raise
-    except KeyboardInterrupt:  # Ctrl-C before the loop (or after it): nothing half-written
-        print("tessera train: interrupted outside the training loop; the last committed "
-              "checkpoint stands", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C outside the loop, or a second one in it: nothing
+        # half-written (a save commits whole or not at all)
+        print("tessera train: interrupted without saving; the last committed checkpoint stands",
+              file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
     return 0
 

@@ -145,3 +145,34 @@ def test_ranks_exit_when_their_launcher_is_killed(tmp_path, byte_shards):
     for pid in left:  # tidy up before failing
         os.kill(pid, signal.SIGKILL)
     assert not left, f"ranks left running 30 s after their launcher died: {left}"
+
+
+A_STEP_THAT_NEVER_ENDS = """
+import time
+from tessera.launch.signals import StopSignal
+with StopSignal(["TERM", "INT"]) as stop:
+    print("ready", flush=True)
+    try:
+        while True:  # no step boundary comes
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        print(f"stopped now; recorded {stop.received.name}", flush=True)
+"""
+
+
+def test_a_second_ctrl_c_stops_now_without_waiting_for_the_step():
+    env = {k: v for k, v in os.environ.items() if k != "RANK"}
+    proc = subprocess.Popen([sys.executable, "-c", A_STEP_THAT_NEVER_ENDS], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1)
+        assert proc.poll() is None, "the first Ctrl-C waits for the step boundary"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert out.strip() == "stopped now; recorded SIGINT"
+    assert err.strip() == ("tessera: Ctrl-C: saving at the end of this step; press it again to "
+                           "stop now without saving")
