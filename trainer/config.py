@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import re
 import signal
 import stat
 import types
@@ -527,15 +528,31 @@ def _check_slurm(s: SlurmConfig) -> None:
            f"{s.signal_lead_s} s must be shorter than slurm.time_min ({s.time_min} min) and 65536 "
            f"s")
     options = s.sbatch_options
-    _check(isinstance(options, dict) and all(
-        isinstance(k, str) and isinstance(v, (str, int, float, bool)) for k, v in options.items()),
-        "slurm.sbatch_options", f"must map sbatch flags to values, got {options!r}")
-    for flag in options:
-        _check(flag.replace("_", "-").lstrip("-") not in _MANAGED_SBATCH_FLAGS,
-               "slurm.sbatch_options", f"'{flag}' has its own key under slurm (or is set by "
-                                       f"submit)")
+    _check(isinstance(options, dict), "slurm.sbatch_options",
+           f"must map sbatch flags to values, got {options!r}")
+    for flag, value in options.items():
+        _check_sbatch_option(flag, value)
     _check(isinstance(s.setup, list) and all(isinstance(line, str) for line in s.setup),
            "slurm.setup", f"must be a list of shell lines, got {s.setup!r}")
+
+
+# an sbatch long option without its leading --: `#SBATCH --{flag}={value}` in the script
+_SBATCH_FLAG = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+
+
+def _check_sbatch_option(flag: Any, value: Any) -> None:
+    """One `#SBATCH --flag=value` line. sbatch stops reading #SBATCH lines at the first line
+    that is not one, so a flag with a space or a value with a newline would end the header and
+    silently drop every option after it (--time, --nodes, ...)."""
+    key = f"slurm.sbatch_options.{flag}"
+    _check(isinstance(flag, str) and _SBATCH_FLAG.fullmatch(flag) is not None, key,
+           "not an sbatch long option: letters, digits, '-' and '_', without the leading --")
+    _check(flag.replace("_", "-") not in _MANAGED_SBATCH_FLAGS, key,
+           "has its own key under slurm (or is set by submit)")
+    _check(isinstance(value, (str, int, float, bool)), key,
+           f"must be a single value (a string, number or true), got {value!r}")
+    _check(not isinstance(value, str) or not any(c in value for c in "\n\r"), key,
+           f"must be one line, got {value!r}")
 
 
 def _check_resilience(r: ResilienceConfig) -> None:
