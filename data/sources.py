@@ -41,6 +41,7 @@ from tessera.data.format import (
 from tessera.data.tokenizer import HF_TOKENIZER_FILE
 
 ShardsSpec = str | os.PathLike | Sequence[str | os.PathLike]
+SHARD_SUFFIX = ".tar"  # what `tessera prepare` names its shards (WebDataset tar files)
 DEFAULT_SOURCE = "default"  # the name of the one source `data.shards` makes
 SOURCE_KEYS = ("name", "shards", "weight")
 
@@ -114,7 +115,7 @@ def _pipe_target(command: str) -> re.Match | None:
     targets = [
         m
         for m in _PIPE_WORD.finditer(command)
-        if m["name"].endswith(".tar") or m["name"] == MANIFEST_NAME
+        if m["name"].endswith(SHARD_SUFFIX) or m["name"] == MANIFEST_NAME
     ]
     return targets[-1] if targets else None
 
@@ -222,11 +223,19 @@ def _resolve_directory(directory: str, cache: _ManifestCache) -> list[ResolvedSh
     return list(by_path.values())
 
 
-def _resolve_file(path: str, cache: _ManifestCache) -> ResolvedShard:
+def _resolve_file(path: str, cache: _ManifestCache, key: str) -> ResolvedShard:
     path = os.path.abspath(path)
     if os.path.basename(path) == MANIFEST_NAME:
         return None  # type: ignore[return-value]  (handled by the caller as a directory)
-    _, by_path = cache.local(os.path.dirname(path))
+    try:
+        _, by_path = cache.local(os.path.dirname(path))
+    except DataError:  # its directory has no (readable) manifest
+        if path.endswith(SHARD_SUFFIX):
+            raise
+        by_path = {}
+    if path not in by_path and not path.endswith(SHARD_SUFFIX):  # not the manifest's fault
+        raise DataError(f"{path}: not a shard ({SHARD_SUFFIX}) of a directory written by "
+                        f"`tessera prepare` ({key}); give that directory, or its shards")
     if path not in by_path:
         manifest_path = os.path.join(os.path.dirname(path), MANIFEST_NAME)
         raise DataError(f"{path}: shard is not listed in {manifest_path}")
@@ -250,7 +259,7 @@ def _resolve_local(pattern: str, cache: _ManifestCache, key: str) -> list[Resolv
             elif os.path.basename(match) == MANIFEST_NAME:
                 shards.extend(_resolve_directory(os.path.dirname(os.path.abspath(match)), cache))
             else:
-                shards.append(_resolve_file(match, cache))
+                shards.append(_resolve_file(match, cache, key))
     return shards
 
 

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import warnings
+from collections.abc import Mapping
 
 # MASTER_PORT = PORT_BASE + job id mod PORT_SPAN: every node derives the same port, and jobs
 # sharing a first node rarely collide. Below Linux's ephemeral range (32768-60999).
@@ -66,6 +67,48 @@ def from_slurm() -> DistEnv:
 def srun_step_tasks() -> int:
     """How many tasks the current `srun` step started (1 outside Slurm or in a batch shell)."""
     return int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
+
+
+class LaunchEnvError(ValueError):
+    """A launcher variable (RANK, WORLD_SIZE, ...) this process cannot run with; the message
+    names it."""
+
+
+def check_launch_env(env: Mapping[str, str] = os.environ) -> None:
+    """Refuse torchrun-style variables that no launcher would set: one left in a shell or a job
+    script (RANK=abc, WORLD_SIZE=0, LOCAL_RANK=-1, a WORLD_SIZE without MASTER_ADDR) otherwise
+    fails inside torch or DeepSpeed, in int(), a division by 0, or an MPI discovery."""
+    world = _int_variable(env, "WORLD_SIZE", 1, "a number of processes (an integer >= 1)")
+    _int_variable(env, "RANK", 0, f"a rank (an integer from 0 to WORLD_SIZE-1 = {world - 1})",
+                  most=world - 1)
+    _int_variable(env, "LOCAL_RANK", 0, "a local rank (an integer >= 0)")
+    _int_variable(env, "LOCAL_WORLD_SIZE", 1, "a number of ranks per node (an integer >= 1)")
+    if world == 1:
+        return
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if not env.get(name, "").strip():
+            raise LaunchEnvError(
+                f"environment variable WORLD_SIZE={world} asks for {world} processes but {name} "
+                f"is not set; torchrun sets WORLD_SIZE with RANK, MASTER_ADDR and MASTER_PORT "
+                f"(tessera does under srun): unset WORLD_SIZE to run one process")
+    _int_variable(env, "MASTER_PORT", 1, "a TCP port (an integer from 1 to 65535)", most=65535,
+                  fix="set it to rank 0's port, or unset WORLD_SIZE to run one process")
+
+
+def _int_variable(env: Mapping[str, str], name: str, least: int, what: str,
+                  most: int | None = None, fix: str = "unset it to run one process") -> int:
+    """The value of `name`, an integer from `least` to `most` (`least` when unset); else a
+    LaunchEnvError saying what it should be."""
+    if name not in env:
+        return least
+    try:
+        value = int(env[name])
+    except ValueError:
+        value = None
+    if value is None or value < least or (most is not None and value > most):
+        raise LaunchEnvError(f"environment variable {name}={env[name]!r} is not {what}; "
+                             f"torchrun sets it (tessera does under srun): {fix}")
+    return value
 
 
 # torch.distributed functions torch 2.13 deprecates that DeepSpeed's collectives call; none of

@@ -12,7 +12,12 @@ import sys
 from typing import TYPE_CHECKING
 
 from tessera import __version__
-from tessera.launch.env import exit_with_launcher, quiet_dependencies
+from tessera.launch.env import (
+    LaunchEnvError,
+    check_launch_env,
+    exit_with_launcher,
+    quiet_dependencies,
+)
 
 if TYPE_CHECKING:  # imported where a command needs it: `tessera --help` stays quick
     from tessera.trainer.config import Config
@@ -29,6 +34,9 @@ COMMANDS = {
     "report": "loss and throughput plots: tessera report RUN_DIR... --output FILE.png|.html",
 }
 
+# commands whose processes read RANK, WORLD_SIZE, LOCAL_RANK and MASTER_* (a launch's ranks)
+LAUNCHED = ("train", "convert", "generate")
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -40,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     exit_with_launcher()
+    if command in LAUNCHED and not {"-h", "--help"} & set(rest):
+        try:  # a stray RANK or WORLD_SIZE fails here, not inside torch or DeepSpeed
+            check_launch_env()
+        except LaunchEnvError as e:
+            return _fail(command, e)
     # print-config imports no torch; train and generate say a first line before torch loads
     if command not in ("print-config", "train", "generate"):
         quiet_dependencies()

@@ -11,7 +11,9 @@ import copy
 import dataclasses
 import difflib
 import math
+import re
 import signal
+import stat
 import types
 import typing
 from pathlib import Path
@@ -197,30 +199,70 @@ def load_config(path: str | Path | None, overrides: list[str] = (), saved: bool 
     """Merge a YAML file and `dotted.key=value` overrides (a leading `--` is accepted)."""
     layers = []
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = OmegaConf.load(path)
-        except (OmegaConfBaseException, ValueError, OSError, yaml.YAMLError) as e:
-            reason = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
-            raise ConfigError(f"{path}: not valid YAML ({reason})") from None
-        if not isinstance(loaded, DictConfig):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (run:, "
-                              f"model:, train:, ...), not a list")
-        layers.append(loaded)
-    layers.append(_parse_overrides(overrides))
-    try:
-        merged = OmegaConf.to_container(OmegaConf.merge(*layers), resolve=True) if layers else {}
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"cannot merge the config: {e}") from e
-    if merged is None:
-        merged = {}
-    if not isinstance(merged, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        layers.append(_load_file(Path(path)))
+    overrides_layer, empty = _parse_overrides(overrides)
+    layers.append(overrides_layer)
+    merged = _resolved(layers)
     for old, new in RENAMED_KEYS.items():
         _rename(merged, old, new, refuse=not saved)
-    return _build(Config, merged, prefix="")
+    return _build(Config, merged, prefix="", empty=empty)
+
+
+def _load_file(path: Path) -> DictConfig:
+    """The YAML mapping of a config file; anything else is refused in one line that says what
+    the path or its content is."""
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} is {_file_kind(path)}, not a YAML file")
+    try:
+        # compose, not load: the top node's kind without expanding aliases (OmegaConf.load
+        # bounds that); a bare `hello` would load as {hello: null}
+        with path.open(encoding="utf-8") as file:
+            top = yaml.compose(file, Loader=yaml.SafeLoader)
+        mapping = top is None or isinstance(top, yaml.MappingNode)
+        loaded = OmegaConf.load(path) if mapping else None
+    except (OmegaConfBaseException, ValueError, OSError, yaml.YAMLError) as e:
+        reason = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise ConfigError(f"{path}: not valid YAML ({reason})") from None
+    if loaded is None:
+        what = "a list" if isinstance(top, yaml.SequenceNode) else f"the single value {top.value!r}"
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (run:, model:, "
+                          f"train:, ...), not {what}")
+    return loaded
+
+
+def _file_kind(path: Path) -> str:
+    """'a directory', 'a character device', ... for a path that exists but is no regular file."""
+    mode = path.stat().st_mode
+    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe"),
+             (stat.S_ISSOCK, "a socket")]
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def _resolved(layers: list[DictConfig]) -> dict:
+    """The layers merged, interpolations (`${train.lr}`) resolved. They resolve against the
+    defaults too, so that a key may name one the YAML and the overrides leave out."""
+    try:
+        merged = OmegaConf.merge(*layers)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot merge the config: {_omegaconf_reason(e)}") from None
+    try:
+        full = OmegaConf.merge(OmegaConf.create(_as_dict(Config())), merged)
+    except (OmegaConfBaseException, TypeError, ValueError):
+        full = merged  # a section that is not a mapping: _build names it
+    try:
+        return OmegaConf.to_container(full, resolve=True)
+    except OmegaConfBaseException as e:
+        key = f"config key '{e.full_key}': " if getattr(e, "full_key", None) else ""
+        raise ConfigError(f"{key}cannot resolve it: {_omegaconf_reason(e)}") from None
+
+
+def _omegaconf_reason(error: OmegaConfBaseException) -> str:
+    """The first line of an OmegaConf error (the lines after it restate the key and types)."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()),
+                type(error).__name__)
 
 
 def _rename(values: dict, old: str, new: str, refuse: bool) -> None:
@@ -233,7 +275,9 @@ def _rename(values: dict, old: str, new: str, refuse: bool) -> None:
     entries[new.split(".")[1]] = entries.pop(old_leaf)
 
 
-def _parse_overrides(overrides: list[str]) -> DictConfig:
+def _parse_overrides(overrides: list[str]) -> tuple[DictConfig, frozenset[str]]:
+    """The overrides as one layer, and the keys given an empty value (`run.dir=`), which
+    OmegaConf reads as null: a key that cannot be null is then said to be empty."""
     items = []
     for raw in overrides:
         item = raw[2:] if raw.startswith("--") else raw
@@ -241,13 +285,15 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
             raise ConfigError(f"override {raw!r} is not of the form dotted.key=value "
                               f"(e.g. train.steps=100; no spaces around '=')")
         items.append(item)
+    empty = frozenset(key for key, _, value in (item.partition("=") for item in items)
+                      if not value.strip())
     try:
-        return OmegaConf.from_dotlist(items)
+        return OmegaConf.from_dotlist(items), empty
     except OmegaConfBaseException as e:
-        raise ConfigError(f"cannot parse overrides {items}: {e}") from e
+        raise ConfigError(f"cannot parse overrides {items}: {_omegaconf_reason(e)}") from e
 
 
-def _build(cls: type, values: dict, prefix: str) -> Any:
+def _build(cls: type, values: dict, prefix: str, empty: frozenset[str] = frozenset()) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
     fields = {_key(f): f for f in dataclasses.fields(cls)}
@@ -261,9 +307,9 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
         field_name = fields[name].name
         hint = hints[field_name]
         if dataclasses.is_dataclass(hint):
-            kwargs[field_name] = _build(hint, value, key + ".")
+            kwargs[field_name] = _build(hint, value, key + ".", empty)
         else:
-            kwargs[field_name] = _coerce(key, value, hint)
+            kwargs[field_name] = _coerce(key, value, hint, given_empty=key in empty)
     return cls(**kwargs)
 
 
@@ -290,14 +336,17 @@ def _unknown_key_message(key: str, prefix: str, valid: list[str]) -> str:
     return f"unknown config key '{key}'{hint} (valid keys in {section}: {', '.join(valid)})"
 
 
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Check `value` against a field's annotation; ints widen to float, nothing else converts."""
+def _coerce(key: str, value: Any, hint: Any, given_empty: bool = False) -> Any:
+    """Check `value` against a field's annotation; ints widen to float, nothing else converts.
+    `given_empty`: an override left the value empty (which OmegaConf reads as null)."""
     if hint is Any:
         return value
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if value is None:
         if type(None) in options:
             return None
+        if given_empty:
+            raise ConfigError(f"config key '{key}' is empty; it must be {_type_name(hint)}")
         raise ConfigError(f"config key '{key}' must be {_type_name(hint)}, got null")
     for option in options:
         if option is bool and isinstance(value, bool):
@@ -384,6 +433,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     """Checks that need several fields; `world_size` adds the layout checks when known."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     _check_numbers(cfg)  # first: the checks below divide by some of them
+    _check(cfg.run.dir.strip() != "", "run.dir",
+           "is empty; give the run directory (e.g. runs/my-run)")
     _check(m.head_dim is not None or m.hidden_size % m.num_heads == 0, "model.hidden_size",
            f"{m.hidden_size} is not divisible by model.num_heads={m.num_heads} (or set "
            f"model.head_dim)")
@@ -477,15 +528,31 @@ def _check_slurm(s: SlurmConfig) -> None:
            f"{s.signal_lead_s} s must be shorter than slurm.time_min ({s.time_min} min) and 65536 "
            f"s")
     options = s.sbatch_options
-    _check(isinstance(options, dict) and all(
-        isinstance(k, str) and isinstance(v, (str, int, float, bool)) for k, v in options.items()),
-        "slurm.sbatch_options", f"must map sbatch flags to values, got {options!r}")
-    for flag in options:
-        _check(flag.replace("_", "-").lstrip("-") not in _MANAGED_SBATCH_FLAGS,
-               "slurm.sbatch_options", f"'{flag}' has its own key under slurm (or is set by "
-                                       f"submit)")
+    _check(isinstance(options, dict), "slurm.sbatch_options",
+           f"must map sbatch flags to values, got {options!r}")
+    for flag, value in options.items():
+        _check_sbatch_option(flag, value)
     _check(isinstance(s.setup, list) and all(isinstance(line, str) for line in s.setup),
            "slurm.setup", f"must be a list of shell lines, got {s.setup!r}")
+
+
+# an sbatch long option without its leading --: `#SBATCH --{flag}={value}` in the script
+_SBATCH_FLAG = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+
+
+def _check_sbatch_option(flag: Any, value: Any) -> None:
+    """One `#SBATCH --flag=value` line. sbatch stops reading #SBATCH lines at the first line
+    that is not one, so a flag with a space or a value with a newline would end the header and
+    silently drop every option after it (--time, --nodes, ...)."""
+    key = f"slurm.sbatch_options.{flag}"
+    _check(isinstance(flag, str) and _SBATCH_FLAG.fullmatch(flag) is not None, key,
+           "not an sbatch long option: letters, digits, '-' and '_', without the leading --")
+    _check(flag.replace("_", "-") not in _MANAGED_SBATCH_FLAGS, key,
+           "has its own key under slurm (or is set by submit)")
+    _check(isinstance(value, (str, int, float, bool)), key,
+           f"must be a single value (a string, number or true), got {value!r}")
+    _check(not isinstance(value, str) or not any(c in value for c in "\n\r"), key,
+           f"must be one line, got {value!r}")
 
 
 def _check_resilience(r: ResilienceConfig) -> None:

@@ -39,8 +39,7 @@ def check_writable(run_dir: str | Path) -> None:
     """run.dir can hold the run's files: a directory (made if missing) we may write in. Called
     before any process group forms, so an unusable path fails in a second, in one line."""
     path = Path(run_dir)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"config key 'run.dir': {path} exists and is not a directory")
+    check_not_a_file(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
@@ -48,6 +47,21 @@ def check_writable(run_dir: str | Path) -> None:
     except OSError as e:
         reason = e.strerror or str(e)
         raise ConfigError(f"config key 'run.dir': cannot write in {path} ({reason})") from None
+
+
+def check_not_a_file(run_dir: str | Path) -> None:
+    """run.dir, or else the nearest of its parents that exists, is a directory: check_writable's
+    first check, which makes nothing (`tessera submit` writes nothing before Slurm takes a job,
+    and its dry run may name a directory of the cluster's)."""
+    path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"config key 'run.dir': {path} exists and is not a directory")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"config key 'run.dir': {path} lies under {parent}, which is "
+                                  f"not a directory")
+            return
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,6 +30,7 @@ from tessera.launch.env import DistEnv, from_slurm, quiet_dependencies
 from tessera.launch.restarts import batch_command
 from tessera.trainer import checkpoint
 from tessera.trainer.config import Config, ConfigError, save_config, validate, validate_layout
+from tessera.trainer.run_dir import check_not_a_file
 
 
 def world_size(cfg: Config) -> int:
@@ -97,6 +98,7 @@ def check_config(cfg: Config, dry_run: bool = False) -> None:
     run (perhaps away from the cluster, where the data lives) only warns about the data."""
     s = cfg.slurm
     validate(cfg)
+    check_not_a_file(cfg.run.dir)  # as `tessera train` refuses it
     if s.launcher == "torchrun" and s.tasks_per_node != 1:
         raise ConfigError(f"config key 'slurm.tasks_per_node': {s.tasks_per_node} with "
                           "slurm.launcher=torchrun; torchrun runs one task per node and starts "

@@ -60,6 +60,22 @@ def test_url_errors_name_the_url(data):
         resolve_shards(f"pipe:cat {data}/shard-000009.tar")
 
 
+def test_a_file_that_is_not_a_shard_is_named_as_such(data, tmp_path_factory):
+    """Not "not listed in <its folder's>/manifest.json": the file itself is the mistake."""
+    (data / "notes.txt").write_text("hello")
+    elsewhere = tmp_path_factory.mktemp("elsewhere") / "config.yaml"  # no manifest beside it
+    elsewhere.write_text("run: {}")
+    for path in (data / "notes.txt", elsewhere):
+        with pytest.raises(DataError) as error:
+            resolve_shards(str(path))
+        assert str(error.value) == (f"{path}: not a shard (.tar) of a directory written by "
+                                    f"`tessera prepare` (data.shards); give that directory, or "
+                                    f"its shards")
+    (data / "shard-000009.tar").write_bytes(b"")  # a .tar beside the manifest, not in it
+    with pytest.raises(DataError, match="shard-000009.tar: shard is not listed in"):
+        resolve_shards(str(data / "shard-000009.tar"))
+
+
 @pytest.fixture
 def http_root(data):
     """`data` served over HTTP on a free local port (webdataset opens http:// with curl)."""

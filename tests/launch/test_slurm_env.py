@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 
 import pytest
 
-from tessera.launch.env import PORT_BASE, PORT_SPAN, from_slurm, master_port_for_job
+from tessera.launch.env import (
+    PORT_BASE,
+    PORT_SPAN,
+    LaunchEnvError,
+    check_launch_env,
+    from_slurm,
+    master_port_for_job,
+)
 from tessera.launch.signals import parse_signal
 from tessera.launch.slurm import JobStep, SlurmError, gpus_in_gres
 
@@ -37,6 +45,7 @@ def test_ranks_and_master_from_slurm_variables(monkeypatch):
         "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
         "MASTER_ADDR": "gpu-a07", "MASTER_PORT": str(PORT_BASE + 4242),
     }
+    check_launch_env()  # what srun's tasks export passes the check of stray variables
 
 
 def test_master_port_follows_the_job_id():
@@ -76,3 +85,27 @@ def test_the_job_step_wraps_the_one_srun_line():
 def test_a_script_without_exactly_one_srun_line_is_refused(script):
     with pytest.raises(SlurmError, match=r"submitit .* (0|2) lines starting with `srun `"):
         JobStep(wrapper=("restarts", "--")).wrap(script)
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"RANK": "abc"}, "RANK='abc' is not a rank (an integer from 0 to WORLD_SIZE-1 = 0)"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK='2' is not a rank"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0' is not a number of processes (an integer >= 1)"),
+    ({"LOCAL_RANK": "-1"}, "LOCAL_RANK='-1' is not a local rank (an integer >= 0)"),
+    ({"LOCAL_WORLD_SIZE": "0"}, "LOCAL_WORLD_SIZE='0' is not a number of ranks per node"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "WORLD_SIZE=2 asks for 2 processes but MASTER_ADDR is not "
+                                       "set"),
+    ({"WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "but RANK is not set"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "a", "MASTER_PORT": "70000"},
+     "MASTER_PORT='70000' is not a TCP port"),
+])
+def test_stray_launcher_variables_are_named(env, words):
+    with pytest.raises(LaunchEnvError, match=re.escape(words)) as error:
+        check_launch_env(env)
+    assert "torchrun sets" in str(error.value) and "unset" in str(error.value)
+
+
+def test_a_launch_and_a_plain_shell_pass_the_check():
+    check_launch_env({})
+    check_launch_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                      "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})

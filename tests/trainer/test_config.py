@@ -61,6 +61,35 @@ def test_malformed_override_and_missing_file():
         load_config("nope.yaml")
 
 
+def test_a_config_path_that_is_no_file_says_what_it_is(tmp_path):
+    with pytest.raises(ConfigError, match="^config file /dev/null is a character device, not a "
+                                          "YAML file$"):
+        load_config("/dev/null")
+    with pytest.raises(ConfigError, match=f"^config file {tmp_path} is a directory, not a YAML "
+                                          f"file$"):
+        load_config(tmp_path)
+
+
+def test_an_empty_run_dir_is_called_empty():
+    with pytest.raises(ConfigError, match="^config key 'run.dir' is empty; it must be str$"):
+        load_config(None, ["run.dir="])  # the shell's run.dir='' (OmegaConf reads null)
+    assert load_config(None, ["run.name="]).run.name is None  # null where null is allowed
+    with pytest.raises(ConfigError, match="^config key 'run.dir': is empty"):
+        validate(load_config(None, ["run.dir=''"]))  # an empty string
+
+
+def test_interpolations_name_any_key(tmp_path):
+    cfg = load_config(None, ["train.min_lr=${train.lr}"])  # train.lr: its default
+    assert cfg.train.min_lr == cfg.train.lr == 3e-4
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 0.01\n  min_lr: ${train.lr}\n")
+    assert load_config(path, ["train.lr=0.5"]).train.min_lr == 0.5  # after the override
+    assert load_config(path).model.hidden_size == 64  # the rest: defaults, as without one
+    with pytest.raises(ConfigError, match="^config key 'train.min_lr': cannot resolve it: "
+                                          "Interpolation key 'train.nope' not found$"):
+        load_config(None, ["train.min_lr=${train.nope}"])
+
+
 @pytest.mark.parametrize("overrides, world_size, key, text", [
     (["model.num_heads=6"], None, "model.hidden_size", "not divisible by model.num_heads=6"),
     (["model.num_kv_heads=3"], None, "model.num_kv_heads", "does not divide model.num_heads=4"),
@@ -133,6 +162,9 @@ def test_numbers_out_of_range_name_the_key(override, text):
     ("- run\n- model\n", "the top level must be a mapping of sections .*, not a list"),
     ("train: {steps: [\n", "not valid YAML \\(while parsing a flow node; .*line 2, column 1\\)"),
     ("train:\n  steps: 5\n  lr: : 3\n", "not valid YAML \\(mapping values are not allowed"),
+    ("hello\n", "the top level must be a mapping of sections \\(run:, model:, train:, "
+     "...\\), not the single value 'hello'"),  # not "unknown config key 'hello'"
+    ("5\n", "must be a mapping of sections .*, not the single value '5'"),
 ])
 def test_a_config_file_that_is_not_a_mapping_is_one_line(tmp_path, yaml_text, text):
     path = tmp_path / "bad.yaml"

@@ -101,6 +101,36 @@ def test_invalid_config_fails_at_submit(tmp_path, byte_shards, overrides, key):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("options, key, words", [
+    ({"mail type": "END"}, "mail type", "not an sbatch long option"),
+    ({"exclusive;": True}, "exclusive;", "not an sbatch long option"),
+    ({"--exclusive": True}, "--exclusive", "without the leading --"),
+    ({"comment": "one\nsbatch stops reading here"}, "comment", "must be one line"),
+    ({"comment": ["a", "b"]}, "comment", "must be a single value"),
+])
+def test_sbatch_options_that_would_end_the_header_are_refused(tmp_path, byte_shards, options,
+                                                               key, words):
+    """sbatch reads #SBATCH lines up to the first other line: a broken one would silently drop
+    --time, --nodes and the rest after it."""
+    cfg = tiny_config(tmp_path / "run", byte_shards)
+    cfg.slurm.sbatch_options = options
+    with pytest.raises(ConfigError, match=re.escape(f"config key 'slurm.sbatch_options.{key}': "
+                                                    f"") + ".*" + re.escape(words)):
+        submit.check_config(cfg, dry_run=True)
+
+
+def test_a_dry_run_refuses_a_run_dir_that_is_a_file(tmp_path, byte_shards, capsys):
+    from tessera.cli import main
+
+    (tmp_path / "a-file").write_text("not a directory")
+    for run_dir, words in [(tmp_path / "a-file", "exists and is not a directory"),
+                           (tmp_path / "a-file" / "run", f"lies under {tmp_path / 'a-file'}")]:
+        assert main(["submit", "--dry-run", *cli_overrides(run_dir, byte_shards)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"tessera submit: error: config key 'run.dir': {run_dir} {words}")
+        assert len(err.strip().splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("launcher, ranks_from", [
     ("srun", "slurm.tasks_per_node x slurm.nodes"),
     ("torchrun", "launch.nproc_per_node x slurm.nodes"),

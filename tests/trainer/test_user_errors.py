@@ -89,7 +89,8 @@ def test_5_validation_shards_are_training_shards(capsys, tmp_path, byte_shards):
 @pytest.fixture
 def not_launched(monkeypatch):
     """A plain shell: no launcher variables (an earlier in-process run may have set them)."""
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                 "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -192,6 +193,21 @@ def test_6b_torchrun_rank_count_that_does_not_fit(capsys, tmp_path, byte_shards,
     monkeypatch.setenv("WORLD_SIZE", "1")
     line = run_cli(capsys, "train", *overrides(tmp_path, byte_shards, **{"parallel.tp": 2}))
     check(line, ["world size 1 is not divisible by tp*pp = 2*1 = 2"], ["run a multiple of 2 ranks"])
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"RANK": "abc"}, "environment variable RANK='abc' is not a rank"),
+    ({"WORLD_SIZE": "0"}, "environment variable WORLD_SIZE='0' is not a number of processes"),
+    ({"LOCAL_RANK": "-1"}, "environment variable LOCAL_RANK='-1' is not a local rank"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR is not set"),  # left over from torchrun
+])
+def test_6c_stray_launcher_variables(capsys, tmp_path, byte_shards, not_launched, monkeypatch,
+                                     env, words):
+    """Variables left in a shell, not a torch or DeepSpeed traceback: one line naming them."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    line = run_cli(capsys, "train", *overrides(tmp_path, byte_shards))
+    check(line, [words], ["torchrun sets", "unset"])
 
 
 @pytest.mark.parametrize("argv", [["status"], ["checkpoint", "list"], ["checkpoint", "inspect"],

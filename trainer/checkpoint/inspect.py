@@ -11,6 +11,7 @@ from pathlib import Path
 from tessera.data.progress import counted, human_bytes, human_count
 from tessera.trainer.checkpoint.format import (
     ARCHITECTURE_FIELDS,
+    LATEST_FILE,
     TMP_SUFFIX,
     CheckpointError,
     read_latest,
@@ -139,9 +140,7 @@ def status_text(info: CheckpointInfo) -> str:
 
 
 def list_command(path: Path, verify: bool) -> int:
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    if not root.is_dir():
-        raise CheckpointError(f"{path}: no such run or checkpoints directory")
+    root = list_root(path)
     infos = list_checkpoints(root, checksum=verify)
     latest = read_latest(root)
     checked = "checksums verified" if verify else "sizes checked; --verify checks sha256 too"
@@ -156,6 +155,27 @@ def list_command(path: Path, verify: bool) -> int:
             f"{status_text(info)}{mark}"
         )
     return 0
+
+
+def list_root(path: Path) -> Path:
+    """The checkpoints directory `list` reads: RUN_DIR/checkpoints, or `path` itself when it is
+    one. A step directory, a file or a directory that is no run's is refused (it would list as
+    "0 checkpoints")."""
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints"
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a run or checkpoints directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such run or checkpoints directory")
+    if step_of(path.name.removesuffix(TMP_SUFFIX)) is not None:
+        raise CheckpointError(f"{path} is a checkpoint; use tessera checkpoint inspect {path}")
+    steps = [p for p in path.iterdir() if step_of(p.name.removesuffix(TMP_SUFFIX)) is not None]
+    # a run that has not saved yet holds the config.yaml training wrote first
+    marks = [path / LATEST_FILE, path / "config.yaml"]
+    if not steps and path.name != "checkpoints" and not any(p.exists() for p in marks):
+        raise CheckpointError(f"{path} is not a run directory: it has no checkpoints/ and no "
+                              f"step-N directories")
+    return path
 
 
 def inspected_dir(path: Path) -> Path:

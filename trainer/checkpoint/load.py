@@ -440,6 +440,8 @@ def resolve_step_dir(path: str | Path) -> Path:
     path = Path(path)
     if (path / MANIFEST_FILE).exists():
         return path
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(not_a_checkpoint_file(path))
     if step_of(path.name) is not None:
         if not path.is_dir():
             steps = committed_steps(path.parent)
@@ -453,6 +455,17 @@ def resolve_step_dir(path: str | Path) -> Path:
     if not candidates:
         raise CheckpointError(f"{path} holds no committed checkpoint")
     return candidates[0]
+
+
+def not_a_checkpoint_file(path: Path) -> str:
+    """Why a file given for a checkpoint is none; for `latest`, the step directory it names."""
+    if path.name == LATEST_FILE:
+        tag = read_latest(path.parent)
+        if tag is not None:
+            return (f"{path} is a file, not a checkpoint directory: the pointer to the newest "
+                    f"checkpoint, step {step_of(tag)} ({path.parent / tag}); give that "
+                    f"directory, or {path.parent}")
+    return f"{path} is a file, not a checkpoint directory"
 
 
 def resume(engine: Engine, root: str | Path, cfg: Config) -> dict | None:

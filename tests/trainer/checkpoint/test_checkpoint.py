@@ -503,6 +503,38 @@ def fake_checkpoint(root: Path, step: int) -> Path:
     return directory
 
 
+def test_checkpoint_commands_say_what_a_path_is_when_it_is_no_checkpoint(tmp_path, capsys):
+    """A file (the `latest` pointer) is not "missing", and a step directory or prepared data
+    does not list as "0 checkpoints"."""
+    root = tmp_path / "run" / "checkpoints"
+    step_dir = fake_checkpoint(root, 2)
+    checkpoint.replace_text_atomically(root / checkpoint.LATEST_FILE, step_dir.name + "\n")
+    data = tmp_path / "data"  # what `tessera prepare` writes
+    data.mkdir()
+    (data / "manifest.json").write_text("{}")
+    (data / "shard-000000.tar").write_bytes(b"")
+    for argv, words in [
+        (["inspect", root / "latest"], f"{root / 'latest'} is a file, not a checkpoint "
+         f"directory: the pointer to the newest checkpoint, step 2 ({step_dir})"),
+        (["inspect", data / "manifest.json"], f"{data / 'manifest.json'} is a file, not a "
+         f"checkpoint directory"),
+        (["list", step_dir], f"{step_dir} is a checkpoint; use tessera checkpoint inspect "
+         f"{step_dir}"),
+        (["list", data], f"{data} is not a run directory: it has no checkpoints/ and no step-N "
+         f"directories"),
+    ]:
+        assert cli_main(["checkpoint", argv[0], str(argv[1])]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"tessera checkpoint {argv[0]}: error: {words}"), err
+    assert cli_main(["checkpoint", "list", str(tmp_path / "run")]) == 0
+    assert "1 checkpoint, latest -> step-00000002" in capsys.readouterr().out
+    fresh = tmp_path / "fresh"  # a run that has not saved yet
+    fresh.mkdir()
+    (fresh / "config.yaml").write_text("")
+    assert cli_main(["checkpoint", "list", str(fresh)]) == 0
+    assert "0 checkpoints, latest -> none" in capsys.readouterr().out
+
+
 def test_retention_keeps_last_and_every(tmp_path):
     for step in range(1, 13):
         fake_checkpoint(tmp_path, step)
