@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import time
 import traceback
@@ -32,7 +33,9 @@ def _entry(rank: int, world_size: int, port: int, backend: str, fn: Callable, ar
         if backend == "nccl":
             torch.cuda.set_device(rank)
         dist.init_process_group(backend, rank=rank, world_size=world_size)
-        results.put((rank, True, fn(*args)))
+        # pickled here, tensors by value: the queue's own pickler shares a tensor's storage as a
+        # file descriptor, which the parent cannot take once this rank has exited
+        results.put((rank, True, pickle.dumps(fn(*args))))
     except BaseException:  # noqa: BLE001 - reported to the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -81,7 +84,7 @@ def run_ranks(world_size: int, fn: Callable, *args: Any, timeout_s: float = 600,
                     break
                 continue
             if ok:
-                outcomes[rank] = value
+                outcomes[rank] = pickle.loads(value)
             else:
                 failures.append(f"rank {rank} failed:\n{value}")
                 break  # the others may now wait forever on a collective
