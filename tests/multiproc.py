@@ -1,8 +1,11 @@
 """Run one function on N fresh processes joined in one process group (gloo on CPU, or nccl with
 one GPU per rank), like torchrun.
 
-`fn` must be importable (module level) because processes are spawned. Each rank's return value
-comes back in rank order; an exception on any rank fails the caller with that rank's traceback.
+`fn` must be importable (module level): CPU ranks start from a fork server that has imported
+torch, DeepSpeed, megatron-core and the trainer once (3 s of CPU a rank otherwise, the largest
+cost of a test of a few steps), then take the caller's environment and working directory. Each
+rank's return value comes back in rank order; an exception on any rank fails the caller with
+that rank's traceback.
 """
 
 from __future__ import annotations
@@ -20,8 +23,26 @@ from tessera.launch.local import free_port
 RESULT_IN_FLIGHT_S = 5.0  # a result put right before a rank's exit may still be in the pipe
 
 
+# imported once by the fork server, before it forks any rank
+PRELOADED = ["tessera.trainer.train"]
+
+
+def _context(backend: str) -> mp.context.BaseContext:
+    """The fork server; spawn for CUDA ranks (a fork after anything touched the driver fails)."""
+    if backend == "nccl":
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOADED)
+    return ctx
+
+
 def _entry(rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple,
-           results) -> None:
+           results, environ: dict[str, str], cwd: str) -> None:
+    # the fork server's environment and directory are those of the first run_ranks of this
+    # process: a rank takes the caller's (a test's monkeypatch.setenv included)
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(cwd)
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -64,10 +85,12 @@ def _silent_exits(procs: list, outcomes: dict, ended_at: dict[int, float],
 
 def run_ranks(world_size: int, fn: Callable, *args: Any, timeout_s: float = 600,
               backend: str = "gloo") -> list[Any]:
-    ctx = mp.get_context("spawn")
+    ctx = _context(backend)
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, backend, fn, args, results))
+    caller = (dict(os.environ), os.getcwd())
+    procs = [ctx.Process(target=_entry,
+                         args=(r, world_size, port, backend, fn, args, results, *caller))
              for r in range(world_size)]
     for p in procs:
         p.start()
