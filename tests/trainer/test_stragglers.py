@@ -31,7 +31,9 @@ def test_a_slow_rank_is_named_within_three_log_steps(tmp_path, byte_shards, monk
     assert line.startswith("tessera: straggler at step 3: rank 1 on "), line
     rows = read_metrics(cfg.run.dir)
     assert [row["straggler/slowest_rank"] for row in rows] == [1] * 5
-    assert min(row["straggler/ratio"] for row in rows) > 3
+    # above the factor (0.3 s on a step of about 0.1 s gives 3 to 4 on an idle machine; 2.2 seen
+    # with three test workers on 2 cores)
+    assert min(row["straggler/ratio"] for row in rows) > cfg.resilience.straggler_factor
 
 
 def test_ranks_alike_are_not_named(tmp_path, byte_shards):
