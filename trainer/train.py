@@ -144,9 +144,8 @@ def _train(cfg: Config, topo: Topology, shards: list[Source], watchdog: Watchdog
     # read it there and never open a data path a checkpoint's config names.
     tokenizer = prepared_tokenizer(shards[0].shards[0]) if topo.rank == 0 else None
     checkpoint.install(engine, cfg, tokenizer)
-    saved = checkpoint.resume(engine, ckpt_root, cfg)  # None: fresh; without "train": weights only
-    if saved is not None and Path(saved["directory"]).parent.resolve() != ckpt_root.resolve():
-        checkpoint.check_same_tokenizer(saved["directory"], tokenizer)  # checkpoint.load_from's
+    # None: fresh; without "train": weights only
+    saved = checkpoint.resume(engine, ckpt_root, cfg, tokenizer)
     if saved is not None and "train" in saved:
         state = TrainState(**saved["train"])
         resumed_config = checkpoint.saved_config(saved["directory"])

@@ -103,6 +103,30 @@ def test_a_checkpoint_without_a_tokenizer_asks_for_one_and_opens_no_data(run_cop
     assert not marker.exists()
 
 
+def test_a_tokenizer_other_than_the_checkpoints_is_refused(run_copy, tmp_path, byte_shards,
+                                                             capsys):
+    """--tokenizer of generate and to-hf: a tokenizer that gives other ids than the one the
+    checkpoint carries would read and write other text; the data's own is accepted."""
+    from tessera.cli import main
+    from tessera.data.tokenizer import train_bpe
+
+    step_dir = run_copy / "checkpoints" / "step-00000002"
+    other = tmp_path / "tokenizer.json"
+    other.write_text(train_bpe(["the quick brown fox", "jumps over the dog"] * 20, 260).to_str())
+    capsys.readouterr()
+    for command in (["generate", str(step_dir), "--prompt", "hi"],
+                    ["convert", "to-hf", str(step_dir), str(tmp_path / "hf")]):
+        assert main([*command, "--tokenizer", str(other)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(f"--tokenizer {other}: another tokenizer than the one {step_dir} was "
+                            f"trained with (hf, vocabulary 260, EOS 0 vs bytes, vocabulary 257, "
+                            f"EOS 256); leave --tokenizer out to use the checkpoint's"), err
+        assert len(err.splitlines()) == 1
+    assert not (tmp_path / "hf").exists()
+    assert main(["generate", str(step_dir), "--prompt", "hi", "--max-new-tokens", "2",
+                 "--tokenizer", str(byte_shards)]) == 0
+
+
 def test_manifest_entries_outside_the_checkpoint_are_refused_at_once(run_copy):
     """`../../../../etc/hostname` listed as a checkpoint file, and `../../dev/zero` with 0 bytes
     (hashing it would never end): both refused by name, before anything is opened."""

@@ -88,15 +88,16 @@ def check_same_tokenizer(directory: str | Path, data: CarriedTokenizer | None) -
     the checkpoint carries; data prepared with another one would feed them other text for the
     same ids, and train without a word. Rank 0 compares (`data` is the data's tokenizer there)
     and every rank raises its verdict, rather than leave the others in their next collective.
-    A checkpoint that carries none (an import without one) is taken on trust."""
+    A checkpoint that carries none (an import without one) is taken on trust, as is any
+    where rank 0 has no `data` to compare it with."""
     verdict = [_tokenizer_mismatch(directory, data) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(verdict, src=0)
     if verdict[0] is not None:
         raise CheckpointError(verdict[0])
 
 
-def _tokenizer_mismatch(directory: str | Path, data: CarriedTokenizer) -> str | None:
-    carried = carried_tokenizer(directory)
+def _tokenizer_mismatch(directory: str | Path, data: CarriedTokenizer | None) -> str | None:
+    carried = None if data is None else carried_tokenizer(directory)
     if carried is None or _token_ids_of(carried) == _token_ids_of(data):
         return None
     return (
@@ -132,10 +133,13 @@ def _described(tokenizer: CarriedTokenizer) -> str:
 
 def tokenizer_of(step_dir: Path, override: str | None = None) -> Tokenizer:
     """`override` (a tokenizer.json or a directory with one, from the user's command line),
-    else the tokenizer the checkpoint carries. Nothing the checkpoint's config names (its data
-    paths, which may be `pipe:` commands) is ever opened."""
+    else the tokenizer the checkpoint carries. An override that tokenizes otherwise than the
+    carried one is refused: the model would read and write other text for its ids. Nothing the
+    checkpoint's config names (its data paths, which may be `pipe:` commands) is ever opened."""
     if override is not None:
-        return find_tokenizer(override)
+        chosen = find_tokenizer(override)
+        _check_override(step_dir, override, chosen)
+        return chosen
     carried = carried_tokenizer(step_dir)
     if carried is None:
         raise CheckpointError(
@@ -145,6 +149,18 @@ def tokenizer_of(step_dir: Path, override: str | None = None) -> Tokenizer:
         )
     info, _ = carried
     return load_tokenizer(info, step_dir / TOKENIZER_DIR)
+
+
+def _check_override(step_dir: Path, override: str, chosen: Tokenizer) -> None:
+    """The tokenizer --tokenizer names tokenizes as the one the checkpoint carries, if any."""
+    carried = carried_tokenizer(step_dir)
+    given = (chosen.info(), chosen.to_str() if isinstance(chosen, HFTokenizer) else None)
+    if carried is not None and _token_ids_of(carried) != _token_ids_of(given):
+        raise CheckpointError(
+            f"--tokenizer {override}: another tokenizer than the one {step_dir} was trained "
+            f"with ({_described(given)} vs {_described(carried)}); leave --tokenizer out to "
+            f"use the checkpoint's"
+        )
 
 
 def saved_config(directory: str | Path) -> Config:
@@ -468,8 +484,10 @@ def not_a_checkpoint_file(path: Path) -> str:
     return f"{path} is a file, not a checkpoint directory"
 
 
-def resume(engine: Engine, root: str | Path, cfg: Config) -> dict | None:
-    """Collective: restore the newest valid checkpoint of this run, else `checkpoint.load_from`.
+def resume(engine: Engine, root: str | Path, cfg: Config,
+           tokenizer: CarriedTokenizer | None = None) -> dict | None:
+    """Collective: restore the newest valid checkpoint of this run, else `checkpoint.load_from`
+    (whose tokenizer must be the data's: `tokenizer` on rank 0, see check_same_tokenizer).
 
     Returns the saved Tessera state ({"train", "data", "layout"}) plus "directory" for a full
     restore, only "directory" for a weights-only start, None when there is nothing to load.
@@ -495,6 +513,7 @@ def resume(engine: Engine, root: str | Path, cfg: Config) -> dict | None:
         found = problems_collective(directory, cfg.checkpoint.verify)
         if found:
             raise CheckpointError(f"checkpoint.load_from: {directory} is not valid: {found[0]}")
+        check_same_tokenizer(directory, tokenizer)
         weights_only = cfg.checkpoint.load_weights_only
         return load(engine, directory, cfg, weights_only=weights_only)
     return None

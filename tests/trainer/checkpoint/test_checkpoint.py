@@ -198,6 +198,9 @@ def scenario_other_model_and_layout(base: Path, shards: Path) -> dict:
             )
         )
     )
+    other_tokenizer, _ = _quietly(lambda: _carrying_another_tokenizer(
+        lambda: train(tiny_config(base / "bpe", shards, **{"checkpoint.load_from": str(source)}))
+    ))
     corrupt_dir = source / "checkpoints" / "step-00000002"
     corrupt_file = largest_file(corrupt_dir)
     _barrier_after(lambda: flip_byte(corrupt_file, 0.25))
@@ -222,10 +225,31 @@ def scenario_other_model_and_layout(base: Path, shards: Path) -> dict:
     return {
         "other_model": str(other_model),
         "other_layout": str(other_layout),
+        "other_tokenizer": str(other_tokenizer),
+        "other_tokenizer_config_written": (base / "bpe" / "config.yaml").exists(),
         "corrupt": str(corrupt),
         "corrupt_file": str(corrupt_file),
         "unverified": str(unverified),
     }
+
+
+def _carrying_another_tokenizer(fn):
+    """fn() while load_from's checkpoint seems to carry a BPE tokenizer (the data is bytes);
+    reading its weights fails the scenario."""
+    from unittest import mock
+
+    from tessera.data.tokenizer import train_bpe
+
+    load_module = importlib.import_module("tessera.trainer.checkpoint.load")
+    bpe = train_bpe(["the model reads tokens from shards", "the quick brown fox"] * 20, 270)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the tokenizer was checked")
+
+    carried = (bpe.info(), bpe.to_str())
+    with (mock.patch.object(load_module, "carried_tokenizer", lambda directory: carried),
+          mock.patch.object(load_module, "load", no_load)):
+        return fn()
 
 
 def _engine(cfg):
@@ -447,6 +471,10 @@ def test_another_model_or_layout_says_what_differs(scenarios):
     )
     assert "parallel.tp: checkpoint 1, now 2" in r["other_layout"]
     assert "tessera convert reshard" in r["other_layout"]
+    # data prepared with another tokenizer: refused before a weight is read or a file written
+    assert "was trained with another tokenizer than the one data.shards was prepared with (hf, " \
+        "vocabulary 270" in r["other_tokenizer"]
+    assert not r["other_tokenizer_config_written"]
     assert r["corrupt_file"] in r["corrupt"] and "checkpoint.load_from" in r["corrupt"]
     # verify=false skips the checksums: the flipped byte reaches torch.load, or loads unnoticed
     assert "sha256" not in r["unverified"]
