@@ -33,6 +33,14 @@ from tessera.launch import faults
 from tessera.trainer.config import ConfigError
 
 LOCK_FILE = "tessera.lock"
+# what a run directory holds once its first rank has started (config.yaml before any save)
+RUN_MARKS = ("config.yaml", "metrics.jsonl", "checkpoints")
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """Training has started in `path`: `status` and `checkpoint list` refuse any other
+    directory rather than report an empty run."""
+    return any((Path(path) / name).exists() for name in RUN_MARKS)
 
 
 def check_writable(run_dir: str | Path) -> None:

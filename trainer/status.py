@@ -17,9 +17,8 @@ from tessera.launch import faults
 from tessera.launch.slurm import JOBS_FILE
 from tessera.trainer import checkpoint
 from tessera.trainer.report import metrics_rows
+from tessera.trainer.run_dir import RUN_MARKS, is_run_dir
 
-# what every run directory holds once its first rank has started
-RUN_MARKS = ("config.yaml", "metrics.jsonl", "checkpoints")
 # a Slurm job id: 123, an array task 123_4, a heterogeneous component 123+0
 JOB_ID = re.compile(r"[0-9]+(?:[_+][0-9]+)?")
 # submitit's result of a finished job is a short tuple; a larger file is not one of its results
@@ -160,7 +159,7 @@ def status_lines(run_dir: str | Path) -> list[str]:
     if not run_dir.is_dir():
         raise StatusError(f"run directory not found: {run_dir}")
     jobs, damaged = read_jobs(run_dir)
-    if not (jobs or damaged) and not any((run_dir / name).exists() for name in RUN_MARKS):
+    if not (jobs or damaged) and not is_run_dir(run_dir):
         raise StatusError(f"{run_dir} is not a run directory: no jobs submitted from it and no "
                           f"{', '.join(RUN_MARKS)}")
     ids = [job["job_id"] for job in jobs]

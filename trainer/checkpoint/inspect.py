@@ -24,6 +24,7 @@ from tessera.trainer.checkpoint.load import (
     resolve_step_dir,
     saved_config,
 )
+from tessera.trainer.run_dir import is_run_dir
 
 
 @dataclasses.dataclass
@@ -170,9 +171,8 @@ def list_root(path: Path) -> Path:
     if step_of(path.name.removesuffix(TMP_SUFFIX)) is not None:
         raise CheckpointError(f"{path} is a checkpoint; use tessera checkpoint inspect {path}")
     steps = [p for p in path.iterdir() if step_of(p.name.removesuffix(TMP_SUFFIX)) is not None]
-    # a run that has not saved yet holds the config.yaml training wrote first
-    marks = [path / LATEST_FILE, path / "config.yaml"]
-    if not steps and path.name != "checkpoints" and not any(p.exists() for p in marks):
+    named = path.name == "checkpoints" or (path / LATEST_FILE).exists()
+    if not steps and not named and not is_run_dir(path):  # (a run that has not saved yet)
         raise CheckpointError(f"{path} is not a run directory: it has no checkpoints/ and no "
                               f"step-N directories")
     return path
