@@ -248,15 +248,22 @@ def _resolved(layers: list[DictConfig]) -> dict:
         merged = OmegaConf.merge(*layers)
     except OmegaConfBaseException as e:
         raise ConfigError(f"cannot merge the config: {_omegaconf_reason(e)}") from None
+    if _has_interpolation(merged):
+        try:
+            merged = OmegaConf.merge(OmegaConf.create(_as_dict(Config())), merged)
+        except (OmegaConfBaseException, TypeError, ValueError):
+            pass  # a section that is not a mapping: _build names it
     try:
-        full = OmegaConf.merge(OmegaConf.create(_as_dict(Config())), merged)
-    except (OmegaConfBaseException, TypeError, ValueError):
-        full = merged  # a section that is not a mapping: _build names it
-    try:
-        return OmegaConf.to_container(full, resolve=True)
+        return OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as e:
         key = f"config key '{e.full_key}': " if getattr(e, "full_key", None) else ""
         raise ConfigError(f"{key}cannot resolve it: {_omegaconf_reason(e)}") from None
+
+
+def _has_interpolation(config: DictConfig) -> bool:
+    """Some value is `${...}` (a string holding `${` that is no interpolation only costs the
+    merge onto the defaults)."""
+    return "${" in OmegaConf.to_yaml(config)
 
 
 def _omegaconf_reason(error: OmegaConfBaseException) -> str:
