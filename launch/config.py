@@ -33,7 +33,8 @@ class SlurmConfig:
     job_name: str | None = None  # None: tessera-<run name>
     signal_lead_s: int = 120  # seconds before the time limit that `signal` arrives
     max_requeues: int = 10  # requeues after a stop on a signal; then the job ends
-    sbatch_options: Any = dataclasses.field(default_factory=dict)  # {exclusive: true, ...}
+    sbatch_options: Any = dataclasses.field(default_factory=dict)  # {exclusive: true, ...};
+    # a flag set to false is left out
     setup: Any = dataclasses.field(default_factory=list)  # shell lines run before srun
 
     def tasks_on_each_node(self) -> int:

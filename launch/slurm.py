@@ -76,11 +76,18 @@ def sbatch_parameters(slurm: SlurmConfig, job_name: str, exclude: list[str] = ()
         "setup": [f"export SUBMITIT_PREEMPT_SIGNAL={signal_name}", *slurm.setup],
         # sent to every task (not B: the batch shell alone), so each rank records it
         "additional_parameters": {"signal": f"{signal_name}@{slurm.signal_lead_s}",
-                                  **slurm.sbatch_options},
+                                  **_set_flags(slurm.sbatch_options)},
     }
     params = {key: value for key, value in params.items() if value is not None}
     # no --wckey unless slurm.sbatch_options asks for one (submitit writes --wckey=submitit)
     return {**params, "wckey": None}
+
+
+def _set_flags(options: dict) -> dict:
+    """slurm.sbatch_options without the flags set to false: `exclusive: false` leaves
+    --exclusive out (submitit writes true as a bare `--exclusive`, false as `--exclusive=False`,
+    which sbatch refuses)."""
+    return {flag: value for flag, value in options.items() if value is not False}
 
 
 def _submitit_command(folder: Path) -> str:

@@ -33,7 +33,7 @@ def test_dry_run_prints_the_sbatch_script(tmp_path, byte_shards):
             "slurm.cpus_per_task": 12, "slurm.mem_gb": 500, "slurm.partition": "gpu",
             "slurm.account": "proj7", "slurm.qos": "high", "slurm.constraint": "h100",
             "slurm.time_min": 1440, "slurm.signal": "USR1", "slurm.signal_lead_s": 300,
-            "slurm.sbatch_options": "{exclusive: true, mail-type: END}",
+            "slurm.sbatch_options": "{exclusive: true, mail-type: END, requeue: false}",
             "slurm.setup": "['module load cuda/12.4']", "parallel.tp": 2,
             "train.global_batch_size": 32, "train.micro_batch_size": 2,
         }))
@@ -50,6 +50,7 @@ def test_dry_run_prints_the_sbatch_script(tmp_path, byte_shards):
         assert line in script.splitlines(), f"{line!r} not in:\n{script}"
     assert "srun --unbuffered" in script and "-m submitit.core._submit" in script
     assert "--wckey" not in script
+    assert "requeue" not in script  # a flag set to false is left out
     # the command each task runs, in plain view; the step restarts in the allocation
     config = tmp_path.resolve() / "run" / "slurm" / "submitted.yaml"
     assert (f"# each task is one rank ($SLURM_PROCID) of: python -m tessera train --config "
