@@ -37,12 +37,14 @@ def _context(backend: str) -> mp.context.BaseContext:
 
 
 def _entry(rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple,
-           results, environ: dict[str, str], cwd: str) -> None:
+           results, environ: dict[str, str] | None = None, cwd: str | None = None) -> None:
     # the fork server's environment and directory are those of the first run_ranks of this
     # process: a rank takes the caller's (a test's monkeypatch.setenv included)
-    os.environ.clear()
-    os.environ.update(environ)
-    os.chdir(cwd)
+    if environ is not None:
+        os.environ.clear()
+        os.environ.update(environ)
+    if cwd is not None:
+        os.chdir(cwd)
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),

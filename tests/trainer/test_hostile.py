@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from checkpoints import flip_byte, largest_file
 from multiproc import run_ranks
 from training import read_metrics, tiny_config, train_each
 
@@ -125,6 +126,26 @@ def test_a_tokenizer_other_than_the_checkpoints_is_refused(run_copy, tmp_path, b
     assert not (tmp_path / "hf").exists()
     assert main(["generate", str(step_dir), "--prompt", "hi", "--max-new-tokens", "2",
                  "--tokenizer", str(byte_shards)]) == 0
+
+
+def test_a_runs_damaged_newest_checkpoint_is_skipped_as_a_resume_skips_it(run_copy, byte_shards,
+                                                                           tmp_path, capsys):
+    """generate and to-hf of a run directory take its newest valid checkpoint, naming the damaged
+    one; a damaged step directory given by name is refused."""
+    from tessera.cli import main
+
+    run_ranks(1, train_each, [tiny_config(run_copy, byte_shards, **{"train.steps": 3})])
+    newest, valid = (run_copy / "checkpoints" / f"step-0000000{step}" for step in (3, 2))
+    flip_byte(largest_file(newest))
+    capsys.readouterr()
+    for command in (["generate", str(run_copy), "--prompt", "hi", "--max-new-tokens", "2"],
+                    ["convert", "to-hf", str(run_copy), str(tmp_path / "hf")]):
+        assert main(command) == 0
+        err = capsys.readouterr().err
+        assert f"{newest} is not valid: " in err, err
+        assert f"loading {valid}, the newest valid checkpoint" in err, err
+    assert main(["generate", str(newest), "--prompt", "hi"]) == 2
+    assert f"{newest} is not a valid checkpoint: " in capsys.readouterr().err
 
 
 def test_manifest_entries_outside_the_checkpoint_are_refused_at_once(run_copy):

@@ -50,7 +50,7 @@ def test_dry_run_prints_the_sbatch_script(tmp_path, byte_shards):
         assert line in script.splitlines(), f"{line!r} not in:\n{script}"
     assert "srun --unbuffered" in script and "-m submitit.core._submit" in script
     assert "--wckey" not in script
-    assert "requeue" not in script  # a flag set to false is left out
+    assert "#SBATCH --requeue" not in script  # a flag set to false is left out
     # the command each task runs, in plain view; the step restarts in the allocation
     config = tmp_path.resolve() / "run" / "slurm" / "submitted.yaml"
     assert (f"# each task is one rank ($SLURM_PROCID) of: python -m tessera train --config "

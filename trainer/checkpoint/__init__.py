@@ -74,6 +74,7 @@ from tessera.trainer.checkpoint.load import (
     resume,
     saved_config,
     tokenizer_of,
+    valid_step_dir,
 )
 from tessera.trainer.checkpoint.save import (
     apply_retention,
@@ -93,5 +94,6 @@ __all__ = [
     "delete_checkpoint", "file_sha256", "inspect", "install", "latest_tag", "list_checkpoints",
     "load", "problems", "read_latest", "read_manifest", "read_state", "remove_uncommitted",
     "replace_text_atomically", "resolve_step_dir", "resume", "safe_globals", "saved_config",
-    "safe_load", "save", "step_of", "tag_for", "tokenizer_of", "wait", "write_torch_file",
+    "safe_load", "save", "step_of", "tag_for", "tokenizer_of", "valid_step_dir", "wait",
+    "write_torch_file",
 ]

@@ -325,7 +325,10 @@ def problems(
 
 
 def problems_collective(directory: Path, checksum: bool) -> list[str]:
-    """Collective: the ranks split the files, and all get the same list of problems."""
+    """Collective: the ranks split the files, and all get the same list of problems (one
+    process alone checks them all)."""
+    if not dist.is_initialized():
+        return problems(directory, checksum)
     mine = problems(directory, checksum, share=(dist.get_rank(), dist.get_world_size()))
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
@@ -427,7 +430,7 @@ def _first_valid(candidates: list[Path], note: str | None, checksum: bool) -> Pa
         if not found:
             if rank() == 0 and (rejected or note):
                 reasons = "; ".join(([note] if note else []) + rejected)
-                warn(f"{reasons}; resuming from {directory}, the newest valid checkpoint")
+                warn(f"{reasons}; loading {directory}, the newest valid checkpoint")
             return directory
         rejected.append(
             f"{directory} is not valid: {found[0]}"
@@ -471,6 +474,18 @@ def resolve_step_dir(path: str | Path) -> Path:
     if not candidates:
         raise CheckpointError(f"{path} holds no committed checkpoint")
     return candidates[0]
+
+
+def valid_step_dir(path: str | Path, checksum: bool = True) -> Path:
+    """A step directory as given, if valid; for a run or checkpoints directory, its newest valid
+    checkpoint, as a resume takes it (a warning names each newer one skipped)."""
+    directory = resolve_step_dir(path)
+    if directory != Path(path):  # the newest of a run or checkpoints directory
+        return _first_valid(*_candidates(directory.parent), checksum)
+    found = problems(directory, checksum)
+    if found:
+        raise CheckpointError(f"{directory} is not a valid checkpoint: {found[0]}")
+    return directory
 
 
 def not_a_checkpoint_file(path: Path) -> str:

@@ -294,10 +294,7 @@ class CheckpointReader:
     one at a time; also its config, Tessera state, schedule and counters."""
 
     def __init__(self, directory: str | Path, verify: bool = True) -> None:
-        self.directory = checkpoint.resolve_step_dir(directory)
-        found = checkpoint.problems(self.directory, checksum=verify)
-        if found:
-            raise CheckpointError(f"{self.directory} is not a valid checkpoint: {found[0]}")
+        self.directory = checkpoint.valid_step_dir(directory, checksum=verify)
         self.manifest = checkpoint.read_manifest(self.directory)
         self.cfg = checkpoint.saved_config(self.directory)
         self.state = checkpoint.read_state(self.directory)

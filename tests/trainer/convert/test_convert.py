@@ -344,14 +344,20 @@ def test_a_failed_export_leaves_nothing_and_touches_no_other_directory(world1, t
 
 
 @pytest.mark.slow
-def test_to_hf_with_a_trained_bpe_tokenizer(world1, tmp_path):
+def test_to_hf_with_a_trained_bpe_tokenizer(world1, tmp_path, monkeypatch):
+    import importlib
+
     from transformers import AutoTokenizer
 
     from tessera.data.tokenizer import train_bpe
 
     bpe = train_bpe(["the model reads tokens from shards"] * 20, vocab_size=257)
     bpe.save(tmp_path)
-    to_hf(world1["exports"][0].run.dir, tmp_path / "hf", tokenizer=str(tmp_path / "tokenizer.json"))
+    with monkeypatch.context() as patched:  # as for an import without a tokenizer: --tokenizer
+        load_module = importlib.import_module("tessera.trainer.checkpoint.load")
+        patched.setattr(load_module, "carried_tokenizer", lambda directory: None)
+        to_hf(world1["exports"][0].run.dir, tmp_path / "hf",
+              tokenizer=str(tmp_path / "tokenizer.json"))
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
     umask = os.umask(0o022)  # readable by the others, as a shared cluster's exports are
     try:
