@@ -41,7 +41,8 @@ class Sampling:
 
 
 def find_step_dir(path: str | Path) -> Path:
-    """A step directory, or the newest committed one of a run or checkpoints directory."""
+    """A valid step directory as given, or the newest valid one of a run or checkpoints
+    directory (checksums verified)."""
     hint = (
         "give a step directory (RUN_DIR/checkpoints/step-NNNNNNNN), RUN_DIR/checkpoints or "
         "RUN_DIR; `tessera checkpoint list RUN_DIR` shows them"
@@ -49,9 +50,10 @@ def find_step_dir(path: str | Path) -> Path:
     if not Path(path).exists():
         raise CheckpointError(f"{path}: no such checkpoint; {hint}")
     try:
-        return checkpoint.resolve_step_dir(path)
+        checkpoint.resolve_step_dir(path)
     except CheckpointError as e:
         raise CheckpointError(f"{e}; {hint}") from None
+    return checkpoint.valid_step_dir(path)
 
 
 def build_generator(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -104,7 +106,7 @@ def generate(
 ) -> str:
     """The continuation of `prompt` (decoded text, without the prompt)."""
     step_dir = find_step_dir(ckpt_dir)
-    cfg, tensors = load_canonical_state(step_dir)
+    cfg, tensors = load_canonical_state(step_dir, verify=False)  # find_step_dir verified it
     tokenizer = checkpoint.tokenizer_of(step_dir, tokenizer_path)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise DataError(

@@ -8,7 +8,7 @@ import dataclasses
 import json
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import deepspeed
 import torch
@@ -325,10 +325,7 @@ def problems(
 
 
 def problems_collective(directory: Path, checksum: bool) -> list[str]:
-    """Collective: the ranks split the files, and all get the same list of problems (one
-    process alone checks them all)."""
-    if not dist.is_initialized():
-        return problems(directory, checksum)
+    """Collective: the ranks split the files, and all get the same list of problems."""
     mine = problems(directory, checksum, share=(dist.get_rank(), dist.get_world_size()))
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
@@ -422,11 +419,13 @@ def _candidates(root: Path) -> tuple[list[Path], str | None]:
     return ordered, note
 
 
-def _first_valid(candidates: list[Path], note: str | None, checksum: bool) -> Path:
-    """Collective: the first candidate without problems; warns for each one skipped."""
+def _first_valid(candidates: list[Path], note: str | None, checksum: bool,
+                 check: Callable[[Path, bool], list[str]] = problems_collective) -> Path:
+    """Collective (unless `check` is not): the first candidate without problems; warns for each
+    one skipped."""
     rejected = []
     for directory in candidates:
-        found = problems_collective(directory, checksum)
+        found = check(directory, checksum)
         if not found:
             if rank() == 0 and (rejected or note):
                 reasons = "; ".join(([note] if note else []) + rejected)
@@ -478,10 +477,11 @@ def resolve_step_dir(path: str | Path) -> Path:
 
 def valid_step_dir(path: str | Path, checksum: bool = True) -> Path:
     """A step directory as given, if valid; for a run or checkpoints directory, its newest valid
-    checkpoint, as a resume takes it (a warning names each newer one skipped)."""
+    checkpoint, as a resume takes it (a warning names each newer one skipped). Not collective:
+    one process reads every file."""
     directory = resolve_step_dir(path)
     if directory != Path(path):  # the newest of a run or checkpoints directory
-        return _first_valid(*_candidates(directory.parent), checksum)
+        return _first_valid(*_candidates(directory.parent), checksum, check=problems)
     found = problems(directory, checksum)
     if found:
         raise CheckpointError(f"{directory} is not a valid checkpoint: {found[0]}")

@@ -424,7 +424,8 @@ class CheckpointReader:
         return local.reshape(shape)
 
 
-def load_canonical_state(ckpt_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def load_canonical_state(ckpt_dir: str | Path, verify: bool = True
+                         ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Every full weight of a checkpoint of any layout at once, with its model config."""
-    reader = CheckpointReader(ckpt_dir)
+    reader = CheckpointReader(ckpt_dir, verify)
     return reader.cfg.model, {name: reader.tensor(name) for name in reader.names()}
