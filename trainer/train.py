@@ -41,6 +41,7 @@ from tessera.trainer.config import (
 )
 from tessera.trainer.evaluate import resolve_valid
 from tessera.trainer.health import NonFiniteError
+from tessera.trainer.memory import out_of_memory_named
 from tessera.trainer.metrics import tag_output_with_rank, tag_warnings_with_rank
 from tessera.trainer.model import (
     Block,
@@ -137,7 +138,8 @@ def _train(cfg: Config, topo: Topology, shards: list[Source], watchdog: Watchdog
     tag_warnings_with_rank(topo.rank, topo.world_size)  # warnings of rank r say "[rank r]"
     _seed_everything(cfg.run.seed)
 
-    engine, scheduler, clipper = build_training_engine(cfg, topo)
+    with out_of_memory_named(cfg, "building the model"):
+        engine, scheduler, clipper = build_training_engine(cfg, topo)
 
     state, resumed_config = TrainState(), None
     # Every checkpoint carries the data's tokenizer (rank 0 writes it): generate and convert
@@ -245,9 +247,10 @@ def _loop(cfg: Config, topo: Topology, engine: Engine, clipper: GradNormClipper 
         data_s = time.perf_counter() - started
         own_data_s = loader.read_done_at - started  # without the wait for the other ranks
         watchdog.phase(state.step + 1, "forward/backward")
-        loss, grad_norm = train_step(engine, clipper, batches, len(micro_batches),
-                                     forward_clock, lambda: watchdog.phase(state.step + 1,
-                                                                           "optimizer"))
+        with out_of_memory_named(cfg, f"at step {state.step + 1}"):
+            loss, grad_norm = train_step(engine, clipper, batches, len(micro_batches),
+                                         forward_clock, lambda: watchdog.phase(state.step + 1,
+                                                                               "optimizer"))
         count_skipped_update(engine)
         step_s = time.perf_counter() - started
         state.step += 1
