@@ -69,6 +69,9 @@ def how_ranks_ended(rank: int, exit_code: int) -> str | None:
         return None
     if exit_code == USER_ERROR_EXIT_CODE:
         return f"stopped by rank {rank}'s error above"
+    if exit_code == -signal.SIGKILL:  # what the kernel sends when the machine's memory is out
+        return (f"rank {rank} was killed by SIGKILL (by the out-of-memory killer where `dmesg` "
+                f"says so); its output is above")
     if exit_code < 0:
         return f"rank {rank} was killed by {signal_name(-exit_code)}; its output is above"
     return f"rank {rank} failed with exit code {exit_code}; its output is above"

@@ -248,7 +248,8 @@ def test_the_launchers_line_for_each_way_a_rank_ends():
 
     assert how_ranks_ended(1, 2) == "stopped by rank 1's error above"
     assert how_ranks_ended(0, 75) is None  # stopped and saved: rank 0 said "run again"
-    assert how_ranks_ended(3, -9) == "rank 3 was killed by SIGKILL; its output is above"
+    assert how_ranks_ended(3, -9) == ("rank 3 was killed by SIGKILL (by the out-of-memory "
+                                      "killer where `dmesg` says so); its output is above")
     assert how_ranks_ended(3, -40) == "rank 3 was killed by signal 40; its output is above"
     assert how_ranks_ended(0, 1) == "rank 0 failed with exit code 1; its output is above"
 
