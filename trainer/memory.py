@@ -25,30 +25,33 @@ class OutOfMemory(ConfigError):
 
 
 @contextlib.contextmanager
-def out_of_memory_named(cfg: Config, where: str) -> Iterator[None]:
-    """Turn an allocation failure inside into an OutOfMemory error saying `where` it happened
-    (e.g. "building the model", "at step 12")."""
+def out_of_memory_named(cfg: Config, step: int | None = None) -> Iterator[None]:
+    """Turn an allocation failure inside into an OutOfMemory error: while building the model
+    (step None), or in a training step."""
     try:
         yield
     except torch.OutOfMemoryError as e:
-        raise OutOfMemory(out_of_memory_line(cfg, where, str(e))) from None
+        raise OutOfMemory(out_of_memory_line(cfg, step, str(e))) from None
     except RuntimeError as e:
         if CPU_ALLOCATION_FAILED not in str(e):
             raise
-        raise OutOfMemory(out_of_memory_line(cfg, where, str(e))) from None
+        raise OutOfMemory(out_of_memory_line(cfg, step, str(e))) from None
 
 
-def out_of_memory_line(cfg: Config, where: str, message: str) -> str:
+def out_of_memory_line(cfg: Config, step: int | None, message: str) -> str:
     t, p = cfg.train, cfg.parallel
+    spread = (f"spread the model over more ranks: parallel.zero_stage ({p.zero_stage}), "
+              f"parallel.tp ({p.tp}), parallel.pp ({p.pp})")
+    if step is None:  # weights, gradients and optimizer state: no batch yet
+        return (f"out of memory building the model{requested(message)}: {spread}, or make it "
+                f"smaller (model.*)")
     keys = [f"lower train.micro_batch_size ({t.micro_batch_size}) or model.seq_len "
             f"({cfg.model.seq_len})"]
     if t.activation_checkpointing == "none":
         keys.append("set train.activation_checkpointing (now none)")
     if t.loss_chunk_tokens == 0:
         keys.append("set train.loss_chunk_tokens (the logits of a large vocabulary)")
-    keys.append(f"spread the model over more ranks: parallel.zero_stage ({p.zero_stage}), "
-                f"parallel.tp ({p.tp}), parallel.pp ({p.pp})")
-    return f"out of memory {where}{requested(message)}: {'; '.join(keys)}"
+    return f"out of memory at step {step}{requested(message)}: {'; '.join([*keys, spread])}"
 
 
 def requested(message: str) -> str:

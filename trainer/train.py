@@ -138,7 +138,7 @@ def _train(cfg: Config, topo: Topology, shards: list[Source], watchdog: Watchdog
     tag_warnings_with_rank(topo.rank, topo.world_size)  # warnings of rank r say "[rank r]"
     _seed_everything(cfg.run.seed)
 
-    with out_of_memory_named(cfg, "building the model"):
+    with out_of_memory_named(cfg):
         engine, scheduler, clipper = build_training_engine(cfg, topo)
 
     state, resumed_config = TrainState(), None
@@ -247,7 +247,7 @@ def _loop(cfg: Config, topo: Topology, engine: Engine, clipper: GradNormClipper 
         data_s = time.perf_counter() - started
         own_data_s = loader.read_done_at - started  # without the wait for the other ranks
         watchdog.phase(state.step + 1, "forward/backward")
-        with out_of_memory_named(cfg, f"at step {state.step + 1}"):
+        with out_of_memory_named(cfg, state.step + 1):
             loss, grad_norm = train_step(engine, clipper, batches, len(micro_batches),
                                          forward_clock, lambda: watchdog.phase(state.step + 1,
                                                                                "optimizer"))
