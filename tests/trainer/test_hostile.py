@@ -349,6 +349,47 @@ def tampered_state(step_dir: Path, state: object) -> None:
     resign(step_dir)
 
 
+def tampered_model_states(step_dir: Path, change: str) -> None:
+    """The model file of rank 0 changed as `change` says, and the manifest re-signed."""
+    import torch
+
+    path = step_dir / "mp_rank_00_model_states.pt"
+    states = torch.load(path, weights_only=True)
+    if change == "no module":
+        del states["module"]
+    elif change == "other optimizer state":
+        states["optimizer"] = {"state": {}, "param_groups": []}
+    elif change == "missing tensor":
+        del states["module"]["embedding.embed.weight"]
+    else:
+        states["module"]["embedding.embed.weight"] = torch.zeros(3, 3)
+    torch.save(states, path)
+    resign(step_dir)
+
+
+@pytest.mark.parametrize("change, words", [
+    ("no module", "no entry 'module' in a file"),
+    ("other optimizer state", "loaded state dict has a different number of parameter groups"),
+    ("missing tensor", 'Missing key(s) in state_dict: "embedding.embed.weight".'),
+    ("other shape", "size mismatch for embedding.embed.weight: copying a param with shape "
+                    "torch.Size([3, 3]) from checkpoint"),
+])
+def test_model_files_that_do_not_fit_the_model_stop_the_resume_in_one_line(
+        run_copy, byte_shards, capsys, change, words):
+    """Files a re-signed manifest vouches for but not of this model: one line naming the
+    checkpoint and the tensor, not DeepSpeed's traceback; the checkpoint stays."""
+    from tessera.cli import main
+
+    step_dir = run_copy / "checkpoints" / "step-00000002"
+    tampered_model_states(step_dir, change)
+    assert main(["train", *train_args(run_copy, byte_shards, **{"train.steps": 3})]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"tessera train: error: {step_dir}: its files do not load into the "
+                          f"model: "), err
+    assert words in err and len(err.splitlines()) == 1, err
+    assert checkpoint.committed_steps(run_copy / "checkpoints") == [2]
+
+
 @pytest.mark.parametrize("state, words", [
     ({}, "'train' is not an object"),
     ({"train": {"step": "2"}, "data": {}}, "train.step is not a count: '2'"),

@@ -551,6 +551,13 @@ def load(engine: Engine, directory: str | Path, cfg: Config, weights_only: bool 
             load_lr_scheduler_states=not weights_only,
             load_module_only=weights_only,
         )
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, KeyError, TypeError, ValueError, IndexError, AttributeError,
+            AssertionError) as e:  # (DeepSpeed checks its files with assert)
+        # files the manifest vouches for (re-signed by a tool or a hand) but not of this model
+        raise CheckpointError(f"{directory}: its files do not load into the model: "
+                              f"{_load_failure(e)}") from e
     finally:
         checkpoint_engine(engine).forget_loads()
     if path is None:
@@ -566,6 +573,14 @@ def load(engine: Engine, directory: str | Path, cfg: Config, weights_only: bool 
     if note and dist.get_rank() == 0:
         warn(note)
     return {**state, "directory": str(directory)}
+
+
+def _load_failure(error: Exception) -> str:
+    """The last line of what DeepSpeed or torch said (it names the tensor), or the missing key."""
+    if isinstance(error, KeyError):
+        return f"no entry {error} in a file"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1][:400] if lines else type(error).__name__
 
 
 def restarted_rng_note(directory: Path, saved_world: int, world: int) -> str | None:
