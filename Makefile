@@ -26,7 +26,7 @@ demo: setup $(DEMO_DATA)/manifest.json
 	$(PY) -m tessera train --config configs/demo.yaml
 
 # Two pytest workers, a test file to each: most tests wait on processes they start (ranks, a
-# Slurm job, a hang timeout), so two keep 2 cores busy (pytest 9-11 min instead of 15.5)
+# Slurm job, a hang timeout), so two keep 2 cores busy (pytest 11-12 min; three workers: 15)
 PYTEST := $(PY) -m pytest -q -rs -p no:cacheprovider -n 2 --dist loadfile
 
 test: setup lint
