@@ -51,6 +51,7 @@ from tessera.data.tokenizer import (
     HFTokenizer,
     Tokenizer,
     find_tokenizer,
+    json_text,
     train_bpe,
 )
 from tessera.data.verify import verify_command
@@ -148,7 +149,7 @@ def tokenize(
         for batch in _batches(documents):
             yield from zip(batch, encode_documents(tokenizer, [d.text for d in batch], dtype))
         return
-    serialized = tokenizer.to_str() if isinstance(tokenizer, HFTokenizer) else None
+    serialized = json_text(tokenizer)
     context = multiprocessing.get_context("spawn")  # no fork after tokenizers' threads start
     # A process pool that reports a worker's death (the kernel's OOM killer, a kill -9) as
     # BrokenProcessPool; multiprocessing.Pool would wait for its result for ever.

@@ -168,6 +168,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) 
     return HFTokenizer(raw, source="<trained byte-level BPE>")
 
 
+def json_text(tokenizer: Tokenizer) -> str | None:
+    """The tokenizer.json text of a Hugging Face tokenizer; None for the byte tokenizer, which
+    has no file (its TokenizerInfo says it all)."""
+    return tokenizer.to_str() if isinstance(tokenizer, HFTokenizer) else None
+
+
 def load_tokenizer(info: TokenizerInfo, directory: str | os.PathLike) -> Tokenizer:
     """Reopen the tokenizer a manifest describes; DIRECTORY is the manifest's directory, and the
     tokenizer's file one of its own (a plain name, no link out of it)."""

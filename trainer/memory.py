@@ -30,12 +30,15 @@ def out_of_memory_named(cfg: Config, step: int | None = None) -> Iterator[None]:
     (step None), or in a training step."""
     try:
         yield
-    except torch.OutOfMemoryError as e:
-        raise OutOfMemory(out_of_memory_line(cfg, step, str(e))) from None
     except RuntimeError as e:
-        if CPU_ALLOCATION_FAILED not in str(e):
+        if not is_out_of_memory(e):
             raise
         raise OutOfMemory(out_of_memory_line(cfg, step, str(e))) from None
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A CUDA allocation that failed (torch.OutOfMemoryError), or a CPU one malloc refused."""
+    return isinstance(error, torch.OutOfMemoryError) or CPU_ALLOCATION_FAILED in str(error)
 
 
 def out_of_memory_line(cfg: Config, step: int | None, message: str) -> str:

@@ -22,6 +22,7 @@ from tessera.data.tokenizer import (
     HFTokenizer,
     Tokenizer,
     find_tokenizer,
+    json_text,
     load_tokenizer,
 )
 from tessera.parallel.engine import Engine
@@ -53,6 +54,7 @@ from tessera.trainer.checkpoint.format import (
 from tessera.trainer.checkpoint.rng import restore_rng_at_first_forward
 from tessera.trainer.checkpoint.save import canonical_shapes
 from tessera.trainer.config import Config, ConfigError, load_config
+from tessera.trainer.memory import is_out_of_memory
 
 
 def carried_tokenizer(directory: str | Path) -> CarriedTokenizer | None:
@@ -154,7 +156,7 @@ def tokenizer_of(step_dir: Path, override: str | None = None) -> Tokenizer:
 def _check_override(step_dir: Path, override: str, chosen: Tokenizer) -> None:
     """The tokenizer --tokenizer names tokenizes as the one the checkpoint carries, if any."""
     carried = carried_tokenizer(step_dir)
-    given = (chosen.info(), chosen.to_str() if isinstance(chosen, HFTokenizer) else None)
+    given = (chosen.info(), json_text(chosen))
     if carried is not None and _token_ids_of(carried) != _token_ids_of(given):
         raise CheckpointError(
             f"--tokenizer {override}: another tokenizer than the one {step_dir} was trained "
@@ -551,10 +553,10 @@ def load(engine: Engine, directory: str | Path, cfg: Config, weights_only: bool 
             load_lr_scheduler_states=not weights_only,
             load_module_only=weights_only,
         )
-    except torch.OutOfMemoryError:
-        raise
     except (RuntimeError, KeyError, TypeError, ValueError, IndexError, AttributeError,
             AssertionError) as e:  # (DeepSpeed checks its files with assert)
+        if is_out_of_memory(e):
+            raise
         # files the manifest vouches for (re-signed by a tool or a hand) but not of this model
         raise CheckpointError(f"{directory}: its files do not load into the model: "
                               f"{_load_failure(e)}") from e
